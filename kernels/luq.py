@@ -1,0 +1,46 @@
+"""LUQ: logarithmic unbiased quantization (Chmiel et al., ICLR 2023), per tensor.
+
+Levels {0} ∪ {±α·2^k, k = 0..L-1} with α = max|x| / 2^(L-1), so max|x| is a level and nothing is
+ever clipped. Below α: stochastic underflow to 0 or α; inside an octave [2^k α, 2^(k+1) α):
+stochastic rounding to its two ends, with probabilities that make every element unbiased.
+One uniform per element and sample; ``smp`` samples are averaged (variance / smp).
+"""
+from __future__ import annotations
+
+import torch
+
+LEVEL_KINDS = ("strict", "reference")
+
+
+def luq_levels(bits: int, levels: str) -> int:
+    """Number of nonzero magnitudes L: 2^(bits-1)-1 ("strict", fits sign+exponent in ``bits``)
+    or 2^(bits-1) ("reference", as the paper's code)."""
+    return 2 ** (bits - 1) - (1 if levels == "strict" else 0)
+
+
+def luq_noise_shape(shape: torch.Size | tuple, samples: int) -> tuple:
+    return (samples, *tuple(shape))
+
+
+def luq_math(x: torch.Tensor, u: torch.Tensor, bits: int, levels: str) -> torch.Tensor:
+    """Quantize ``x`` with uniforms ``u`` of shape ``(samples, *x.shape)``; returns the mean of the
+    samples in x's dtype. NaN/Inf anywhere make the whole output non-finite."""
+    top = luq_levels(bits, levels) - 1  # largest exponent k
+    xf = x.float()
+    amax = xf.abs().amax()
+    alpha = amax / 2.0**top
+    r = xf.abs() / alpha  # in units of α, within [0, 2^top]
+    k = torch.floor(torch.log2(r)).clamp(0, top)
+    low = torch.exp2(k)
+    # log2 may round across an octave boundary: move the bin so that low <= r < 2·low.
+    low = torch.where((low > r) & (k > 0), low * 0.5, low)
+    low = torch.where((2 * low <= r) & (low < 2.0**top), low * 2.0, low)
+    under = r < 1
+    base = torch.where(under, 0.0, low)
+    width = torch.where(under, 1.0, low)
+    p_up = (r - base) / width
+    units = base + width * (u.float() < p_up).to(torch.float32)
+    q = torch.sign(xf) * units.mean(0) * alpha
+    q = torch.where(amax > 0, q, xf)  # all-zero tensor: zeros
+    q = torch.where(torch.isfinite(amax), q, xf + amax)  # propagate NaN/Inf everywhere
+    return q.to(x.dtype)

@@ -1,0 +1,20 @@
+"""nmcompile: unbiased sparse (MVUE N:M) and 4-bit (LUQ) neural-gradient training as a
+torch.compile backend: ``torch.compile(model, backend="nm", options={"sparsity": "2:4"})``."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from nmcompile.explain import explain
+from nmcompile.functional import greedy, luq, mvue, sawb
+from nmcompile.report import Report
+from nmcompile.passes import NMConfig
+
+__all__ = ["NMConfig", "Report", "explain", "greedy", "luq", "mvue", "sawb", "SINGD", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in ("SINGD", "optim"):  # the optimizer is optional weight: load it on first use
+        import nmcompile.optim as optim
+
+        return optim.SINGD if name == "SINGD" else optim
+    raise AttributeError(f"module 'nmcompile' has no attribute {name!r}")

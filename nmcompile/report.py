@@ -1,0 +1,91 @@
+"""Report: what the nm pass did to every GEMM of a model, in human and machine (JSON) form."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Optional
+
+import torch
+
+from nmcompile.passes.records import GemmRecord
+
+SCHEMA = "nmcompile.report/1"
+
+
+@dataclasses.dataclass
+class Report:
+    gemms: list
+    options: dict
+    torch_version: str = torch.__version__
+
+    @property
+    def backward(self) -> list:
+        return [g for g in self.gemms if g.role != "fwd"]
+
+    @property
+    def forward(self) -> list:
+        return [g for g in self.gemms if g.role == "fwd"]
+
+    def find(self, module: Optional[str] = None, role: Optional[str] = None) -> list:
+        return [g for g in self.gemms if (module is None or g.module == module) and (role is None or g.role == role)]
+
+    def summary(self) -> dict:
+        """Counts, and the share of backward-GEMM FLOPs whose gradient operand is sparse / 4-bit."""
+        bwd = self.backward
+        total = sum(g.flops or 0 for g in bwd)
+
+        def share(word: str) -> float:
+            hit = sum(g.flops or 0 for g in bwd if any(t.startswith(word) for t in g.transforms))
+            return hit / total if total else 0.0
+
+        return {
+            "gemms": len(self.gemms),
+            "backward_gemms": len(bwd),
+            "rewritten": sum(1 for g in self.gemms if g.transforms),
+            "skipped": sum(1 for g in self.gemms if g.skipped),
+            "backward_flops": total,
+            "sparse_flop_share": share("mvue") + share("greedy"),
+            "luq_flop_share": share("luq"),
+        }
+
+    def as_dict(self) -> dict:
+        from nmcompile import __version__
+
+        return {"schema": SCHEMA, "nmcompile": __version__, "torch": self.torch_version,
+                "options": self.options, "summary": self.summary(),
+                "gemms": [g.as_dict() for g in self.gemms]}
+
+    def to_json(self, indent: Optional[int] = 2) -> str:
+        return json.dumps(self.as_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Report":
+        data = json.loads(text)
+        if data.get("schema") != SCHEMA:
+            raise ValueError(f"unsupported report schema {data.get('schema')!r}; this version reads {SCHEMA!r}")
+        fields = {f.name for f in dataclasses.fields(GemmRecord)}
+        gemms = [GemmRecord(**{k: v for k, v in g.items() if k in fields}) for g in data["gemms"]]
+        for g in gemms:
+            g.shape = tuple(g.shape)
+        return cls(gemms, data["options"], data["torch"])
+
+    def table(self):
+        """A rich Table of the GEMMs."""
+        from rich.table import Table
+
+        t = Table(title=f"nm rewrites ({len(self.gemms)} GEMMs)")
+        for col in ("graph", "module", "role", "op", "M×N×K", "dtype", "transforms / skip reason"):
+            t.add_column(col)
+        for g in self.gemms:
+            what = ", ".join(g.transforms) or f"[dim]skipped: {g.skipped}[/dim]" if g.skipped or not g.transforms else ", ".join(g.transforms)
+            if g.notes:
+                what += f" [yellow]({'; '.join(g.notes)})[/yellow]"
+            t.add_row(str(g.graph), g.module or "<top>", g.role, g.op, "×".join(map(str, g.shape)), g.dtype, what)
+        return t
+
+    def __str__(self) -> str:
+        lines = [f"nm report: {self.summary()['rewritten']} of {len(self.gemms)} GEMMs rewritten"]
+        for g in self.gemms:
+            what = ", ".join(g.transforms) if g.transforms else f"skipped: {g.skipped or 'nothing to do'}"
+            lines.append(f"  [{g.graph}] {g.module or '<top>':30s} {g.role:5s} {g.op:5s} {'x'.join(map(str, g.shape)):>18s}  {what}")
+        return "\n".join(lines)

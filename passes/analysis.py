@@ -1,0 +1,131 @@
+"""Read-only analysis of an AOTAutograd joint graph: GEMMs, gradient operands, roles, modules."""
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+
+MATMULS = {aten.mm.default: "mm", aten.bmm.default: "bmm", aten.addmm.default: "addmm"}
+CONV_FWD = aten.convolution.default
+CONV_BWD = aten.convolution_backward.default
+# Ops that only change how a tensor is laid out; walked through to find what a GEMM operand is.
+LAYOUT_OPS = {
+    aten.permute.default, aten.t.default, aten.transpose.int, aten.view.default,
+    aten.reshape.default, aten._unsafe_view.default, aten.clone.default, aten.alias.default,
+}
+
+
+def is_tangent(node: fx.Node) -> bool:
+    return node.op == "placeholder" and "tangents" in str(node.target)
+
+
+def tangent_descendants(graph: fx.Graph) -> set:
+    """Every node whose value depends on an incoming gradient (a ``tangents_*`` placeholder)."""
+    seen: set = set()
+    for node in graph.nodes:  # graph order is topological
+        if is_tangent(node) or any(arg in seen for arg in node.all_input_nodes):
+            seen.add(node)
+    return seen
+
+
+def matmul_operands(node: fx.Node) -> tuple[fx.Node, fx.Node]:
+    return (node.args[1], node.args[2]) if node.target is aten.addmm.default else (node.args[0], node.args[1])
+
+
+def module_path(node: fx.Node) -> str:
+    """Qualified module name from the node's (fwd_)nn_module_stack, without Dynamo's L['self']."""
+    stack = node.meta.get("fwd_nn_module_stack") or node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return path.strip(".")
+
+
+def val(node) -> Optional[torch.Tensor]:
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def size_str(s) -> object:
+    return int(s) if isinstance(s, int) or (hasattr(s, "node") and s.node.is_constant()) else str(s)
+
+
+def layout_chain(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """Walk back through layout-only ops; returns (base, chain from base to node, excluding base)."""
+    chain = []
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in LAYOUT_OPS:
+        chain.append(node)
+        node = node.args[0]
+    return node, chain[::-1]
+
+
+def _feature_position(operand: fx.Node) -> Optional[int]:
+    """Which dim of ``operand`` is the last (feature) dim of the tensor it was laid out from."""
+    base, chain = layout_chain(operand)
+    base_val = val(base)
+    if base_val is None:
+        return None
+    pos = base_val.dim() - 1
+    for node in chain:
+        src, out = val(node.args[0]), val(node)
+        if src is None or out is None:
+            return None
+        if node.target is aten.permute.default:
+            perm = [d % src.dim() for d in node.args[1]]
+            pos = perm.index(pos)
+        elif node.target is aten.t.default:
+            pos = 1 - pos if src.dim() == 2 else pos
+        elif node.target is aten.transpose.int:
+            d0, d1 = (d % src.dim() for d in node.args[1:3])
+            pos = d1 if pos == d0 else d0 if pos == d1 else pos
+        elif node.target in (aten.clone.default, aten.alias.default):
+            pass
+        else:  # view / reshape: only merges or splits that keep the last dim are understood
+            if pos != src.dim() - 1 or not statically_known_true(out.shape[-1] == src.shape[-1]):
+                return None
+            pos = out.dim() - 1
+    return pos
+
+
+def matmul_role(node: fx.Node, grad_is_left: bool, forward_partner: Optional[fx.Node]) -> tuple[Optional[str], str]:
+    """dgrad (reduces over the forward output's features) or wgrad (over its rows/tokens).
+
+    First by sizes against the forward GEMM with the same ``seq_nr``; where those are equal, by
+    following the gradient operand's layout back to the tensor it came from.
+    """
+    left, right = matmul_operands(node)
+    k = val(left).shape[-1]
+    fwd = val(forward_partner) if forward_partner is not None else None
+    if fwd is not None and fwd.dim() >= 2:
+        rows, cols = fwd.shape[-2], fwd.shape[-1]
+        if statically_known_true(k == cols) and not statically_known_true(k == rows):
+            return "dgrad", "by sizes"
+        if statically_known_true(k == rows) and not statically_known_true(k == cols):
+            return "wgrad", "by sizes"
+    operand = left if grad_is_left else right
+    pos = _feature_position(operand)
+    nd = val(operand).dim()
+    contracted = nd - 1 if grad_is_left else nd - 2
+    other = nd - 2 if grad_is_left else nd - 1
+    if pos == contracted:
+        return "dgrad", "by layout"
+    if pos == other:
+        return "wgrad", "by layout"
+    return None, "the gradient operand's layout could not be traced to its source"
+
+
+def forward_partners(graph: fx.Graph) -> dict:
+    """seq_nr -> forward GEMM node (the op whose backward the backward GEMMs implement)."""
+    out = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and (node.target in MATMULS or node.target is CONV_FWD):
+            if node.meta.get("partitioner_tag") != "is_backward" and "seq_nr" in node.meta:
+                out.setdefault(node.meta["seq_nr"], node)
+    return out

@@ -1,0 +1,141 @@
+"""NMConfig: the backend options (DESIGN.md §3), parsed and validated once, early and loudly."""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Optional
+
+from nmcompile.kernels.luq import LEVEL_KINDS
+from nmcompile.kernels.sawb import SAWB_COEFFICIENTS
+
+METHODS = ("mvue", "greedy")
+GEMM_ROLES = ("wgrad", "dgrad")
+QUANTS = ("luq",)
+FWD_QUANTS = ("sawb",)
+INNERS = ("inductor", "aot_eager")
+LUQ_BITS = range(2, 9)  # 1 sign bit + 1..7 exponent bits
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+def parse_pattern(pattern: Any, key: str = "sparsity") -> tuple[int, int]:
+    """``"N:M"`` with 0 < N < M -> (N, M); anything else raises a ValueError naming it."""
+    match = _PATTERN.match(pattern) if isinstance(pattern, str) else None
+    if match:
+        n, m = int(match.group(1)), int(match.group(2))
+        if 0 < n < m:
+            return n, m
+    raise ValueError(f"{key}={pattern!r} is not a valid N:M pattern; use a string 'N:M' with 0 < N < M, e.g. '1:2', '2:4', '2:8'")
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> Any:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _int_in(key: str, value: Any, allowed) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        shown = f"{allowed.start}..{allowed.stop - 1}" if isinstance(allowed, range) else ", ".join(map(str, allowed))
+        raise ValueError(f"{key}={value!r} is not allowed; use an integer in {shown}")
+    return value
+
+
+def _regex(key: str, value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{key}={value!r} must be a regular expression string or None")
+    try:
+        re.compile(value)
+    except re.error as err:
+        raise ValueError(f"{key}={value!r} is not a valid regular expression: {err}") from None
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class NMConfig:
+    """What the ``nm`` backend does to the joint graph. Field names are the option keys."""
+
+    sparsity: Optional[str] = None
+    method: str = "mvue"
+    gemms: tuple = ("wgrad",)
+    quant: Optional[str] = None
+    bits: int = 4
+    levels: str = "strict"
+    smp: int = 1
+    fwd_quant: Optional[str] = None
+    fwd_bits: int = 4
+    include: Optional[str] = None
+    exclude: Optional[str] = None
+    keep_first_last: bool = True
+    inner: str = "inductor"
+
+    def __post_init__(self) -> None:
+        if self.sparsity is not None:
+            parse_pattern(self.sparsity)
+        _choice("method", self.method, METHODS)
+        gemms = (self.gemms,) if isinstance(self.gemms, str) else self.gemms
+        if not isinstance(gemms, (list, tuple)) or not gemms:
+            raise ValueError(f"gemms={self.gemms!r} must be a non-empty list drawn from {list(GEMM_ROLES)}")
+        for role in gemms:
+            _choice("gemms", role, GEMM_ROLES)
+        object.__setattr__(self, "gemms", tuple(dict.fromkeys(gemms)))
+        if self.quant is not None:
+            _choice("quant", self.quant, QUANTS)
+        _int_in("bits", self.bits, LUQ_BITS)
+        _choice("levels", self.levels, LEVEL_KINDS)
+        _int_in("smp", self.smp, range(1, 65))
+        if self.fwd_quant is not None:
+            _choice("fwd_quant", self.fwd_quant, FWD_QUANTS)
+        _int_in("fwd_bits", self.fwd_bits, tuple(sorted(SAWB_COEFFICIENTS)))
+        _regex("include", self.include)
+        _regex("exclude", self.exclude)
+        if not isinstance(self.keep_first_last, bool):
+            raise ValueError(f"keep_first_last={self.keep_first_last!r} must be True or False")
+        _choice("inner", self.inner, INNERS)
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, options: Optional[dict]) -> tuple["NMConfig", dict]:
+        """Split ``options`` into an NMConfig and Inductor config patches.
+
+        Keys that are neither nm options nor ``torch._inductor.config`` names raise a ValueError.
+        """
+        options = dict(options or {})
+        ours = {k: options.pop(k) for k in list(options) if k in cls.keys()}
+        if options:
+            import torch._inductor.config as inductor_config
+
+            unknown = [k for k in options if not hasattr(inductor_config, k)]
+            if unknown:
+                raise ValueError(
+                    f"unknown option {unknown[0]!r}; nm options are {', '.join(cls.keys())} "
+                    "(other keys must name torch._inductor.config settings)"
+                )
+        return cls(**ours), options
+
+    @property
+    def pattern(self) -> Optional[tuple[int, int]]:
+        return parse_pattern(self.sparsity) if self.sparsity is not None else None
+
+    @property
+    def is_noop(self) -> bool:
+        return self.sparsity is None and self.quant is None and self.fwd_quant is None
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["gemms"] = list(self.gemms)
+        return d
+
+    def describe(self) -> str:
+        parts = []
+        if self.sparsity:
+            parts.append(f"{self.method} {self.sparsity} on {'+'.join(self.gemms)}")
+        if self.quant:
+            parts.append(f"luq{self.bits}" + (f" smp{self.smp}" if self.smp > 1 else ""))
+        if self.fwd_quant:
+            parts.append(f"sawb{self.fwd_bits} forward")
+        return ", ".join(parts) or "no transforms"

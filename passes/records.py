@@ -1,0 +1,33 @@
+"""What the pass did to one GEMM: the unit of every report, table and export."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass
+class GemmRecord:
+    graph: int  # index of the joint graph in this compile (Dynamo may produce several)
+    node: str  # name of the GEMM node in the joint graph
+    op: str  # mm | bmm | addmm | conv
+    role: str  # fwd | dgrad | wgrad | ? (unclassified)
+    module: str  # qualified name of the nn.Module that owns it ("" at top level)
+    shape: tuple  # (M, N, K) of the GEMM; str entries for symbolic sizes
+    dtype: str
+    transforms: list = dataclasses.field(default_factory=list)  # e.g. ["mvue 2:4 along K", "luq4"]
+    skipped: Optional[str] = None  # why nothing was applied, when nothing was
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def flops(self) -> Optional[int]:
+        try:
+            m, n, k = (int(s) for s in self.shape)
+        except (TypeError, ValueError):
+            return None
+        return 2 * m * n * k
+
+    def as_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["shape"] = list(self.shape)
+        d["flops"] = self.flops
+        return d

@@ -1,0 +1,288 @@
+"""The joint-graph rewrite: compress neural gradients before backward GEMMs, quantize forward
+GEMM operands, and record every decision (DESIGN.md §5)."""
+from __future__ import annotations
+
+import re
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from nmcompile.kernels import ops as nm_ops
+from nmcompile.kernels.grouping import uniform_shape
+from nmcompile.kernels.luq import luq_noise_shape
+from .analysis import (
+    CONV_BWD, CONV_FWD, MATMULS, forward_partners, is_tangent, layout_chain, matmul_operands,
+    matmul_role, module_path, size_str, tangent_descendants, val,
+)
+from .config import NMConfig
+from .records import GemmRecord
+from .splice import splice
+
+aten = torch.ops.aten
+
+
+class _Rewriter:
+    def __init__(self, graph: fx.Graph, config: NMConfig, decompose: bool, graph_index: int):
+        self.graph, self.config, self.decompose, self.graph_index = graph, config, decompose, graph_index
+        self.records: list[GemmRecord] = []
+        self.quantized: dict = {}  # forward operand source -> its SAWB-quantized node
+        if decompose:
+            from torch._inductor.decomposition import select_decomp_table
+
+            self.decompositions = select_decomp_table()
+        else:
+            self.decompositions = {}
+
+    # -- the ops, opaque (torch.ops.nm.*) or decomposed for Inductor to fuse ------------------
+    def _op(self, op) -> Callable:
+        return nm_ops.DECOMPOSITIONS[op] if self.decompose else op
+
+    def _gradient_fn(self, steps: list) -> Callable:
+        def compress(x):
+            for kind, args in steps:
+                if kind == "mvue":
+                    n, m, dim = args
+                    u = torch.rand(uniform_shape(x.shape, m, dim), device=x.device, dtype=torch.float32)
+                    x = self._op(torch.ops.nm.mvue.default)(x, u, n, m, dim)
+                elif kind == "greedy":
+                    x = self._op(torch.ops.nm.greedy.default)(x, *args)
+                elif kind == "luq":
+                    bits, levels, smp = args
+                    u = torch.rand(luq_noise_shape(x.shape, smp), device=x.device, dtype=torch.float32)
+                    x = self._op(torch.ops.nm.luq.default)(x, u, bits, levels)
+            return x
+
+        return compress
+
+    def _sawb_fn(self) -> Callable:
+        bits = self.config.fwd_bits
+        return lambda x: self._op(torch.ops.nm.sawb.default)(x, bits)
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def _record(self, node: fx.Node, op: str, role: str, shape: tuple) -> GemmRecord:
+        out = val(node)
+        dtype = out[0].dtype if isinstance(out, (tuple, list)) and out and out[0] is not None else getattr(out, "dtype", None)
+        rec = GemmRecord(self.graph_index, node.name, op, role, module_path(node),
+                         tuple(size_str(s) for s in shape), str(dtype).replace("torch.", ""))
+        self.records.append(rec)
+        return rec
+
+    def _selected(self, rec: GemmRecord) -> bool:
+        cfg = self.config
+        if cfg.include is not None and not re.search(cfg.include, rec.module):
+            rec.skipped = f"module {rec.module!r} does not match include={cfg.include!r}"
+            return False
+        if cfg.exclude is not None and re.search(cfg.exclude, rec.module):
+            rec.skipped = f"module {rec.module!r} matches exclude={cfg.exclude!r}"
+            return False
+        return True
+
+    # -- forward quantization -------------------------------------------------------------------
+    def _quantize_source(self, operand: fx.Node, gemm: fx.Node) -> fx.Node:
+        """SAWB-quantize the tensor ``operand`` is laid out from; returns the operand rebuilt on it."""
+        base, chain = layout_chain(operand)
+        if base not in self.quantized:
+            anchor = base.next
+            while anchor.op == "placeholder":  # keep placeholders first
+                anchor = anchor.next
+            info = {"op": "sawb", "bits": self.config.fwd_bits, "for": gemm.name, "module": module_path(gemm)}
+            self.quantized[base] = splice(self.graph, anchor, self._sawb_fn(), [base], serves=gemm,
+                                          info=info, decompositions=self.decompositions)
+        return self._replay(chain, self.quantized[base], before=gemm)
+
+    def _replay(self, chain: list, new_base: fx.Node, before: fx.Node) -> fx.Node:
+        node = new_base
+        with self.graph.inserting_before(before):
+            for link in chain:
+                prev = node
+                node = self.graph.node_copy(link, lambda n, src=link.args[0], p=prev: p if n is src else n)
+        return node
+
+    def _requantized(self, operand: fx.Node, gemm: fx.Node) -> Optional[fx.Node]:
+        base, chain = layout_chain(operand)
+        if base in self.quantized:
+            return self._replay(chain, self.quantized[base], before=gemm)
+        return None
+
+    def forward_gemms(self, gemms: list) -> None:
+        cfg = self.config
+        kept = {gemms[0], gemms[-1]} if cfg.keep_first_last and gemms else set()
+        for node in gemms:
+            if node.target is CONV_FWD:
+                rec = self._record(node, "conv", "fwd", _conv_fwd_shape(node))
+                operands = [node.args[0], node.args[1]]
+            else:
+                left, right = matmul_operands(node)
+                rec = self._record(node, MATMULS[node.target], "fwd", _matmul_shape(left, right))
+                operands = [left, right]
+            if cfg.fwd_quant is None:
+                continue
+            if node in kept:
+                rec.skipped = "first/last GEMM kept in high precision (keep_first_last=True)"
+                continue
+            if not self._selected(rec):
+                continue
+            for operand in operands:
+                node.replace_input_with(operand, self._quantize_source(operand, node))
+            rec.transforms.append(f"sawb{cfg.fwd_bits} W,X")
+
+    # -- backward GEMMs -------------------------------------------------------------------------
+    def _gradient_steps(self, rec: GemmRecord, role: str, k, dim_name: str) -> list:
+        cfg, steps = self.config, []
+        if cfg.pattern is not None and role in cfg.gemms:
+            n, m = cfg.pattern
+            k_int = k if isinstance(k, int) else None
+            if k_int is not None and k_int < m:
+                rec.notes.append(f"{cfg.sparsity} skipped: reduction size {k_int} < M={m}")
+            else:
+                steps.append(cfg.method)
+                rec.transforms.append(f"{cfg.method} {cfg.sparsity} along {dim_name}")
+                if k_int is None:
+                    rec.notes.append(f"symbolic reduction size {k}: a remainder mod {m} stays dense")
+                elif k_int % m:
+                    rec.notes.append(f"reduction size {k_int} not divisible by {m}: last {k_int % m} stay dense")
+        if cfg.quant == "luq":
+            steps.append("luq")
+            rec.transforms.append(f"luq{cfg.bits}" + (f" smp{cfg.smp}" if cfg.smp > 1 else ""))
+        return steps
+
+    def _compress(self, operand: fx.Node, gemm: fx.Node, steps: list, dim: int, role: str) -> fx.Node:
+        cfg = self.config
+        args = []
+        for kind in steps:
+            if kind in ("mvue", "greedy"):
+                n, m = cfg.pattern
+                args.append((kind, (n, m, dim)))
+            else:
+                args.append((kind, (cfg.bits, cfg.levels, cfg.smp)))
+        info = {"op": "+".join(steps), "role": role, "for": gemm.name, "module": module_path(gemm), "dim": dim}
+        return splice(self.graph, gemm, self._gradient_fn(args), [operand], serves=gemm, info=info,
+                      decompositions=self.decompositions)
+
+    def backward_matmul(self, node: fx.Node, grads: set, partners: dict) -> None:
+        left, right = matmul_operands(node)
+        rec = self._record(node, MATMULS[node.target], "?", _matmul_shape(left, right))
+        if val(left) is None or val(right) is None:
+            rec.skipped = "operands have no fake values"
+            return
+        grad_left, grad_right = left in grads, right in grads
+        if grad_left == grad_right:
+            rec.skipped = "both operands depend on the incoming gradient" if grad_left else "no operand is a gradient"
+            return
+        role, how = matmul_role(node, grad_left, partners.get(node.meta.get("seq_nr")))
+        if role is None:
+            rec.skipped = how
+            return
+        rec.role = role
+        other = right if grad_left else left
+        requant = self._requantized(other, node)
+        if requant is not None:
+            node.replace_input_with(other, requant)
+            rec.transforms.append(f"sawb{self.config.fwd_bits} {'W' if role == 'dgrad' else 'X'}")
+        if not self._selected(rec):
+            return
+        grad = left if grad_left else right
+        dim = -1 if grad_left else -2
+        k = val(grad).shape[dim]
+        steps = self._gradient_steps(rec, role, k, "K (tokens)" if role == "wgrad" else "K (features)")
+        if steps:
+            node.replace_input_with(grad, self._compress(grad, node, steps, dim % val(grad).dim(), role))
+        elif not rec.transforms:
+            rec.skipped = rec.skipped or "no transform applies to this role"
+
+    def backward_conv(self, node: fx.Node, grads: set) -> None:
+        grad, x, w = node.args[0], node.args[1], node.args[2]
+        mask = list(node.args[10])
+        getitems = {u.args[1]: u for u in node.users if u.target is _getitem}
+        new_x = self._requantized(x, node) or x
+        new_w = self._requantized(w, node) or w
+        for index, role in ((0, "dgrad"), (1, "wgrad")):
+            if not mask[index] or index not in getitems:
+                continue
+            rec = self._record(node, "conv", role, _conv_bwd_shape(node, role))
+            if new_x is not x or new_w is not w:
+                rec.transforms.append(f"sawb{self.config.fwd_bits} {'W' if role == 'dgrad' else 'X'}")
+            g = grad
+            if grad in grads and self._selected(rec):
+                # dgrad reduces over output channels (dim 1); wgrad over N·H·W: group along W.
+                dim = 1 if role == "dgrad" else val(grad).dim() - 1
+                steps = self._gradient_steps(rec, role, val(grad).shape[dim], "C_out" if role == "dgrad" else "W (tokens)")
+                if steps:
+                    g = self._compress(grad, node, steps, dim, role)
+            if g is grad and new_x is x and new_w is w:
+                continue
+            one = [i == index for i in range(3)]
+            with self.graph.inserting_before(node):
+                split = self.graph.call_function(CONV_BWD, (g, new_x, new_w, *node.args[3:10], one))
+                split.meta.update(node.meta)
+                item = self.graph.call_function(_getitem, (split, index))
+                item.meta.update(getitems[index].meta)
+            getitems[index].replace_all_uses_with(item)
+            self.graph.erase_node(getitems[index])
+            mask[index] = False
+        if not any(mask[:2]) and not (mask[2] and 2 in getitems):
+            for user in list(node.users):
+                self.graph.erase_node(user)
+            self.graph.erase_node(node)
+        elif mask != list(node.args[10]):
+            node.update_arg(10, mask)
+
+
+_getitem = __import__("operator").getitem
+
+
+def _matmul_shape(left: fx.Node, right: fx.Node) -> tuple:
+    a, b = val(left), val(right)
+    if a is None or b is None:
+        return ("?", "?", "?")
+    rows = a.shape[-2] * a.shape[0] if a.dim() == 3 else a.shape[-2]
+    return (rows, b.shape[-1], a.shape[-1])
+
+
+def _conv_fwd_shape(node: fx.Node) -> tuple:
+    out, w = val(node), val(node.args[1])
+    if out is None or w is None:
+        return ("?", "?", "?")
+    tokens = out.shape[0] * out.shape[2:].numel()
+    return (tokens, w.shape[0], w.shape[1:].numel())
+
+
+def _conv_bwd_shape(node: fx.Node, role: str) -> tuple:
+    grad, x, w = (val(a) for a in node.args[:3])
+    if grad is None or x is None or w is None:
+        return ("?", "?", "?")
+    if role == "dgrad":
+        return (x.shape[0] * x.shape[2:].numel(), w.shape[1], w.shape[0] * w.shape[2:].numel())
+    return (w.shape[0], w.shape[1:].numel(), grad.shape[0] * grad.shape[2:].numel())
+
+
+def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, graph_index: int = 0) -> list:
+    """Rewrite ``graph`` in place; returns one GemmRecord per GEMM (forward and backward).
+
+    Graphs without tangents (inference) are left untouched and give no records.
+    """
+    if not any(is_tangent(n) for n in graph.nodes):
+        return []
+    grads = tangent_descendants(graph)
+    partners = forward_partners(graph)
+    rw = _Rewriter(graph, config, decompose, graph_index)
+    nodes = [n for n in graph.nodes if n.op == "call_function"]
+    fwd = [n for n in nodes if (n.target in MATMULS or n.target is CONV_FWD) and n not in grads
+           and n.meta.get("partitioner_tag") != "is_backward"]
+    rw.forward_gemms(fwd)
+    for node in nodes:
+        if node.target in MATMULS and node not in fwd:
+            try:
+                rw.backward_matmul(node, grads, partners)
+            except Exception as err:  # never fail a user's compile: skip and say why
+                rw.records[-1].skipped = f"not understood ({type(err).__name__}: {err})"
+        elif node.target is CONV_BWD:
+            try:
+                rw.backward_conv(node, grads)
+            except Exception as err:
+                rw.records.append(GemmRecord(graph_index, node.name, "conv", "?", module_path(node), ("?",) * 3, "?",
+                                             skipped=f"not understood ({type(err).__name__}: {err})"))
+    graph.eliminate_dead_code()
+    graph.lint()
+    return rw.records
