@@ -28,8 +28,9 @@ def luq_math(x: torch.Tensor, u: torch.Tensor, bits: int, levels: str) -> torch.
     top = luq_levels(bits, levels) - 1  # largest exponent k
     xf = x.float()
     amax = xf.abs().amax()
-    alpha = amax / 2.0**top
-    r = xf.abs() / alpha  # in units of α, within [0, 2^top]
+    # r = |x| / α with α = amax / 2^top, written so that a tiny (denormal) amax, whose α would
+    # underflow to 0, still gives finite levels (bit-identical to |x| / α wherever α is normal).
+    r = xf.abs() / amax * 2.0**top  # in units of α, within [0, 2^top]
     k = torch.floor(torch.log2(r)).clamp(0, top)
     low = torch.exp2(k)
     # log2 may round across an octave boundary: move the bin so that low <= r < 2·low.
@@ -40,7 +41,7 @@ def luq_math(x: torch.Tensor, u: torch.Tensor, bits: int, levels: str) -> torch.
     width = torch.where(under, 1.0, low)
     p_up = (r - base) / width
     units = base + width * (u.float() < p_up).to(torch.float32)
-    q = torch.sign(xf) * units.mean(0) * alpha
+    q = torch.sign(xf) * (units * 2.0**-top).mean(0) * amax  # scaled first: 2·2^127 would overflow
     q = torch.where(amax > 0, q, xf)  # all-zero tensor: zeros
     q = torch.where(torch.isfinite(amax), q, xf + amax)  # propagate NaN/Inf everywhere
     return q.to(x.dtype)

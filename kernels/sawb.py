@@ -17,11 +17,17 @@ def sawb_math(x: torch.Tensor, bits: int) -> torch.Tensor:
     half = 2.0 ** (bits - 1)
     xf = x.float()
     a = xf.abs()
-    clip = c1 * torch.sqrt((xf * xf).mean()) - c2 * a.mean()
-    clip = torch.where(clip > 0, clip, a.amax())
+    amax = a.amax()
+    # x² overflows fp32 for |x| ≳ 1.8e19: there take the moments of x / max|x| (exactly x elsewhere)
+    norm = torch.where(torch.isfinite((xf * xf).mean()) | ~torch.isfinite(amax), 1.0, amax)
+    xs = xf / norm
+    clip = (c1 * torch.sqrt((xs * xs).mean()) - c2 * xs.abs().mean()) * norm
+    clip = torch.where(clip > 0, clip, amax)
     scale = clip / half
     safe = torch.where(scale > 0, scale, 1.0)
     q = torch.clamp(torch.round(xf / safe), -half, half - 1) * safe
+    # the top level may exceed max|x| (clip > max|x|): saturate at x's dtype range, never overflow
+    q = q.clamp(-torch.finfo(x.dtype).max, torch.finfo(x.dtype).max)
     q = torch.where(scale > 0, q, xf)  # all-zero tensor: zeros
     q = torch.where(torch.isfinite(scale), q, xf + scale)
     return q.to(x.dtype)

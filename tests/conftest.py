@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_reset():
+    """Every test starts from a fixed seed and a clean Dynamo cache."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def heavy_tailed(*shape, seed=0):
+    """Gradient-like values: log-normal magnitudes with random signs, some exact zeros."""
+    g = torch.Generator().manual_seed(seed)
+    mag = torch.exp(2.0 * torch.randn(*shape, generator=g, dtype=torch.float64))
+    sign = torch.where(torch.rand(*shape, generator=g) < 0.5, -1.0, 1.0).double()
+    x = mag * sign
+    x[torch.rand(*shape, generator=g) < 0.05] = 0.0
+    return x.float()
