@@ -33,14 +33,16 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
     """Compile ``gm`` with Inductor (or aot_eager) plus the nm joint-graph pass."""
     config, inductor_patches = NMConfig.from_options(options)
     records = _recorder.get()
+    # Dynamo calls the backend once per graph: number graphs across calls within one recording.
+    first = 1 + max((r.graph for r in records), default=-1) if records is not None else 0
     if config.inner == "aot_eager":
-        return _aot_eager(gm, example_inputs, NMJointPass(config, decompose=False, records=records))
+        return _aot_eager(gm, example_inputs, NMJointPass(config, decompose=False, records=records, first_graph=first))
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
     patches.update(inductor_patches)
-    patches["joint_custom_pre_pass"] = NMJointPass(config, decompose=True, records=records)
+    patches["joint_custom_pre_pass"] = NMJointPass(config, decompose=True, records=records, first_graph=first)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
@@ -49,6 +51,7 @@ def _aot_eager(gm, example_inputs, joint_pass: NMJointPass):
     before partitioning, and eager execution of the resulting graphs."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
+    import torch._inductor.lowering  # noqa: F401  (some decompositions, e.g. max_pool2d's, read it)
     from torch._inductor.decomposition import select_decomp_table
 
     def partition(joint: torch.fx.GraphModule, joint_inputs, **kwargs):

@@ -35,7 +35,8 @@ def explain(model: torch.nn.Module, *inputs: Any, **options: Any) -> Report:
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
         with recording() as records, torch._inductor.config.patch(force_disable_caches=True):
-            compiled = torch.compile(model, backend=nm_backend, options=dict(options))
+            # static shapes: the report describes exactly these inputs
+            compiled = torch.compile(model, backend=nm_backend, options=dict(options), dynamic=False)
             reduce_output(compiled(*inputs)).backward()
     finally:
         for p, g in grads.items():

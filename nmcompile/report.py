@@ -77,7 +77,7 @@ class Report:
         for col in ("graph", "module", "role", "op", "M×N×K", "dtype", "transforms / skip reason"):
             t.add_column(col)
         for g in self.gemms:
-            what = ", ".join(g.transforms) or f"[dim]skipped: {g.skipped}[/dim]" if g.skipped or not g.transforms else ", ".join(g.transforms)
+            what = ", ".join(g.transforms) if g.transforms else f"[dim]{_unchanged(g)}[/dim]"
             if g.notes:
                 what += f" [yellow]({'; '.join(g.notes)})[/yellow]"
             t.add_row(str(g.graph), g.module or "<top>", g.role, g.op, "×".join(map(str, g.shape)), g.dtype, what)
@@ -86,6 +86,10 @@ class Report:
     def __str__(self) -> str:
         lines = [f"nm report: {self.summary()['rewritten']} of {len(self.gemms)} GEMMs rewritten"]
         for g in self.gemms:
-            what = ", ".join(g.transforms) if g.transforms else f"skipped: {g.skipped or 'nothing to do'}"
+            what = ", ".join(g.transforms) if g.transforms else _unchanged(g)
             lines.append(f"  [{g.graph}] {g.module or '<top>':30s} {g.role:5s} {g.op:5s} {'x'.join(map(str, g.shape)):>18s}  {what}")
         return "\n".join(lines)
+
+
+def _unchanged(g: GemmRecord) -> str:
+    return f"skipped: {g.skipped}" if g.skipped else "unchanged"

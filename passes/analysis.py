@@ -87,11 +87,32 @@ def _feature_position(operand: fx.Node) -> Optional[int]:
             pos = d1 if pos == d0 else d0 if pos == d1 else pos
         elif node.target in (aten.clone.default, aten.alias.default):
             pass
-        else:  # view / reshape: only merges or splits that keep the last dim are understood
-            if pos != src.dim() - 1 or not statically_known_true(out.shape[-1] == src.shape[-1]):
+        else:  # view / reshape
+            pos = _view_position(src.shape, out.shape, pos)
+            if pos is None:
                 return None
-            pos = out.dim() - 1
     return pos
+
+
+def _view_position(src, out, pos: int) -> Optional[int]:
+    """Where dim ``pos`` of ``src`` lands in the view ``out``. Understood: views that leave the
+    dims up to ``pos`` alone, and views that split (e.g. into heads) or merge the last dim, whose
+    innermost part stays last."""
+    same = lambda a, b: statically_known_true(a == b)  # noqa: E731
+    if pos < len(src) - 1:
+        if len(out) > pos and all(same(src[i], out[i]) for i in range(pos + 1)):
+            return pos
+        return None
+    s_last, o_last = src[-1], out[-1]
+    if same(s_last, o_last) or same(s_last % o_last, 0) or same(o_last % s_last, 0):
+        return len(out) - 1
+    return None
+
+
+def is_fused_attention_backward(node: fx.Node) -> bool:
+    """SDPA backward kernels (flash / efficient / cuDNN / CPU flash): GEMMs the pass cannot see."""
+    name = getattr(node.target, "__name__", str(node.target))
+    return "backward" in name and ("scaled_dot_product" in name or name.startswith(("_flash_attention", "_efficient_attention")))
 
 
 def matmul_role(node: fx.Node, grad_is_left: bool, forward_partner: Optional[fx.Node]) -> tuple[Optional[str], str]:

@@ -23,11 +23,11 @@ class NMJointPass(CustomGraphPass):
     ``torch.ops.nm.*`` calls (readable graphs, eager execution, export).
     """
 
-    def __init__(self, config: NMConfig, decompose: bool = True, records: Optional[list] = None):
+    def __init__(self, config: NMConfig, decompose: bool = True, records: Optional[list] = None, first_graph: int = 0):
         self.config = config
         self.decompose = decompose
         self.records = records if records is not None else []
-        self._graphs = itertools.count()
+        self._graphs = itertools.count(first_graph)
 
     def __call__(self, graph: fx.Graph) -> None:
         self.records.extend(rewrite_joint_graph(graph, self.config, decompose=self.decompose,

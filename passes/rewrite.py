@@ -12,7 +12,8 @@ from nmcompile.kernels import ops as nm_ops
 from nmcompile.kernels.grouping import uniform_shape
 from nmcompile.kernels.luq import luq_noise_shape
 from .analysis import (
-    CONV_BWD, CONV_FWD, MATMULS, forward_partners, is_tangent, layout_chain, matmul_operands,
+    CONV_BWD, CONV_FWD, MATMULS, forward_partners, is_fused_attention_backward, is_tangent, layout_chain,
+    matmul_operands,
     matmul_role, module_path, size_str, tangent_descendants, val,
 )
 from .config import NMConfig
@@ -147,6 +148,12 @@ class _Rewriter:
             rec.transforms.append(f"luq{cfg.bits}" + (f" smp{cfg.smp}" if cfg.smp > 1 else ""))
         return steps
 
+    def _why_unchanged(self, role: str) -> str:
+        cfg = self.config
+        if cfg.pattern is not None and role not in cfg.gemms:
+            return f"{role} not in gemms={list(cfg.gemms)} and no quant set"
+        return "no gradient transform configured"
+
     def _compress(self, operand: fx.Node, gemm: fx.Node, steps: list, dim: int, role: str) -> fx.Node:
         cfg = self.config
         args = []
@@ -188,8 +195,8 @@ class _Rewriter:
         steps = self._gradient_steps(rec, role, k, "K (tokens)" if role == "wgrad" else "K (features)")
         if steps:
             node.replace_input_with(grad, self._compress(grad, node, steps, dim % val(grad).dim(), role))
-        elif not rec.transforms:
-            rec.skipped = rec.skipped or "no transform applies to this role"
+        elif not rec.transforms and not rec.notes:
+            rec.skipped = self._why_unchanged(role)
 
     def backward_conv(self, node: fx.Node, grads: set) -> None:
         grad, x, w = node.args[0], node.args[1], node.args[2]
@@ -277,6 +284,11 @@ def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, g
                 rw.backward_matmul(node, grads, partners)
             except Exception as err:  # never fail a user's compile: skip and say why
                 rw.records[-1].skipped = f"not understood ({type(err).__name__}: {err})"
+        elif is_fused_attention_backward(node):
+            rw.records.append(GemmRecord(
+                graph_index, node.name, "sdpa", "?", module_path(node), ("?",) * 3, str(getattr(val(node.args[0]), "dtype", "?")).replace("torch.", ""),
+                skipped="fused attention kernel: its GEMMs are not visible to the pass (run attention under "
+                        "torch.nn.attention.sdpa_kernel(SDPBackend.MATH) to rewrite them)"))
         elif node.target is CONV_BWD:
             try:
                 rw.backward_conv(node, grads)

@@ -1,0 +1,5 @@
+import sys
+
+from nmcompile.cli import main
+
+sys.exit(main())

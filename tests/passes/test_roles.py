@@ -1,0 +1,101 @@
+"""explain() names every backward GEMM with its role and module (DESIGN.md §5)."""
+import torch
+import torch.nn as nn
+
+import nmcompile
+from tests.models import MLP, AddmmLayer, ConvNet, Encoder
+
+AOT = {"inner": "aot_eager"}  # same pass, no code generation: fast
+
+
+def roles(report, role=None):
+    return sorted((g.module, g.role) for g in report.gemms if g.role != "fwd" and (role is None or g.role == role))
+
+
+def test_mlp_roles_and_transforms():
+    x = torch.randn(4, 12, 32, requires_grad=True)  # 3-D input: GEMMs on 48 tokens
+    r = nmcompile.explain(MLP(), x, sparsity="2:4", quant="luq", **AOT)
+    assert roles(r) == sorted([(f"fc{i}", role) for i in (1, 2, 3) for role in ("dgrad", "wgrad")])
+    for g in r.backward:
+        assert g.skipped is None
+        if g.role == "wgrad":
+            assert g.transforms == ["mvue 2:4 along K (tokens)", "luq4"] and g.shape[2] == 48
+        else:
+            assert g.transforms == ["luq4"]
+    assert [g.module for g in r.forward] == ["fc1", "fc2", "fc3"]
+
+
+def test_addmm_layer_gradient_is_the_right_operand():
+    r = nmcompile.explain(AddmmLayer(), torch.randn(12, 16), sparsity="2:4", **AOT)
+    (wgrad,) = r.backward
+    assert (wgrad.role, wgrad.op, wgrad.shape) == ("wgrad", "mm", (16, 8, 12))
+    assert wgrad.transforms == ["mvue 2:4 along K (tokens)"]
+
+
+def test_conv_roles():
+    r = nmcompile.explain(ConvNet(), torch.randn(2, 3, 8, 8), sparsity="2:4", gemms=["wgrad", "dgrad"], **AOT)
+    assert roles(r) == sorted([("conv1", "wgrad"), ("conv2", "dgrad"), ("conv2", "wgrad"),
+                               ("head", "dgrad"), ("head", "wgrad")])
+    conv2 = {g.role: g for g in r.find(module="conv2")}
+    assert conv2["dgrad"].transforms == ["mvue 2:4 along C_out"]
+    assert conv2["wgrad"].transforms == ["mvue 2:4 along W (tokens)"]
+    assert conv2["wgrad"].shape == (16, 72, 128)  # C_out x C_in·kh·kw x N·H·W
+
+
+def test_transformer_layer_roles_including_attention_bmm():
+    x = torch.randn(2, 8, 32, requires_grad=True)
+    r = nmcompile.explain(Encoder(), x, sparsity="2:4", gemms=["wgrad", "dgrad"], **AOT)
+    bmms = [g for g in r.backward if g.op == "bmm"]
+    assert len(bmms) == 4 and sorted(g.role for g in bmms) == ["dgrad", "dgrad", "wgrad", "wgrad"]
+    assert all(g.module == "layer.self_attn" and g.transforms for g in bmms)
+    linears = {(g.module, g.role) for g in r.backward if g.op == "mm"}
+    assert linears == {(m, role) for m in ("layer.linear1", "layer.linear2", "layer.self_attn") for role in ("dgrad", "wgrad")}
+    assert all(not g.skipped for g in r.backward)
+
+
+def test_attention_roles_by_layout_agree_with_roles_by_size():
+    """With T == head_dim sizes cannot tell dgrad from wgrad; the layout walk must agree with the
+    size rule used when T != head_dim."""
+    def attention_roles(tokens):
+        r = nmcompile.explain(Encoder(d=32, heads=4), torch.randn(2, tokens, 32, requires_grad=True), sparsity="2:4", **AOT)
+        return [g.role for g in r.backward if g.op == "bmm"]
+
+    assert attention_roles(8) == attention_roles(12)  # head_dim = 8
+
+
+def test_fused_attention_is_reported_not_rewritten():
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    r = nmcompile.explain(layer, torch.randn(2, 8, 32), sparsity="2:4", **AOT)
+    (sdpa,) = [g for g in r.gemms if g.op == "sdpa"]
+    assert "fused attention kernel" in sdpa.skipped and "SDPBackend.MATH" in sdpa.skipped
+
+
+def test_include_exclude_and_keep_first_last():
+    x = torch.randn(48, 32)
+    r = nmcompile.explain(MLP(), x, sparsity="2:4", exclude=r"fc2", fwd_quant="sawb", **AOT)
+    assert "exclude" in r.find("fc2", "wgrad")[0].skipped
+    assert r.find("fc1", "wgrad")[0].transforms == ["mvue 2:4 along K (tokens)"]
+    fwd = {g.module: g for g in r.forward}
+    assert "keep_first_last" in fwd["fc1"].skipped and "keep_first_last" in fwd["fc3"].skipped
+    assert "exclude" in fwd["fc2"].skipped
+    r = nmcompile.explain(MLP(), x, fwd_quant="sawb", include="fc2", **AOT)
+    assert r.find("fc2", "fwd")[0].transforms == ["sawb4 W,X"]
+    assert r.find("fc2", "wgrad")[0].transforms == ["sawb4 X"] and r.find("fc2", "dgrad")[0].transforms == ["sawb4 W"]
+
+
+def test_remainder_and_tiny_gemms_are_reported():
+    r = nmcompile.explain(MLP((32, 16, 8, 4)), torch.randn(10, 32), sparsity="2:4", **AOT)
+    for g in (g for g in r.backward if g.role == "wgrad"):
+        assert g.transforms and "last 2 stay dense" in g.notes[0]
+    r = nmcompile.explain(MLP((32, 16, 8, 4)), torch.randn(3, 32), sparsity="2:4", **AOT)
+    for g in (g for g in r.backward if g.role == "wgrad"):
+        assert not g.transforms and "reduction size 3 < M=4" in g.notes[0]
+
+
+def test_report_json_round_trip():
+    r = nmcompile.explain(MLP(), torch.randn(48, 32), sparsity="2:4", **AOT)
+    data = __import__("json").loads(r.to_json())
+    assert data["schema"] == "nmcompile.report/1" and data["options"]["sparsity"] == "2:4"
+    assert data["summary"]["sparse_flop_share"] > 0 and len(data["gemms"]) == len(r.gemms)
+    back = nmcompile.Report.from_json(r.to_json())
+    assert back.gemms == r.gemms
