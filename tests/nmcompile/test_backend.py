@@ -1,0 +1,103 @@
+"""The user contract of the backend: registration, options, mode, cache keys."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import nmcompile
+from nmcompile.backend import nm_backend
+from nmcompile.passes import NMConfig, NMJointPass
+
+
+def test_fresh_process_uses_backend_without_importing_nmcompile():
+    script = textwrap.dedent("""
+        import sys, torch
+        m = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+        f = torch.compile(m, backend="nm", options={"sparsity": "2:4", "inner": "aot_eager"})
+        f(torch.randn(32, 16)).sum().backward()
+        assert m[0].weight.grad is not None and torch.isfinite(m[0].weight.grad).all()
+        print("nmcompile imported by user:", "nmcompile" in sys.modules and "via entry point")
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "via entry point" in out.stdout  # the entry point loaded it; the script never imported it
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"sparsity": "3:2"}, "sparsity='3:2' is not a valid N:M pattern"),
+    ({"sparsity": "2-4"}, "sparsity='2-4'"),
+    ({"method": "topk"}, "method='topk' is not allowed; choose one of 'mvue', 'greedy'"),
+    ({"gemms": ["wgrad", "fwd"]}, "gemms='fwd'"),
+    ({"quant": "fp4"}, "quant='fp4'"),
+    ({"bits": 1}, "bits=1 is not allowed; use an integer in 2..6"),
+    ({"fwd_bits": 8}, "fwd_bits=8 is not allowed; use an integer in 4"),
+    ({"levels": "loose"}, "levels='loose'"),
+    ({"smp": 0}, "smp=0"),
+    ({"include": "fc(["}, "include='fc([' is not a valid regular expression"),
+    ({"inner": "eager"}, "inner='eager'"),
+    ({"sparsty": "2:4"}, "unknown option 'sparsty'; nm options are sparsity, method"),
+])
+def test_bad_options_fail_at_compile_time_naming_key_and_value(options, message):
+    with pytest.raises(ValueError, match=__import__("re").escape(message)):
+        NMConfig.from_options(options)
+    model = torch.nn.Linear(8, 4)
+    with pytest.raises(Exception, match=__import__("re").escape(message)):
+        torch.compile(model, backend="nm", options=options)(torch.randn(4, 8))
+
+
+def test_inductor_settings_pass_through_and_mode_reaches_inductor(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+
+    seen = {}
+    real = cfx.compile_fx
+
+    def spy(gm, inputs, config_patches=None, **kw):
+        seen.update(config_patches or {})
+        return real(gm, inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    f = torch.compile(torch.nn.Linear(8, 4), backend=nm_backend, mode="max-autotune-no-cudagraphs")
+    f(torch.randn(4, 8))
+    assert seen.get("max_autotune") is True and isinstance(seen["joint_custom_pre_pass"], NMJointPass)
+    seen.clear()
+    torch._dynamo.reset()
+    f = torch.compile(torch.nn.Linear(8, 4), backend=nm_backend, options={"sparsity": "2:4", "epilogue_fusion": False})
+    f(torch.randn(4, 8))
+    assert seen["epilogue_fusion"] is False and seen["joint_custom_pre_pass"].config.sparsity == "2:4"
+
+
+def test_uuid_covers_the_options():
+    a = NMJointPass(NMConfig(sparsity="2:4")).uuid()
+    assert a == NMJointPass(NMConfig(sparsity="2:4")).uuid()
+    assert a != NMJointPass(NMConfig(sparsity="1:2")).uuid()
+    assert a != NMJointPass(NMConfig(sparsity="2:4", gemms=["wgrad", "dgrad"])).uuid()
+    assert a != NMJointPass(NMConfig(sparsity="2:4"), decompose=False).uuid()
+
+
+def test_explain_leaves_gradients_and_buffers_alone():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 4))
+    x = torch.randn(16, 8)
+    model(x).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    stats = model[1].running_mean.clone()
+    report = nmcompile.explain(model, x, sparsity="2:4", inner="aot_eager")
+    assert report.backward and all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
+    assert torch.equal(stats, model[1].running_mean)
+
+
+def test_explain_backpropagates_loss_attribute_or_sum_of_outputs():
+    class WithLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return {"loss": y.pow(2).mean(), "logits": y, "ids": torch.ones(2, dtype=torch.long)}
+
+    r = nmcompile.explain(WithLoss(), torch.randn(8, 8), sparsity="1:2", inner="aot_eager")
+    assert [g.role for g in r.backward] == ["wgrad"]
+    with pytest.raises(ValueError, match="nothing to backpropagate"):
+        nmcompile.explain(torch.nn.Identity(), torch.randn(3), inner="aot_eager")
