@@ -28,6 +28,7 @@ class _Rewriter:
         self.graph, self.config, self.decompose, self.graph_index = graph, config, decompose, graph_index
         self.records: list[GemmRecord] = []
         self.quantized: dict = {}  # forward operand source -> its SAWB-quantized node
+        self.quantized_gemms: set = set()  # forward GEMMs whose operands were quantized
         if decompose:
             from torch._inductor.decomposition import select_decomp_table
 
@@ -100,7 +101,11 @@ class _Rewriter:
                 node = self.graph.node_copy(link, lambda n, src=link.args[0], p=prev: p if n is src else n)
         return node
 
-    def _requantized(self, operand: fx.Node, gemm: fx.Node) -> Optional[fx.Node]:
+    def _requantized(self, operand: fx.Node, gemm: fx.Node, partner: Optional[fx.Node]) -> Optional[fx.Node]:
+        """The backward GEMM's non-gradient operand rebuilt on its quantized source, when the forward
+        GEMM it differentiates was quantized (a source shared with a high-precision GEMM is not)."""
+        if partner is not None and partner not in self.quantized_gemms:
+            return None
         base, chain = layout_chain(operand)
         if base in self.quantized:
             return self._replay(chain, self.quantized[base], before=gemm)
@@ -126,6 +131,7 @@ class _Rewriter:
                 continue
             for operand in operands:
                 node.replace_input_with(operand, self._quantize_source(operand, node))
+            self.quantized_gemms.add(node)
             rec.transforms.append(f"sawb{cfg.fwd_bits} W,X")
 
     # -- backward GEMMs -------------------------------------------------------------------------
@@ -177,13 +183,14 @@ class _Rewriter:
         if grad_left == grad_right:
             rec.skipped = "both operands depend on the incoming gradient" if grad_left else "no operand is a gradient"
             return
-        role, how = matmul_role(node, grad_left, partners.get(node.meta.get("seq_nr")))
+        partner = partners.get(node.meta.get("seq_nr"))
+        role, how = matmul_role(node, grad_left, partner)
         if role is None:
             rec.skipped = how
             return
         rec.role = role
         other = right if grad_left else left
-        requant = self._requantized(other, node)
+        requant = self._requantized(other, node, partner)
         if requant is not None:
             node.replace_input_with(other, requant)
             rec.transforms.append(f"sawb{self.config.fwd_bits} {'W' if role == 'dgrad' else 'X'}")
@@ -198,12 +205,13 @@ class _Rewriter:
         elif not rec.transforms and not rec.notes:
             rec.skipped = self._why_unchanged(role)
 
-    def backward_conv(self, node: fx.Node, grads: set) -> None:
+    def backward_conv(self, node: fx.Node, grads: set, partners: dict) -> None:
         grad, x, w = node.args[0], node.args[1], node.args[2]
         mask = list(node.args[10])
         getitems = {u.args[1]: u for u in node.users if u.target is _getitem}
-        new_x = self._requantized(x, node) or x
-        new_w = self._requantized(w, node) or w
+        partner = partners.get(node.meta.get("seq_nr"))
+        new_x = self._requantized(x, node, partner) or x
+        new_w = self._requantized(w, node, partner) or w
         for index, role in ((0, "dgrad"), (1, "wgrad")):
             if not mask[index] or index not in getitems:
                 continue
@@ -291,7 +299,7 @@ def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, g
                         "torch.nn.attention.sdpa_kernel(SDPBackend.MATH) to rewrite them)"))
         elif node.target is CONV_BWD:
             try:
-                rw.backward_conv(node, grads)
+                rw.backward_conv(node, grads, partners)
             except Exception as err:
                 rw.records.append(GemmRecord(graph_index, node.name, "conv", "?", module_path(node), ("?",) * 3, "?",
                                              skipped=f"not understood ({type(err).__name__}: {err})"))

@@ -99,3 +99,20 @@ def test_report_json_round_trip():
     assert data["summary"]["sparse_flop_share"] > 0 and len(data["gemms"]) == len(r.gemms)
     back = nmcompile.Report.from_json(r.to_json())
     assert back.gemms == r.gemms
+
+
+def test_backward_of_a_high_precision_gemm_never_sees_quantized_operands():
+    """h feeds fc2 (quantized) and head (last GEMM, kept in high precision): head's weight gradient
+    must use the original h, fc2's the quantized one."""
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            return self.fc3(torch.relu(self.fc2(h))).sum(-1, keepdim=True) + self.head(h)
+
+    r = nmcompile.explain(Fork(), torch.randn(8, 16), fwd_quant="sawb", **AOT)
+    assert r.find("fc2", "wgrad")[0].transforms == ["sawb4 X"]
+    assert r.find("head", "wgrad")[0].transforms == [] and "keep_first_last" in r.find("head", "fwd")[0].skipped
