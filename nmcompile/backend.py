@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from nmcompile.passes import NMConfig, NMJointPass
+from nmcompile.passes.joint_pass import chain_with_existing
 
 _recorder: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("nm_records", default=None)
 
@@ -42,7 +43,11 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
 
     patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
     patches.update(inductor_patches)
-    patches["joint_custom_pre_pass"] = NMJointPass(config, decompose=True, records=records, first_graph=first)
+    import torch._inductor.config as inductor_config
+
+    existing = patches.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass)
+    ours = NMJointPass(config, decompose=True, records=records, first_graph=first)
+    patches["joint_custom_pre_pass"] = chain_with_existing(existing, ours)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 

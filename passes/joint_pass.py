@@ -40,3 +40,31 @@ class NMJointPass(CustomGraphPass):
 
     def __deepcopy__(self, memo):  # config patches may be copied; records must stay shared
         return self
+
+
+class ChainedPass(CustomGraphPass):
+    """Runs passes the user already configured (one pass, or a list on torch >= 2.13), then ours.
+
+    Its uuid combines theirs; a plain callable without a uuid makes the chain uncacheable (uuid None),
+    which is what Inductor does for such passes on its own.
+    """
+
+    def __init__(self, passes: list):
+        self.passes = passes
+
+    def __call__(self, graph: fx.Graph) -> None:
+        for p in self.passes:
+            p(graph)
+
+    def uuid(self) -> Optional[str]:
+        ids = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in self.passes]
+        if any(i is None for i in ids):
+            return None
+        return hashlib.sha256("|".join(map(str, ids)).encode()).hexdigest()
+
+
+def chain_with_existing(existing, ours: NMJointPass) -> CustomGraphPass:
+    if existing is None:
+        return ours
+    theirs = list(existing) if isinstance(existing, (list, tuple)) else [existing]
+    return ChainedPass([*theirs, ours])

@@ -101,3 +101,23 @@ def test_explain_backpropagates_loss_attribute_or_sum_of_outputs():
     assert [g.role for g in r.backward] == ["wgrad"]
     with pytest.raises(ValueError, match="nothing to backpropagate"):
         nmcompile.explain(torch.nn.Identity(), torch.randn(3), inner="aot_eager")
+
+
+def test_a_user_joint_pass_still_runs_before_ours():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    calls = []
+
+    class Theirs(CustomGraphPass):
+        def __call__(self, graph):
+            calls.append(sum(1 for n in graph.nodes if "nm" in n.meta))
+
+        def uuid(self):
+            return "theirs-v1"
+
+    from nmcompile.backend import recording
+
+    with torch._inductor.config.patch(joint_custom_pre_pass=Theirs(), force_disable_caches=True), recording() as records:
+        model = torch.nn.Linear(8, 4)
+        torch.compile(model, backend="nm", options={"sparsity": "2:4"})(torch.randn(8, 8)).sum().backward()
+    assert calls == [0] and records and records[-1].transforms  # theirs ran (first), ours too
