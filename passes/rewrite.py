@@ -2,6 +2,7 @@
 GEMM operands, and record every decision (DESIGN.md §5)."""
 from __future__ import annotations
 
+import operator
 import re
 from typing import Callable, Optional
 
@@ -13,8 +14,7 @@ from nmcompile.kernels.grouping import uniform_shape
 from nmcompile.kernels.luq import luq_noise_shape
 from .analysis import (
     CONV_BWD, CONV_FWD, MATMULS, forward_partners, is_fused_attention_backward, is_tangent, layout_chain,
-    matmul_operands,
-    matmul_role, module_path, size_str, tangent_descendants, val,
+    matmul_operands, matmul_role, module_path, size_str, tangent_descendants, val,
 )
 from .config import NMConfig
 from .records import GemmRecord
@@ -135,7 +135,8 @@ class _Rewriter:
             rec.transforms.append(f"sawb{cfg.fwd_bits} W,X")
 
     # -- backward GEMMs -------------------------------------------------------------------------
-    def _gradient_steps(self, rec: GemmRecord, role: str, k, dim_name: str) -> list:
+    def _gradient_steps(self, rec: GemmRecord, role: str, k, dim: int, dim_name: str) -> list:
+        """The (op, args) to apply to a gradient operand reduced over ``dim`` of size ``k``; records them."""
         cfg, steps = self.config, []
         if cfg.pattern is not None and role in cfg.gemms:
             n, m = cfg.pattern
@@ -143,14 +144,14 @@ class _Rewriter:
             if k_int is not None and k_int < m:
                 rec.notes.append(f"{cfg.sparsity} skipped: reduction size {k_int} < M={m}")
             else:
-                steps.append(cfg.method)
+                steps.append((cfg.method, (n, m, dim)))
                 rec.transforms.append(f"{cfg.method} {cfg.sparsity} along {dim_name}")
                 if k_int is None:
                     rec.notes.append(f"symbolic reduction size {k}: a remainder mod {m} stays dense")
                 elif k_int % m:
                     rec.notes.append(f"reduction size {k_int} not divisible by {m}: last {k_int % m} stay dense")
         if cfg.quant == "luq":
-            steps.append("luq")
+            steps.append(("luq", (cfg.bits, cfg.levels, cfg.smp)))
             rec.transforms.append(f"luq{cfg.bits}" + (f" smp{cfg.smp}" if cfg.smp > 1 else ""))
         return steps
 
@@ -160,17 +161,9 @@ class _Rewriter:
             return f"{role} not in gemms={list(cfg.gemms)} and no quant set"
         return "no gradient transform configured"
 
-    def _compress(self, operand: fx.Node, gemm: fx.Node, steps: list, dim: int, role: str) -> fx.Node:
-        cfg = self.config
-        args = []
-        for kind in steps:
-            if kind in ("mvue", "greedy"):
-                n, m = cfg.pattern
-                args.append((kind, (n, m, dim)))
-            else:
-                args.append((kind, (cfg.bits, cfg.levels, cfg.smp)))
-        info = {"op": "+".join(steps), "role": role, "for": gemm.name, "module": module_path(gemm), "dim": dim}
-        return splice(self.graph, gemm, self._gradient_fn(args), [operand], serves=gemm, info=info,
+    def _compress(self, operand: fx.Node, gemm: fx.Node, steps: list, role: str) -> fx.Node:
+        info = {"op": "+".join(kind for kind, _ in steps), "role": role, "for": gemm.name, "module": module_path(gemm)}
+        return splice(self.graph, gemm, self._gradient_fn(steps), [operand], serves=gemm, info=info,
                       decompositions=self.decompositions)
 
     def backward_matmul(self, node: fx.Node, grads: set, partners: dict) -> None:
@@ -197,11 +190,11 @@ class _Rewriter:
         if not self._selected(rec):
             return
         grad = left if grad_left else right
-        dim = -1 if grad_left else -2
-        k = val(grad).shape[dim]
-        steps = self._gradient_steps(rec, role, k, "K (tokens)" if role == "wgrad" else "K (features)")
+        dim = val(grad).dim() - (1 if grad_left else 2)  # the reduction dim of the gradient operand
+        steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim,
+                                     "K (tokens)" if role == "wgrad" else "K (features)")
         if steps:
-            node.replace_input_with(grad, self._compress(grad, node, steps, dim % val(grad).dim(), role))
+            node.replace_input_with(grad, self._compress(grad, node, steps, role))
         elif not rec.transforms and not rec.notes:
             rec.skipped = self._why_unchanged(role)
 
@@ -222,9 +215,10 @@ class _Rewriter:
             if grad in grads and self._selected(rec):
                 # dgrad reduces over output channels (dim 1); wgrad over N·H·W: group along W.
                 dim = 1 if role == "dgrad" else val(grad).dim() - 1
-                steps = self._gradient_steps(rec, role, val(grad).shape[dim], "C_out" if role == "dgrad" else "W (tokens)")
+                steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim,
+                                             "C_out" if role == "dgrad" else "W (tokens)")
                 if steps:
-                    g = self._compress(grad, node, steps, dim, role)
+                    g = self._compress(grad, node, steps, role)
             if g is grad and new_x is x and new_w is w:
                 continue
             one = [i == index for i in range(3)]
@@ -244,7 +238,7 @@ class _Rewriter:
             node.update_arg(10, mask)
 
 
-_getitem = __import__("operator").getitem
+_getitem = operator.getitem
 
 
 def _matmul_shape(left: fx.Node, right: fx.Node) -> tuple:
