@@ -46,7 +46,7 @@ def mvue_math(x: torch.Tensor, u: torch.Tensor, n: int, m: int, dim: int) -> tor
     """MVUE N:M along ``dim`` with one uniform ``u`` in [0, 1) per group (shape: ``uniform_shape``).
 
     Systematic sampling: element i is kept iff some u + k (k integer) falls in [C_{i-1}, C_i),
-    C the prefix sums of p. Each interval is at most 1 long, so exactly N distinct elements are
+    C the prefix sums of p (all comparisons exact in fp32). Each interval is at most 1 long, so exactly N distinct elements are
     kept with marginals p. Kept values become x/p (capped ones stay x).
     """
     body, tail = split_groups(x, m, dim)
@@ -55,8 +55,17 @@ def mvue_math(x: torch.Tensor, u: torch.Tensor, n: int, m: int, dim: int) -> tor
     p, capped, share = mvue_probabilities(a, n)
     hi = _prefix_sums(p, inclusive=True).clamp(0.0, n)
     lo = _prefix_sums(p, inclusive=False).clamp(0.0, n)
+    # A group with >= N nonzeros has Σp = N; pin it, so fp32 rounding of the sum cannot lose the
+    # last point u + N - 1 (only the last upper bound changes: the bounds still telescope).
+    full = (a > 0).sum(-1, keepdim=True) >= n
+    last = torch.arange(m, device=x.device) == m - 1
+    hi = torch.where(full & last, float(n), hi)
+    # Keep iff u + k lies in [lo, hi) for an integer k. Written with x - floor(lo), which is exact in
+    # floating point, instead of hi - u, which can round across an integer when u is near 1.
+    base = torch.floor(lo)
+    lo_frac, hi_frac = lo - base, hi - base  # lo_frac in [0, 1), hi_frac in [lo_frac, lo_frac + 1]
     uu = u.float().unsqueeze(-1)
-    keep = torch.ceil(hi - uu) > torch.ceil(lo - uu)
+    keep = ((uu >= lo_frac) & (uu < hi_frac)) | (uu < hi_frac - 1.0)
     value = torch.where(capped, xf, torch.sign(xf) * share)
     out = torch.where(keep, value, 0.0)
     finite = torch.isfinite(xf).all(-1, keepdim=True)

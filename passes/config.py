@@ -13,8 +13,7 @@ GEMM_ROLES = ("wgrad", "dgrad")
 QUANTS = ("luq",)
 FWD_QUANTS = ("sawb",)
 INNERS = ("inductor", "aot_eager")
-# 1 sign bit + 1..5 exponent bits; 6+ exponent bits need α = max/2^62, which underflows fp32.
-LUQ_BITS = range(2, 7)
+LUQ_BITS = range(2, 9)  # 1 sign bit + 1..7 exponent bits
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 

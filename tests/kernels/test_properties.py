@@ -99,6 +99,18 @@ def check_pruned(x: torch.Tensor, y: torch.Tensor, n: int, m: int, dim: int, unb
         assert (yf[nz].abs() >= xf[nz].abs() * (1 - 1e-6)).all()
 
 
+def test_mvue_top_uniform_keeps_every_capped_element():
+    """u = 1 - 2^-24 (the largest torch.rand value): fp32 C - u rounds 2 - u to 1.0 and used to
+    drop the second of two capped elements; a group with < N nonzeros must come back unchanged."""
+    x = torch.tensor([[0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0]])
+    u = torch.tensor([[1 - 2**-24]])
+    assert torch.equal(torch.ops.nm.mvue(x, u, 3, 5, 1), x)
+    g = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    g[:, ::2] = 0  # two nonzeros per group of 4: both capped, both kept for every u
+    for value in (0.0, 0.5, 1 - 2**-24):
+        assert torch.equal(torch.ops.nm.mvue(g, torch.full((256, 2), value), 2, 4, 1), g)
+
+
 @SETTINGS
 @given(x=tensors(), pattern=patterns(), data=st.data())
 def test_mvue_structure_and_propagation(x, pattern, data):

@@ -31,7 +31,7 @@ def test_fresh_process_uses_backend_without_importing_nmcompile():
     ({"method": "topk"}, "method='topk' is not allowed; choose one of 'mvue', 'greedy'"),
     ({"gemms": ["wgrad", "fwd"]}, "gemms='fwd'"),
     ({"quant": "fp4"}, "quant='fp4'"),
-    ({"bits": 1}, "bits=1 is not allowed; use an integer in 2..6"),
+    ({"bits": 1}, "bits=1 is not allowed; use an integer in 2..8"),
     ({"fwd_bits": 8}, "fwd_bits=8 is not allowed; use an integer in 4"),
     ({"levels": "loose"}, "levels='loose'"),
     ({"smp": 0}, "smp=0"),
