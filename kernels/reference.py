@@ -96,8 +96,11 @@ def sawb_reference(x: torch.Tensor, bits: int, c1: float, c2: float) -> torch.Te
     clip = c1 * xd.pow(2).mean().sqrt() - c2 * xd.abs().mean()
     if clip <= 0:
         clip = xd.abs().max()
-    scale = clip / 2 ** (bits - 1)
+    if xd.min() >= 0:  # unsigned grid for non-negative tensors
+        scale, lo, hi = clip / (2**bits - 1), 0, 2**bits - 1
+    else:
+        scale, lo, hi = clip / 2 ** (bits - 1), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if scale == 0:
         return x.clone()
-    q = torch.clamp(torch.round(xd / scale), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1) * scale
+    q = torch.clamp(torch.round(xd / scale), lo, hi) * scale
     return q.to(x.dtype)

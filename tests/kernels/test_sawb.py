@@ -18,6 +18,17 @@ def test_sixteen_integer_levels_of_one_scale():
     torch.testing.assert_close(y, ref.sawb_reference(x, 4, c1, c2))
 
 
+def test_non_negative_tensors_use_all_sixteen_levels_unsigned():
+    x = torch.relu(torch.randn(4096))
+    y = nmcompile.sawb(x)
+    c1, c2 = SAWB_COEFFICIENTS[4]
+    scale = (c1 * x.pow(2).mean().sqrt() - c2 * x.abs().mean()) / 15
+    q = y / scale
+    torch.testing.assert_close(q, q.round(), atol=1e-4, rtol=0)
+    assert q.round().min() == 0 and q.round().max() == 15  # the whole unsigned grid is reachable
+    torch.testing.assert_close(y, ref.sawb_reference(x, 4, c1, c2))
+
+
 def test_round_to_nearest_and_straight_through():
     x = torch.randn(128, requires_grad=True)
     y = nmcompile.sawb(x)
