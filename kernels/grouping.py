@@ -18,8 +18,10 @@ def split_groups(x: torch.Tensor, m: int, dim: int) -> tuple[torch.Tensor, torch
 
 def merge_groups(body: torch.Tensor, tail: torch.Tensor, dim: int) -> torch.Tensor:
     """Inverse of :func:`split_groups`; always returns a new contiguous tensor."""
-    flat = torch.cat([body.flatten(-2), tail.to(body.dtype)], dim=-1)
-    return flat.movedim(-1, dim).contiguous()
+    flat = body.flatten(-2)
+    if not (isinstance(tail.shape[-1], int) and tail.shape[-1] == 0):  # skip the copy of a cat
+        flat = torch.cat([flat, tail.to(body.dtype)], dim=-1)
+    return flat.movedim(-1, dim).clone(memory_format=torch.contiguous_format)
 
 
 def uniform_shape(shape: torch.Size | tuple, m: int, dim: int) -> tuple:
@@ -28,3 +30,42 @@ def uniform_shape(shape: torch.Size | tuple, m: int, dim: int) -> tuple:
     dim = dim % len(shape)
     rest = shape[:dim] + shape[dim + 1 :]
     return (*rest, shape[dim] // m)
+
+
+def memory_order(x: torch.Tensor) -> list:
+    """Dims of ``x`` from outermost to innermost in memory (logical order when strides are symbolic)."""
+    strides = x.stride()
+    if not all(isinstance(s, int) for s in strides):
+        return list(range(x.dim()))
+    return sorted(range(x.dim()), key=lambda d: (-strides[d], d))
+
+
+class UnrolledGroups:
+    """``x`` seen in memory order as groups of M along ``dim``, unrolled into M strided slices.
+
+    Math on the slices is pointwise over [..., G, ...] and vectorizes along x's contiguous dim,
+    whichever dim is grouped; :meth:`assemble` returns the result in x's own memory layout
+    (a transposed gradient operand stays transposed: no copy, and BLAS takes either).
+    """
+
+    def __init__(self, x: torch.Tensor, m: int, dim: int):
+        self.dim, self.m = dim % x.dim(), m
+        self.order = memory_order(x)
+        self.mem = x.permute(self.order)
+        self.d = self.order.index(self.dim)
+        k = self.mem.shape[self.d]
+        self.full = (k // m) * m
+        body = self.mem.narrow(self.d, 0, self.full).unflatten(self.d, (k // m, m))
+        self.slices = [body.select(self.d + 1, i) for i in range(m)]
+        self.tail = self.mem.narrow(self.d, self.full, k - self.full)
+
+    def per_group(self, u: torch.Tensor) -> torch.Tensor:
+        """Per-group values of ``uniform_shape`` (groups last) aligned with the slices."""
+        return u.movedim(-1, self.dim).permute(self.order)
+
+    def assemble(self, outs: list, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.stack(outs, self.d + 1).flatten(self.d, self.d + 1).to(dtype)
+        if not (isinstance(self.tail.shape[self.d], int) and self.tail.shape[self.d] == 0):
+            out = torch.cat([out, self.tail.to(dtype)], self.d)
+        inverse = sorted(range(len(self.order)), key=lambda i: self.order[i])
+        return out.permute(inverse)

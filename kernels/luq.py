@@ -40,8 +40,14 @@ def luq_math(x: torch.Tensor, u: torch.Tensor, bits: int, levels: str) -> torch.
     base = torch.where(under, 0.0, low)
     width = torch.where(under, 1.0, low)
     p_up = (r - base) / width
-    units = base + width * (u.float() < p_up).to(torch.float32)
-    q = torch.sign(xf) * (units * 2.0**-top).mean(0) * amax  # scaled first: 2·2^127 would overflow
+    # Samples unrolled (their count is static): a mean over the sample dim would be a reduction,
+    # which makes Inductor materialize every intermediate; this stays one pointwise pass.
+    samples = u.shape[0]
+    ups = (u[0].float() < p_up).to(torch.float32)
+    for s in range(1, samples):
+        ups = ups + (u[s].float() < p_up).to(torch.float32)
+    units = base + width * (ups / samples)
+    q = torch.sign(xf) * (units * 2.0**-top) * amax  # scaled first: 2·2^127 would overflow
     q = torch.where(amax > 0, q, xf)  # all-zero tensor: zeros
     q = torch.where(torch.isfinite(amax), q, xf + amax)  # propagate NaN/Inf everywhere
     return q.to(x.dtype)

@@ -24,7 +24,7 @@ def _check_uniforms(x: Tensor, u: Tensor, expected: tuple, op: str) -> None:
 def mvue(x: Tensor, u: Tensor, n: int, m: int, dim: int) -> Tensor:
     """MVUE N:M pruning of ``x`` along ``dim`` given per-group uniforms ``u``."""
     _check_uniforms(x, u, uniform_shape(x.shape, m, dim), "mvue")
-    return mvue_math(x, u, n, m, dim)
+    return mvue_math(x, u, n, m, dim).contiguous()
 
 
 @mvue.register_fake
@@ -89,8 +89,11 @@ DECOMPOSITIONS = {
 def _register_inductor_decompositions() -> None:
     from torch._inductor.decomposition import register_decomposition
 
+    def contiguous(fn):  # the ops return contiguous tensors (their fake kernels say so)
+        return lambda *args: fn(*args).contiguous()
+
     for op, fn in DECOMPOSITIONS.items():
-        register_decomposition(op)(fn)
+        register_decomposition(op)(contiguous(fn))
 
 
 _register_inductor_decompositions()

@@ -1,76 +1,72 @@
 """N:M pruning math: MVUE (unbiased, minimum variance) and greedy (keep the N largest, biased).
 
-Both are written with elementwise ops and reductions over groups of M only (no sort, no scan, no
-data-dependent control flow), so the same functions serve as the eager kernel and as the Inductor
-decomposition that fuses with neighbouring kernels. All math is fp32; the input dtype is returned.
+Both are written with elementwise ops over groups of M only (no sort, no scan, no data-dependent
+control flow), so the same functions serve as the eager kernel and as the Inductor decomposition
+that fuses with neighbouring kernels. All math is fp32; the input dtype is returned.
 Groups holding a NaN or Inf are returned unchanged so non-finite gradients stay visible.
 """
 from __future__ import annotations
 
 import torch
 
-from .grouping import merge_groups, split_groups
+from .grouping import UnrolledGroups, merge_groups, split_groups
 
 
-def _prefix_sums(p: torch.Tensor, inclusive: bool) -> torch.Tensor:
-    # Sum over a (strictly) lower-triangular mask instead of cumsum: fusable everywhere, and the
-    # exclusive sum of element i is bit-identical to the inclusive sum of element i-1 (same terms
-    # in the same positions), which makes the systematic-sampling counts telescope exactly.
-    m = p.shape[-1]
-    mask = torch.ones(m, m, dtype=torch.bool, device=p.device).tril(0 if inclusive else -1)
-    return torch.where(mask, p.unsqueeze(-2), 0.0).sum(-1)
-
-
-def mvue_probabilities(a: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Water-filling inclusion probabilities for magnitudes ``a`` of shape ``[..., M]``.
-
-    Returns ``(p, capped, share)``: p = min(1, c·a) with Σp = N (or the count of nonzeros when
-    there are fewer), the capped mask (p = 1), and share = 1/c, the value a kept uncapped element
-    takes in magnitude (S_free / N_free).
-    """
-    capped = torch.zeros_like(a, dtype=torch.bool)
-    # Capping the elements with c·a > 1 only raises c, so capped elements stay capped; the fixed
-    # point holds at most N-1 capped elements, hence N-1 rounds suffice.
-    for _ in range(n - 1):
-        free_sum = torch.where(capped, 0.0, a).sum(-1, keepdim=True)
-        free_n = n - capped.sum(-1, keepdim=True)
-        capped = capped | (a * free_n > free_sum)
-    free_sum = torch.where(capped, 0.0, a).sum(-1, keepdim=True)
-    free_n = (n - capped.sum(-1, keepdim=True)).to(a.dtype)
-    safe_sum = torch.where(free_sum > 0, free_sum, 1.0)
-    p = torch.where(capped, 1.0, torch.where(free_sum > 0, a * free_n / safe_sum, 0.0))
-    return p, capped, free_sum / free_n
+def _total(terms: list):
+    out = terms[0]
+    for t in terms[1:]:
+        out = out + t
+    return out
 
 
 def mvue_math(x: torch.Tensor, u: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     """MVUE N:M along ``dim`` with one uniform ``u`` in [0, 1) per group (shape: ``uniform_shape``).
 
-    Systematic sampling: element i is kept iff some u + k (k integer) falls in [C_{i-1}, C_i),
-    C the prefix sums of p (all comparisons exact in fp32). Each interval is at most 1 long, so exactly N distinct elements are
-    kept with marginals p. Kept values become x/p (capped ones stay x).
+    Inclusion probabilities by water-filling: p = min(1, c·|x|) with Σp = N (capping the elements
+    with c·|x| > 1 only raises c, so capped elements stay capped and N-1 rounds reach the fixed
+    point). Systematic sampling: element i is kept iff some u + k (k integer) falls in
+    [C_{i-1}, C_i), C the prefix sums of p; each interval is at most 1 long, so exactly N distinct
+    elements are kept with marginals p. Kept values become x/p: x itself where capped, else
+    sign(x)·S_free/N_free.
+
+    The group is unrolled into its M elements (strided slices, in memory order), so every group
+    quantity is a sum of M terms: Inductor emits one vectorized pointwise kernel, without
+    reductions or intermediate buffers. The result has x's memory layout.
     """
-    body, tail = split_groups(x, m, dim)
-    xf = body.float()
-    a = xf.abs()
-    p, capped, share = mvue_probabilities(a, n)
-    hi = _prefix_sums(p, inclusive=True).clamp(0.0, n)
-    lo = _prefix_sums(p, inclusive=False).clamp(0.0, n)
-    # A group with >= N nonzeros has Σp = N; pin it, so fp32 rounding of the sum cannot lose the
-    # last point u + N - 1 (only the last upper bound changes: the bounds still telescope).
-    full = (a > 0).sum(-1, keepdim=True) >= n
-    last = torch.arange(m, device=x.device) == m - 1
-    hi = torch.where(full & last, float(n), hi)
-    # Keep iff u + k lies in [lo, hi) for an integer k. Written with x - floor(lo), which is exact in
-    # floating point, instead of hi - u, which can round across an integer when u is near 1.
-    base = torch.floor(lo)
-    lo_frac, hi_frac = lo - base, hi - base  # lo_frac in [0, 1), hi_frac in [lo_frac, lo_frac + 1]
-    uu = u.float().unsqueeze(-1)
-    keep = ((uu >= lo_frac) & (uu < hi_frac)) | (uu < hi_frac - 1.0)
-    value = torch.where(capped, xf, torch.sign(xf) * share)
-    out = torch.where(keep, value, 0.0)
-    finite = torch.isfinite(xf).all(-1, keepdim=True)
-    out = torch.where(finite, out, xf)
-    return merge_groups(out.to(x.dtype), tail, dim)
+    groups = UnrolledGroups(x, m, dim)
+    xs = [t.float() for t in groups.slices]
+    a = [t.abs() for t in xs]
+    capped = [torch.zeros_like(a[0], dtype=torch.bool)] * m
+    for _ in range(n - 1):
+        free_sum = _total([torch.where(c, 0.0, ai) for ai, c in zip(a, capped)])
+        free_n = n - _total([c.float() for c in capped])
+        capped = [c | (ai * free_n > free_sum) for ai, c in zip(a, capped)]
+    free_sum = _total([torch.where(c, 0.0, ai) for ai, c in zip(a, capped)])
+    free_n = n - _total([c.float() for c in capped])
+    safe_sum = torch.where(free_sum > 0, free_sum, 1.0)
+    share = free_sum / free_n
+    # A group with >= N nonzeros has Σp = N: pin the last bound to N, so fp32 rounding of the sum
+    # cannot lose the point u + N - 1 (the bounds still telescope: each lower bound is the previous
+    # upper bound, the same tensor).
+    full = _total([(ai > 0).float() for ai in a]) >= n
+    uu = groups.per_group(u).float()
+    lo = torch.zeros_like(uu)
+    outs = []
+    for i in range(m):
+        # (a·N_free)/S_free, not a·(N_free/S_free): a lone free element must get p = 1 exactly
+        p = torch.where(capped[i], 1.0, (a[i] * free_n / safe_sum).clamp(max=1.0))
+        hi = torch.where(full, float(n), lo + p) if i == m - 1 else (lo + p).clamp(max=float(n))
+        # x - floor(lo) is exact in floating point (hi - u is not: it can round across an integer
+        # when u is near 1), so the keep test below is exact.
+        base = torch.floor(lo)
+        lo_frac, hi_frac = lo - base, hi - base
+        keep = ((uu >= lo_frac) & (uu < hi_frac)) | (uu < hi_frac - 1.0)
+        value = torch.where(capped[i], xs[i], torch.sign(xs[i]) * share)
+        outs.append(torch.where(keep, value, 0.0))
+        lo = hi
+    finite = _total([torch.isfinite(t).float() for t in xs]) == m
+    outs = [torch.where(finite, o, t) for o, t in zip(outs, xs)]  # groups holding NaN/Inf pass through
+    return groups.assemble(outs, x.dtype)
 
 
 def greedy_math(x: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ import torch.fx as fx
 from nmcompile.kernels import ops as nm_ops
 from nmcompile.kernels.grouping import uniform_shape
 from nmcompile.kernels.luq import luq_noise_shape
+from nmcompile.kernels.random import draw_seed, uniform
 from .analysis import (
     CONV_BWD, CONV_FWD, MATMULS, forward_partners, is_fused_attention_backward, is_tangent, layout_chain,
     matmul_operands, matmul_role, module_path, size_str, tangent_descendants, val,
@@ -45,13 +46,13 @@ class _Rewriter:
             for kind, args in steps:
                 if kind == "mvue":
                     n, m, dim = args
-                    u = torch.rand(uniform_shape(x.shape, m, dim), device=x.device, dtype=torch.float32)
+                    u = uniform(draw_seed(x.device), uniform_shape(x.shape, m, dim), x.device)
                     x = self._op(torch.ops.nm.mvue.default)(x, u, n, m, dim)
                 elif kind == "greedy":
                     x = self._op(torch.ops.nm.greedy.default)(x, *args)
                 elif kind == "luq":
                     bits, levels, smp = args
-                    u = torch.rand(luq_noise_shape(x.shape, smp), device=x.device, dtype=torch.float32)
+                    u = uniform(draw_seed(x.device), luq_noise_shape(x.shape, smp), x.device)
                     x = self._op(torch.ops.nm.luq.default)(x, u, bits, levels)
             return x
 

@@ -12,7 +12,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 # Metadata Inductor and the partitioner read, copied from the GEMM onto every node inserted for it.
 CARRIED_META = ("stack_trace", "nn_module_stack", "fwd_nn_module_stack", "fwd_source_fn_stack", "seq_nr", "partitioner_tag")
-RANDOM_OPS = {torch.ops.aten.rand.default, torch.ops.aten.rand_like.default}
+RANDOM_OPS = {torch.ops.aten.rand.default, torch.ops.aten.rand_like.default, torch.ops.aten.randint.low}
 
 
 def trace(fn: Callable, inputs: Sequence[fx.Node], decompositions: dict) -> fx.GraphModule:
