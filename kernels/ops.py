@@ -35,7 +35,7 @@ def _(x, u, n, m, dim):
 @torch.library.custom_op("nm::greedy", mutates_args=())
 def greedy(x: Tensor, n: int, m: int, dim: int) -> Tensor:
     """Greedy N:M pruning (keep the N largest magnitudes, biased) of ``x`` along ``dim``."""
-    return greedy_math(x, n, m, dim)
+    return greedy_math(x, n, m, dim).contiguous()
 
 
 @greedy.register_fake

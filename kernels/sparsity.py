@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .grouping import UnrolledGroups, merge_groups, split_groups
+from .grouping import UnrolledGroups
 
 
 def _total(terms: list):
@@ -71,12 +71,14 @@ def mvue_math(x: torch.Tensor, u: torch.Tensor, n: int, m: int, dim: int) -> tor
 
 def greedy_math(x: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     """Keep the N largest |x| of every group of M unchanged (ties: lower index first)."""
-    body, tail = split_groups(x, m, dim)
-    a = body.float().abs()
-    ai, aj = a.unsqueeze(-1), a.unsqueeze(-2)  # [..., i, j]
-    earlier = torch.ones(m, m, dtype=torch.bool, device=x.device).tril(-1)  # j < i
-    rank = ((aj > ai) | ((aj == ai) & earlier)).sum(-1)
-    out = torch.where(rank < n, body, torch.zeros_like(body))
-    finite = torch.isfinite(body).all(-1, keepdim=True)
-    out = torch.where(finite, out, body)
-    return merge_groups(out, tail, dim)
+    groups = UnrolledGroups(x, m, dim)
+    xs = groups.slices
+    a = [t.float().abs() for t in xs]
+    finite = _total([torch.isfinite(t).float() for t in a]) == m
+    outs = []
+    for i in range(m):
+        # rank of element i: elements larger than it, and equal ones that come before it
+        ahead = _total([((a[j] >= a[i]) if j < i else (a[j] > a[i])).float() for j in range(m) if j != i])
+        keep = (ahead < n) | ~finite  # groups holding NaN/Inf pass through
+        outs.append(torch.where(keep, xs[i], torch.zeros_like(xs[i])))
+    return groups.assemble(outs, x.dtype)
