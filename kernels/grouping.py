@@ -18,10 +18,8 @@ def split_groups(x: torch.Tensor, m: int, dim: int) -> tuple[torch.Tensor, torch
 
 def merge_groups(body: torch.Tensor, tail: torch.Tensor, dim: int) -> torch.Tensor:
     """Inverse of :func:`split_groups`; always returns a new contiguous tensor."""
-    flat = body.flatten(-2)
-    if not (isinstance(tail.shape[-1], int) and tail.shape[-1] == 0):  # skip the copy of a cat
-        flat = torch.cat([flat, tail.to(body.dtype)], dim=-1)
-    return flat.movedim(-1, dim).clone(memory_format=torch.contiguous_format)
+    flat = torch.cat([body.flatten(-2), tail.to(body.dtype)], dim=-1)
+    return flat.movedim(-1, dim).contiguous()
 
 
 def uniform_shape(shape: torch.Size | tuple, m: int, dim: int) -> tuple:
@@ -49,15 +47,15 @@ class UnrolledGroups:
     """
 
     def __init__(self, x: torch.Tensor, m: int, dim: int):
-        self.dim, self.m = dim % x.dim(), m
+        self.dim = dim % x.dim()
         self.order = memory_order(x)
-        self.mem = x.permute(self.order)
+        mem = x.permute(self.order)
         self.d = self.order.index(self.dim)
-        k = self.mem.shape[self.d]
-        self.full = (k // m) * m
-        body = self.mem.narrow(self.d, 0, self.full).unflatten(self.d, (k // m, m))
+        k = mem.shape[self.d]
+        full = (k // m) * m
+        body = mem.narrow(self.d, 0, full).unflatten(self.d, (k // m, m))
         self.slices = [body.select(self.d + 1, i) for i in range(m)]
-        self.tail = self.mem.narrow(self.d, self.full, k - self.full)
+        self.tail = mem.narrow(self.d, full, k - full)
 
     def per_group(self, u: torch.Tensor) -> torch.Tensor:
         """Per-group values of ``uniform_shape`` (groups last) aligned with the slices."""
@@ -65,7 +63,7 @@ class UnrolledGroups:
 
     def assemble(self, outs: list, dtype: torch.dtype) -> torch.Tensor:
         out = torch.stack(outs, self.d + 1).flatten(self.d, self.d + 1).to(dtype)
-        if not (isinstance(self.tail.shape[self.d], int) and self.tail.shape[self.d] == 0):
+        if not (isinstance(self.tail.shape[self.d], int) and self.tail.shape[self.d] == 0):  # no cat copy
             out = torch.cat([out, self.tail.to(dtype)], self.d)
         inverse = sorted(range(len(self.order)), key=lambda i: self.order[i])
         return out.permute(inverse)
