@@ -41,9 +41,9 @@ def memory_order(x: torch.Tensor) -> list:
 class UnrolledGroups:
     """``x`` seen in memory order as groups of M along ``dim``, unrolled into M strided slices.
 
-    Math on the slices is pointwise over [..., G, ...] and vectorizes along x's contiguous dim,
-    whichever dim is grouped; :meth:`assemble` returns the result in x's own memory layout
-    (a transposed gradient operand stays transposed: no copy, and BLAS takes either).
+    Math on the slices is pointwise over [..., G, ...], whichever dim is grouped; :meth:`assemble`
+    returns the result in x's own memory layout (a transposed gradient operand stays transposed:
+    no copy, and BLAS takes either).
     """
 
     def __init__(self, x: torch.Tensor, m: int, dim: int):

@@ -3,7 +3,8 @@
 Levels {0} ∪ {±α·2^k, k = 0..L-1} with α = max|x| / 2^(L-1), so max|x| is a level and nothing is
 ever clipped. Below α: stochastic underflow to 0 or α; inside an octave [2^k α, 2^(k+1) α):
 stochastic rounding to its two ends, with probabilities that make every element unbiased.
-One uniform per element and sample; ``smp`` samples are averaged (variance / smp).
+One uniform per element and sample; ``smp`` samples are averaged (variance / smp). ``luq_math`` is
+the portable implementation and the specification of the CPU kernel (``nm_cpu.cpp``).
 """
 from __future__ import annotations
 
@@ -40,8 +41,7 @@ def luq_math(x: torch.Tensor, u: torch.Tensor, bits: int, levels: str) -> torch.
     base = torch.where(under, 0.0, low)
     width = torch.where(under, 1.0, low)
     p_up = (r - base) / width
-    # Samples unrolled (their count is static): a mean over the sample dim would be a reduction,
-    # which makes Inductor materialize every intermediate; this stays one pointwise pass.
+    # Samples summed in order, one comparison each (the CPU kernel adds them in the same order).
     samples = u.shape[0]
     ups = (u[0].float() < p_up).to(torch.float32)
     for s in range(1, samples):

@@ -1,99 +1,159 @@
-"""``torch.ops.nm.*``: the nm custom ops, their fake kernels, and their Inductor decompositions.
+"""``torch.ops.nm.*``: the nm custom ops, their fake kernels, and their kernels per device.
 
-The ops are deterministic functions of their inputs: randomness enters as explicit uniforms drawn
-with ``torch.rand`` next to them (the functional API and the graph pass both do this), so the
-same torch generator state reproduces a run, eager or compiled, and ``opcheck`` can test them.
+The ops are deterministic functions of their inputs. Randomness enters through ``u``: either the
+uniforms themselves (any strides), or int64 seeds from which the kernel derives the very same
+uniforms that ``kernels.random.uniform`` gives, without writing them to memory. The graph pass and
+the functional API pass seeds drawn from torch's generator, so ``torch.manual_seed`` reproduces a
+run, eager or compiled; tests pass explicit uniforms to compare with the reference.
+
+Inductor sees the ops as opaque calls (extern kernels), never as inlined math: on CPU they run the
+precompiled kernels of ``kernels.cpu`` (the torch math of ``sparsity``/``luq``/``sawb`` where the
+library cannot be built); other devices run that portable torch math until they get kernels of
+their own (``register_kernel(op, "cuda")`` is the place). Outputs have x's memory layout (as
+``torch.empty_like``), so a transposed gradient operand stays transposed for the GEMM.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from . import cpu
 from .grouping import uniform_shape
-from .luq import luq_math, luq_noise_shape
-from .sawb import sawb_math
+from .luq import luq_levels, luq_math, luq_noise_shape
+from .random import draw_seed, uniform
+from .sawb import SAWB_COEFFICIENTS, sawb_math
 from .sparsity import greedy_math, mvue_math
 
 
-def _check_uniforms(x: Tensor, u: Tensor, expected: tuple, op: str) -> None:
-    if tuple(u.shape) != tuple(expected):
+def _seeded(u: Tensor) -> bool:
+    return not u.is_floating_point()
+
+
+def _check_uniforms(x: Tensor, u: Tensor, expected: tuple, op: str, seeds: tuple) -> None:
+    if _seeded(u):
+        if u.dtype != torch.int64 or u.dim() != len(seeds) or (seeds and u.shape[0] < 1):
+            raise ValueError(f"nm.{op}: integer u must be int64 seeds of shape {seeds or '()'}, got "
+                             f"{u.dtype} of shape {tuple(u.shape)}")
+    elif tuple(u.shape) != tuple(expected):
         raise ValueError(f"nm.{op}: uniforms have shape {tuple(u.shape)}, expected {tuple(expected)} for input {tuple(x.shape)}")
+
+
+def _like(x: Tensor, y: Tensor) -> Tensor:
+    """``y`` in the layout the fake kernels promise (``torch.empty_like(x)``)."""
+    out = torch.empty_like(x)
+    return y if y.stride() == out.stride() else out.copy_(y)
+
+
+def _on_cpu_kernels(x: Tensor, m: int = 2) -> bool:
+    return x.dtype in cpu.DTYPES and m <= 256 and cpu.available()
+
+
+def _mvue_torch(x: Tensor, u: Tensor, n: int, m: int, dim: int) -> Tensor:
+    shape = uniform_shape(x.shape, m, dim)
+    return _like(x, mvue_math(x, uniform(u, shape, x.device) if _seeded(u) else u, n, m, dim))
 
 
 @torch.library.custom_op("nm::mvue", mutates_args=())
 def mvue(x: Tensor, u: Tensor, n: int, m: int, dim: int) -> Tensor:
-    """MVUE N:M pruning of ``x`` along ``dim`` given per-group uniforms ``u``."""
-    _check_uniforms(x, u, uniform_shape(x.shape, m, dim), "mvue")
-    return mvue_math(x, u, n, m, dim).contiguous()
+    """MVUE N:M pruning of ``x`` along ``dim``; ``u``: per-group uniforms (``uniform_shape``) or an
+    int64 seed (shape ``()``) standing for ``uniform(seed, uniform_shape)``."""
+    _check_uniforms(x, u, uniform_shape(x.shape, m, dim), "mvue", ())
+    return _mvue_torch(x, u, n, m, dim)
+
+
+@mvue.register_kernel("cpu")
+def _(x, u, n, m, dim):
+    _check_uniforms(x, u, uniform_shape(x.shape, m, dim), "mvue", ())
+    return cpu.mvue(x, u, n, m, dim) if _on_cpu_kernels(x, m) else _mvue_torch(x, u, n, m, dim)
 
 
 @mvue.register_fake
 def _(x, u, n, m, dim):
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("nm::greedy", mutates_args=())
 def greedy(x: Tensor, n: int, m: int, dim: int) -> Tensor:
     """Greedy N:M pruning (keep the N largest magnitudes, biased) of ``x`` along ``dim``."""
-    return greedy_math(x, n, m, dim).contiguous()
+    return _like(x, greedy_math(x, n, m, dim))
+
+
+@greedy.register_kernel("cpu")
+def _(x, n, m, dim):
+    return cpu.greedy(x, n, m, dim) if _on_cpu_kernels(x, m) else _like(x, greedy_math(x, n, m, dim))
 
 
 @greedy.register_fake
 def _(x, n, m, dim):
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)
+
+
+def _luq_samples(x: Tensor, u: Tensor) -> int:
+    return u.shape[0] if (u.dim() == x.dim() + 1 or _seeded(u)) and u.dim() > 0 else 1
+
+
+def _check_luq(x: Tensor, u: Tensor) -> None:
+    samples = _luq_samples(x, u)
+    _check_uniforms(x, u, luq_noise_shape(x.shape, samples), "luq", (samples,))
+
+
+def _luq_torch(x: Tensor, u: Tensor, bits: int, levels: str) -> Tensor:
+    if _seeded(u):
+        u = torch.stack([uniform(seed, x.shape, x.device) for seed in u])
+    return _like(x, luq_math(x, u, bits, levels))
 
 
 @torch.library.custom_op("nm::luq", mutates_args=())
 def luq(x: Tensor, u: Tensor, bits: int, levels: str) -> Tensor:
-    """LUQ of ``x`` with per-element, per-sample uniforms ``u`` (samples averaged)."""
-    _check_uniforms(x, u, luq_noise_shape(x.shape, u.shape[0] if u.dim() == x.dim() + 1 else 1), "luq")
-    return luq_math(x, u, bits, levels)
+    """LUQ of ``x``, the mean of ``samples`` draws; ``u``: per-element uniforms
+    ``(samples, *x.shape)`` or int64 seeds ``(samples,)``, sample s standing for ``uniform(u[s], x.shape)``."""
+    _check_luq(x, u)
+    return _luq_torch(x, u, bits, levels)
+
+
+@luq.register_kernel("cpu")
+def _(x, u, bits, levels):
+    _check_luq(x, u)
+    return cpu.luq(x, u, luq_levels(bits, levels) - 1) if _on_cpu_kernels(x) else _luq_torch(x, u, bits, levels)
 
 
 @luq.register_fake
 def _(x, u, bits, levels):
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("nm::sawb", mutates_args=())
 def sawb(x: Tensor, bits: int) -> Tensor:
     """SAWB round-to-nearest quantization of ``x`` (straight-through gradient)."""
-    return sawb_math(x, bits)
+    return _like(x, sawb_math(x, bits))
+
+
+@sawb.register_kernel("cpu")
+def _(x, bits):
+    return cpu.sawb(x, bits, *SAWB_COEFFICIENTS[bits]) if _on_cpu_kernels(x) else _like(x, sawb_math(x, bits))
 
 
 @sawb.register_fake
 def _(x, bits):
-    return x.new_empty(x.shape)
+    return torch.empty_like(x)
 
 
-def _sawb_setup(ctx, inputs, output):
-    pass
+@torch.library.custom_op("nm::seeds", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def seeds(count: int, device: torch.device) -> Tensor:
+    """``count`` seeds from torch's generator, the values ``count`` separate ``draw_seed`` calls give.
+
+    Opaque on purpose: Inductor turns every ``randint`` into a small kernel of its own (a compiler
+    run each), while this is one buffer whose views the ops of a whole graph read."""
+    return draw_seed(device, (count,))
+
+
+@seeds.register_fake
+def _(count, device):
+    return torch.empty((count,), dtype=torch.int64, device=device)
 
 
 def _sawb_backward(ctx, grad):
     return grad, None  # straight-through estimator
 
 
-sawb.register_autograd(_sawb_backward, setup_context=_sawb_setup)
-
-# Op -> math: what the graph pass inlines for Inductor, and what Inductor itself uses when a user
-# calls the ops inside a model compiled by any Inductor-based backend.
-DECOMPOSITIONS = {
-    torch.ops.nm.mvue.default: mvue_math,
-    torch.ops.nm.greedy.default: greedy_math,
-    torch.ops.nm.luq.default: luq_math,
-    torch.ops.nm.sawb.default: sawb_math,
-}
-
-
-def _register_inductor_decompositions() -> None:
-    from torch._inductor.decomposition import register_decomposition
-
-    def contiguous(fn):  # the ops return contiguous tensors (their fake kernels say so)
-        return lambda *args: fn(*args).contiguous()
-
-    for op, fn in DECOMPOSITIONS.items():
-        register_decomposition(op)(contiguous(fn))
-
-
-_register_inductor_decompositions()
+sawb.register_autograd(_sawb_backward)

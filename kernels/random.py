@@ -22,9 +22,9 @@ def _fmix32(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
-def draw_seed(device: torch.device) -> torch.Tensor:
-    """A 62-bit seed from torch's generator (an int64 scalar tensor)."""
-    return torch.randint(0, 2**62, (), device=device, dtype=torch.int64)
+def draw_seed(device: torch.device, shape: tuple = ()) -> torch.Tensor:
+    """62-bit seeds from torch's generator (int64, one scalar by default)."""
+    return torch.randint(0, 2**62, shape, device=device, dtype=torch.int64)
 
 
 def uniform(seed: torch.Tensor, shape, device: torch.device) -> torch.Tensor:

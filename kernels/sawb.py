@@ -6,6 +6,10 @@ clip = c1·sqrt(E[x²]) - c2·E|x|, scale = clip / 2^(b-1), q = clamp(round(x/sc
 scale clip/(2^b - 1): still exactly 2^b levels, all of them usable (the reference code's
 2·clip/15 for activations leaves the upper half unused on ReLU outputs, whose clip is ≈ max).
 Where the SAWB clip is not positive (e.g. a constant tensor), max|x| is used.
+
+``sawb_math`` is the portable implementation (fp32 moments, x/max|x| where x² overflows); the CPU
+kernel (``nm_cpu.cpp``) takes the moments in double and the scale from them, so the two agree to
+the last bit of the scale.
 """
 from __future__ import annotations
 

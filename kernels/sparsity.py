@@ -1,8 +1,9 @@
 """N:M pruning math: MVUE (unbiased, minimum variance) and greedy (keep the N largest, biased).
 
 Both are written with elementwise ops over groups of M only (no sort, no scan, no data-dependent
-control flow), so the same functions serve as the eager kernel and as the Inductor decomposition
-that fuses with neighbouring kernels. All math is fp32; the input dtype is returned.
+control flow). They are the portable implementation of ``torch.ops.nm.mvue``/``greedy`` (devices
+without kernels of their own) and the specification the CPU kernels in ``nm_cpu.cpp`` follow
+operation by operation, bit for bit. All math is fp32; the input dtype is returned.
 Groups holding a NaN or Inf are returned unchanged so non-finite gradients stay visible.
 """
 from __future__ import annotations
@@ -30,8 +31,7 @@ def mvue_math(x: torch.Tensor, u: torch.Tensor, n: int, m: int, dim: int) -> tor
     sign(x)·S_free/N_free.
 
     The group is unrolled into its M elements (strided slices, in memory order), so every group
-    quantity is a sum of M terms: Inductor emits one vectorized pointwise kernel, without
-    reductions or intermediate buffers. The result has x's memory layout.
+    quantity is a sum of M terms, as in the CPU kernel. The result has x's memory layout.
     """
     groups = UnrolledGroups(x, m, dim)
     xs = [t.float() for t in groups.slices]

@@ -33,6 +33,10 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
                options: Optional[dict] = None, **_ignored):
     """Compile ``gm`` with Inductor (or aot_eager) plus the nm joint-graph pass."""
     config, inductor_patches = NMConfig.from_options(options)
+    if not config.is_noop:
+        from nmcompile.kernels import cpu
+
+        cpu.prebuild()  # the nm ops' CPU kernels compile while Inductor works (once per machine)
     records = _recorder.get()
     # Dynamo calls the backend once per graph: number graphs across calls within one recording.
     first = 1 + max((r.graph for r in records), default=-1) if records is not None else 0
@@ -48,7 +52,12 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
     existing = patches.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass)
     ours = NMJointPass(config, decompose=True, records=records, first_graph=first)
     patches["joint_custom_pre_pass"] = chain_with_existing(existing, ours)
-    return compile_fx(gm, example_inputs, config_patches=patches)
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    if records is not None and ours.calls == 0 and torch.is_grad_enabled():
+        # Inductor's caches served this graph, so the pass did not run on it: trace it once more,
+        # without Inductor, to record what the cached code does (only while recording).
+        _aot_eager(gm, example_inputs, NMJointPass(config, decompose=True, records=records, first_graph=first))
+    return compiled
 
 
 def _aot_eager(gm, example_inputs, joint_pass: NMJointPass):

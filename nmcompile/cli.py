@@ -313,8 +313,8 @@ def cmd_profile(args) -> int:
         options = {**options, "inner": "aot_eager"}
     config, _ = NMConfig.from_options(options)
     if config.inner != "aot_eager":
-        err.print("[yellow]note: with inner='inductor' the nm ops are fused into generated kernels; the trace has no "
-                  "per-op nm events (use the default inner='aot_eager' for attribution)[/yellow]")
+        err.print("[yellow]note: with inner='inductor' the nm ops show as plain nm::<op> operator events, without "
+                  "module/role/pattern (use the default inner='aot_eager' for attribution)[/yellow]")
     with _status(err, f"compiling {args.target} and profiling {args.steps} step(s) …"):
         run, annotator, changed, summary = profile_run(model, inputs, options, args.steps, str(trace_path))
     trace_report(run.report)

@@ -14,6 +14,7 @@ import operator
 from typing import Any, Callable, Optional
 
 import torch
+import torch._inductor.decomposition  # noqa: F401  (defines prims.fma, which the captured graphs use)
 import torch.fx as fx
 
 from nmcompile.passes.analysis import module_path
@@ -33,8 +34,8 @@ def nm_op_name(node: fx.Node) -> Optional[str]:
     """``mvue``/``greedy``/``luq``/``sawb`` for a ``torch.ops.nm.*`` call, else None."""
     if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
         return None
-    if node.target.namespace != "nm":
-        return None
+    if node.target.namespace != "nm" or node.target._opname not in NM_OPS:
+        return None  # e.g. nm.seeds, the seed buffer of a graph lowered for Inductor
     return node.target._opname
 
 

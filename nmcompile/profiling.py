@@ -6,8 +6,9 @@ backward graphs run eagerly, and before they run every ``torch.ops.nm.*`` node i
 ``torch.profiler.record_function`` range named ``nm::<op> <pattern> <role> <module> [g<graph>/<gemm>]``.
 After ``export_chrome_trace`` the trace is post-processed: each such range (``user_annotation``) and
 the ``nm::<op>`` operator event inside it get ``args`` ``module``, ``role``, ``pattern``, ``gemm``,
-``graph`` (and ``n``/``m``/``bits`` where they apply). With ``inner="inductor"`` the nm ops are
-inlined into fused kernels and cannot be attributed this way (the summary says so).
+``graph`` (and ``n``/``m``/``bits`` where they apply). With ``inner="inductor"`` the nm ops run as
+extern calls from Inductor's generated code: they show as ``nm::<op>`` operator events, but
+without those args (the command says so).
 """
 from __future__ import annotations
 

@@ -19,8 +19,10 @@ _SOURCE_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES)).hexdig
 class NMJointPass(CustomGraphPass):
     """Rewrites each joint graph it is given; appends what it did to ``records``.
 
-    ``decompose=True`` inlines the nm ops as aten math for Inductor to fuse; ``False`` keeps
-    ``torch.ops.nm.*`` calls (readable graphs, eager execution, export).
+    The nm ops are inserted as opaque ``torch.ops.nm.*`` calls either way (Inductor calls their
+    precompiled kernels). ``decompose=True`` traces the inserted code (the seed draws) with
+    Inductor's decomposition table, as Inductor will see it; ``False`` keeps plain aten ops
+    (aot_eager, export).
     """
 
     def __init__(self, config: NMConfig, decompose: bool = True, records: Optional[list] = None, first_graph: int = 0):
@@ -28,8 +30,10 @@ class NMJointPass(CustomGraphPass):
         self.decompose = decompose
         self.records = records if records is not None else []
         self._graphs = itertools.count(first_graph)
+        self.calls = 0  # joint graphs rewritten (0 after a compile served from Inductor's caches)
 
     def __call__(self, graph: fx.Graph) -> None:
+        self.calls += 1
         self.records.extend(rewrite_joint_graph(graph, self.config, decompose=self.decompose,
                                                 graph_index=next(self._graphs)))
 

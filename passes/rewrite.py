@@ -9,16 +9,14 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from nmcompile.kernels import ops as nm_ops
-from nmcompile.kernels.grouping import uniform_shape
-from nmcompile.kernels.luq import luq_noise_shape
-from nmcompile.kernels.random import draw_seed, uniform
+from nmcompile.kernels.random import draw_seed
 from .analysis import (
     CONV_BWD, CONV_FWD, MATMULS, forward_partners, is_fused_attention_backward, is_tangent, layout_chain,
     matmul_operands, matmul_role, module_path, size_str, tangent_descendants, val,
 )
 from .config import NMConfig
 from .records import GemmRecord
+from .seeds import merge_seed_draws
 from .splice import splice
 
 aten = torch.ops.aten
@@ -37,30 +35,27 @@ class _Rewriter:
         else:
             self.decompositions = {}
 
-    # -- the ops, opaque (torch.ops.nm.*) or decomposed for Inductor to fuse ------------------
-    def _op(self, op) -> Callable:
-        return nm_ops.DECOMPOSITIONS[op] if self.decompose else op
-
-    def _gradient_fn(self, steps: list) -> Callable:
+    # -- the ops: opaque calls, each drawing its seeds from torch's generator ----------------
+    # Inductor calls them as extern kernels (kernels/ops.py): their math is compiled once, not
+    # inlined into the neighbouring kernels of every layer (DESIGN.md §7).
+    @staticmethod
+    def _gradient_fn(steps: list) -> Callable:
         def compress(x):
             for kind, args in steps:
                 if kind == "mvue":
-                    n, m, dim = args
-                    u = uniform(draw_seed(x.device), uniform_shape(x.shape, m, dim), x.device)
-                    x = self._op(torch.ops.nm.mvue.default)(x, u, n, m, dim)
+                    x = torch.ops.nm.mvue.default(x, draw_seed(x.device), *args)
                 elif kind == "greedy":
-                    x = self._op(torch.ops.nm.greedy.default)(x, *args)
+                    x = torch.ops.nm.greedy.default(x, *args)
                 elif kind == "luq":
                     bits, levels, smp = args
-                    u = uniform(draw_seed(x.device), luq_noise_shape(x.shape, smp), x.device)
-                    x = self._op(torch.ops.nm.luq.default)(x, u, bits, levels)
+                    x = torch.ops.nm.luq.default(x, draw_seed(x.device, (smp,)), bits, levels)
             return x
 
         return compress
 
     def _sawb_fn(self) -> Callable:
         bits = self.config.fwd_bits
-        return lambda x: self._op(torch.ops.nm.sawb.default)(x, bits)
+        return lambda x: torch.ops.nm.sawb.default(x, bits)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _record(self, node: fx.Node, op: str, role: str, shape: tuple) -> GemmRecord:
@@ -298,6 +293,8 @@ def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, g
             except Exception as err:
                 rw.records.append(GemmRecord(graph_index, node.name, "conv", "?", module_path(node), ("?",) * 3, "?",
                                              skipped=f"not understood ({type(err).__name__}: {err})"))
+    if decompose:  # for Inductor: one seed buffer, not a kernel per draw
+        merge_seed_draws(graph)
     graph.eliminate_dead_code()
     graph.lint()
     return rw.records

@@ -1,0 +1,287 @@
+"""The nm ops' CPU kernels (``nm_cpu.cpp``): built once per machine, called through ctypes.
+
+Each op becomes one call of a precompiled kernel, opaque to Inductor, instead of math that
+Inductor inlines into its own kernels: compile time no longer grows with the number of layers
+(DESIGN.md §7), and every group / tensor quantity is computed once. The library is compiled with
+the C++ compiler Inductor's CPU backend needs anyway and kept in ``~/.cache/nmcompile`` (or
+``$NMCOMPILE_CACHE_DIR``), keyed by its source, compiler and CPU; with
+``torch._inductor.config.force_disable_caches`` it is rebuilt once per process instead.
+
+``available()`` says whether it could be built; the ops fall back to the portable torch math
+otherwise. The layout planning here maps a tensor of any dense layout, grouped along any dim, to the
+kernels' ``[outer, k, inner]`` memory-order view, and a uniform tensor of any strides (or the
+virtual contiguous one a seed stands for) to offsets ``u_outer[o] + g·u_group + i·u_inner``.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import functools
+import hashlib
+import os
+import pathlib
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional
+
+import torch
+
+from .grouping import uniform_shape
+
+SOURCE = pathlib.Path(__file__).with_name("nm_cpu.cpp")
+FLAGS = ["-O2", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17",
+         "-shared", "-fPIC"]
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_i64, _f32p, _i64p, _vp = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p
+_int = ctypes.c_int
+SIGNATURES = {
+    "nm_mvue": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _vp, _i64, _vp, _i64, _i64, _int],
+    "nm_greedy": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _int],
+    "nm_luq": [_int, _vp, _vp, _i64, _i64, _int, _int, _vp, _vp, _vp, _i64, _i64, _int],
+    "nm_sawb": [_int, _vp, _vp, _i64, ctypes.c_double, ctypes.c_double, _int, _int],
+}
+
+_lock = threading.Lock()
+_library: Optional[ctypes.CDLL] = None
+_failure: Optional[str] = None
+build_seconds: Optional[float] = None  # how long this process spent compiling the library (None: not built)
+
+
+def _compiler() -> Optional[str]:
+    for name in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _cache_dir() -> pathlib.Path:
+    import torch._inductor.config as inductor_config
+
+    if inductor_config.force_disable_caches:  # cold caches: a private build for this process
+        directory = pathlib.Path(tempfile.mkdtemp(prefix="nmcompile-"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        return directory
+    root = os.environ.get("NMCOMPILE_CACHE_DIR") or pathlib.Path.home() / ".cache" / "nmcompile"
+    return pathlib.Path(root)
+
+
+def _key(cxx: str) -> str:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    cpu = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else platform.processor()
+    flags = next((line for line in cpu.splitlines() if line.startswith("flags")), cpu)
+    blob = "\n".join([SOURCE.read_text(), " ".join(FLAGS), version, flags, platform.machine()])
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _build(directory: pathlib.Path) -> ctypes.CDLL:
+    global build_seconds
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    target = directory / f"nm_cpu-{_key(cxx)}.so"
+    if not target.exists():
+        start = time.perf_counter()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{done.stderr[-2000:]}")
+        os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file
+        build_seconds = time.perf_counter() - start
+    lib = ctypes.CDLL(str(target))
+    for name, argtypes in SIGNATURES.items():
+        getattr(lib, name).argtypes = argtypes
+        getattr(lib, name).restype = None
+    return lib
+
+
+def library(directory: Optional[pathlib.Path] = None) -> Optional[ctypes.CDLL]:
+    """The loaded kernels, built on first use; None (and ``failure()`` says why) if that failed."""
+    global _library, _failure
+    if _library is None and _failure is None:
+        with _lock:
+            if _library is None and _failure is None:
+                if os.environ.get("NMCOMPILE_DISABLE_CPU_KERNELS"):
+                    _failure = "disabled by NMCOMPILE_DISABLE_CPU_KERNELS"
+                else:
+                    try:
+                        _library = _build(directory or _cache_dir())
+                    except Exception as err:  # fall back to the torch math, say why once
+                        _failure = f"{type(err).__name__}: {err}"
+                        print(f"nmcompile: CPU kernels unavailable, using the slower torch math ({_failure})",
+                              file=sys.stderr)
+    return _library
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def failure() -> Optional[str]:
+    return _failure
+
+
+def prebuild() -> None:
+    """Start building the library in the background (compile time overlaps Inductor's)."""
+    if _library is None and _failure is None:
+        # Inductor's config patches are thread-local: decide where to build here, not in the thread
+        directory = _cache_dir()
+        threading.Thread(target=library, args=(directory,), name="nmcompile-build", daemon=True).start()
+
+
+# -- layouts ------------------------------------------------------------------------------------
+
+def _merge(sizes: list, strides: list) -> tuple[list, list]:
+    """Merge adjacent dims (outer to inner) whose strides nest; drop size-1 dims."""
+    out_sizes, out_strides = [], []
+    for size, stride in zip(sizes, strides):
+        if size == 1:
+            continue
+        if out_sizes and out_strides[-1] == stride * size:
+            out_sizes[-1] *= size
+            out_strides[-1] = stride
+        else:
+            out_sizes.append(size)
+            out_strides.append(stride)
+    return out_sizes, out_strides
+
+
+def _offsets(sizes: list, strides: list) -> torch.Tensor:
+    """int64 offsets Σ idx_d·stride_d over the row-major index space of ``sizes``."""
+    off = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(sizes, strides):
+        off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return off.reshape(-1).contiguous()
+
+
+def _dense(x: torch.Tensor) -> bool:
+    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
+    return x.permute(order).is_contiguous()
+
+
+@functools.lru_cache(maxsize=512)
+def _group_plan(shape: tuple, stride: tuple, dim: int, m: int, u_shape: tuple, u_stride: tuple):
+    """[outer, k, inner] view of a dense tensor grouped by ``m`` along ``dim``, and the uniform
+    offsets; None when the inner dims cannot be merged for both (then x is made contiguous)."""
+    order = sorted(range(len(shape)), key=lambda d: (-stride[d], d))
+    d = order.index(dim)
+    # the uniforms seen like x: their group dim (last) moved to ``dim``, then in x's memory order
+    u_dims = list(range(len(u_shape) - 1))
+    u_dims.insert(dim, len(u_shape) - 1)
+    u_view_stride = [u_stride[u_dims[q]] for q in order]
+    sizes = [shape[q] for q in order]
+    outer_sizes, inner_sizes = sizes[:d], sizes[d + 1:]
+    merged_inner, u_inner = _merge(inner_sizes, u_view_stride[d + 1:])
+    if len(merged_inner) > 1:
+        return None
+    inner = merged_inner[0] if merged_inner else 1
+    outer_m, outer_strides = _merge(outer_sizes, u_view_stride[:d])
+    outer = 1
+    for s in outer_sizes:
+        outer *= s
+    return (outer, shape[dim], inner, _offsets(outer_m, outer_strides),
+            u_view_stride[d], u_inner[0] if u_inner else 0)
+
+
+@functools.lru_cache(maxsize=512)
+def _flat_plan(shape: tuple, stride: tuple, u_stride: tuple):
+    """[outer, inner] memory-order view of a dense tensor; offsets of a companion index space with
+    strides ``u_stride`` (per element of x's logical shape)."""
+    order = sorted(range(len(shape)), key=lambda d: (-stride[d], d))
+    sizes = [shape[q] for q in order]
+    u_strides = [u_stride[q] for q in order]
+    merged, merged_u = _merge(sizes, u_strides)
+    if not merged:
+        merged, merged_u = [1], [0]
+    inner, u_inner = merged[-1], merged_u[-1]
+    outer = 1
+    for s in merged[:-1]:
+        outer *= s
+    return outer, inner, _offsets(merged[:-1], merged_u[:-1]), u_inner
+
+
+def _contiguous_strides(shape) -> tuple:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+def _ptr(t: Optional[torch.Tensor]):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+
+def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source, out): out as the op's fake kernel makes it (x's layout when dense); source with
+    out's strides."""
+    out = torch.empty_like(x)
+    if not _dense(x) or x.stride() != out.stride():
+        x = torch.empty_like(out).copy_(x)
+    return x, out
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def mvue(x: torch.Tensor, u: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    return _prune(x, u, n, m, dim, mvue=True)
+
+
+def greedy(x: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    return _prune(x, None, n, m, dim, mvue=False)
+
+
+def _prune(x, u, n, m, dim, mvue):
+    src, out = _prepare(x)
+    if x.numel() == 0:
+        return out
+    u_shape = uniform_shape(x.shape, m, dim)
+    seeded = u is not None and not u.is_floating_point()
+    if u is not None and not seeded:
+        u = u.float()
+    u_stride = _contiguous_strides(u_shape) if (u is None or seeded) else u.stride()
+    plan = _group_plan(tuple(src.shape), src.stride(), dim, m, tuple(u_shape), tuple(u_stride))
+    if plan is None:  # a layout whose inner dims do not nest: compute contiguously, copy back
+        return out.copy_(_prune(x.contiguous(), u.contiguous() if u is not None and not seeded else u, n, m, dim, mvue))
+    outer, k, inner, u_outer, u_group, u_inner = plan
+    lib = library()
+    if mvue:
+        seed = int(u.item()) if seeded else 0
+        lib.nm_mvue(DTYPES[x.dtype], _ptr(src), _ptr(out), outer, k, inner, n, m, None if seeded else _ptr(u),
+                    seed, _ptr(u_outer), u_group, u_inner, _threads())
+    else:
+        lib.nm_greedy(DTYPES[x.dtype], _ptr(src), _ptr(out), outer, k, inner, n, m, _threads())
+    return out
+
+
+def luq(x: torch.Tensor, u: torch.Tensor, top: int) -> torch.Tensor:
+    """``u``: float uniforms ``(samples, *x.shape)``, or int64 seeds ``(samples,)``."""
+    src, out = _prepare(x)
+    if x.numel() == 0:
+        return out
+    seeded = not u.is_floating_point()
+    if seeded:
+        seeds, u_stride, u_sample, samples = u.contiguous(), _contiguous_strides(x.shape), 0, u.numel()
+        u = None
+    else:
+        u = u.float()
+        seeds, u_stride, u_sample, samples = None, u.stride()[1:], u.stride(0), u.shape[0]
+    outer, inner, u_outer, u_inner = _flat_plan(tuple(src.shape), src.stride(), tuple(u_stride))
+    library().nm_luq(DTYPES[x.dtype], _ptr(src), _ptr(out), outer, inner, top, samples, _ptr(u), _ptr(seeds),
+                     _ptr(u_outer), u_sample, u_inner, _threads())
+    return out
+
+
+def sawb(x: torch.Tensor, bits: int, c1: float, c2: float) -> torch.Tensor:
+    src, out = _prepare(x)
+    if x.numel() == 0:
+        return out
+    library().nm_sawb(DTYPES[x.dtype], _ptr(src), _ptr(out), x.numel(), c1, c2, bits, _threads())
+    return out

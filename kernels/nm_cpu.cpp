@@ -1,0 +1,452 @@
+// CPU kernels of the nm ops (MVUE / greedy N:M, LUQ, SAWB), loaded with ctypes by kernels/cpu.py.
+//
+// Why hand-written: inlined into Inductor's generated code, the group math of MVUE was recomputed
+// for every output element of every consumer, and every op instance became a kernel of its own to
+// compile (about a second of g++ each on 2 cores). Here every group quantity (water-filling caps,
+// free sum, prefix bounds) is computed once per group, every tensor quantity (LUQ amax, SAWB
+// moments) once per tensor, and the library is compiled once per machine, whatever the model.
+//
+// The math is the same sequence of fp32 operations as the portable torch implementation
+// (kernels/sparsity.py, luq.py), so both give the same bits; the build uses -ffp-contract=off and no
+// fast-math for that. Uniforms come from u (explicit, any strides, through offset tables) or from the
+// counter-based hash of kernels/random.py evaluated on the uniform's index (u == nullptr).
+//
+// Layouts: x is dense and seen in memory order as [outer, k, inner] (k: the grouped dim, or 1),
+// contiguous; out has the same layout. Uniform indices are u_outer[o] + g * u_group + i * u_inner.
+//
+// Vectorization is explicit (GCC vector extensions, W lanes): each lane is one group (MVUE, greedy)
+// or one element (LUQ), so the group math is branch-free vector code whatever M and N are; GCC's
+// loop vectorizer does not if-convert bodies this large.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace {
+
+#define NM_INLINE inline __attribute__((always_inline))
+
+using bf16 = uint16_t;
+using f16 = _Float16;
+
+inline float to_float(float v) { return v; }
+inline float to_float(f16 v) { return static_cast<float>(v); }
+inline float to_float(bf16 v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+template <typename T> inline T from_float(float v);
+template <> inline float from_float<float>(float v) { return v; }
+template <> inline f16 from_float<f16>(float v) { return static_cast<f16>(v); }
+template <> inline bf16 from_float<bf16>(float v) {  // round to nearest even, NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  const uint32_t rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16;
+  return static_cast<bf16>(std::isnan(v) ? ((bits >> 16) | 0x40) : rounded);
+}
+
+template <typename T> inline float max_of() { return std::numeric_limits<float>::max(); }
+template <> inline float max_of<f16>() { return 65504.0f; }
+template <> inline float max_of<bf16>() { return 3.38953139e38f; }
+
+// ---- lanes ----------------------------------------------------------------------------------
+
+constexpr int W = 16;  // lanes per vector (split into native widths by the compiler)
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+
+NM_INLINE vf splat(float v) { return vf{} + v; }
+NM_INLINE vf sel(vi mask, vf a, vf b) { return mask ? a : b; }
+NM_INLINE vf ones(vi mask) { return sel(mask, splat(1.0f), splat(0.0f)); }
+NM_INLINE vf vabs(vf v) { return reinterpret_cast<vf>(reinterpret_cast<vi>(v) & 0x7FFFFFFF); }
+NM_INLINE vi finite(vf v) { return vabs(v) <= std::numeric_limits<float>::max(); }  // NaN: false
+NM_INLINE vf sign_of(vf v) { return ones(v > 0.0f) - ones(v < 0.0f); }
+NM_INLINE vf vfloor(vf v) {
+  vf r;
+  for (int l = 0; l < W; ++l) r[l] = __builtin_floorf(v[l]);
+  return r;
+}
+NM_INLINE vu lane_index() {
+  vu l;
+  for (int i = 0; i < W; ++i) l[i] = i;
+  return l;
+}
+
+// ``count`` lanes at p[0], p[stride], ...; the rest are zero.
+template <typename T>
+NM_INLINE vf load(const T* p, int64_t stride, int count) {
+  vf v = {};
+  if (stride == 1 && count == W) {
+    for (int l = 0; l < W; ++l) v[l] = to_float(p[l]);
+  } else {
+    for (int l = 0; l < count; ++l) v[l] = to_float(p[l * stride]);
+  }
+  return v;
+}
+
+template <typename T>
+NM_INLINE void store(T* p, int64_t stride, int count, vf v) {
+  if (stride == 1 && count == W) {
+    for (int l = 0; l < W; ++l) p[l] = from_float<T>(v[l]);
+  } else {
+    for (int l = 0; l < count; ++l) p[l * stride] = from_float<T>(v[l]);
+  }
+}
+
+// kernels/random.py: MurmurHash3's finalizer, twice, over the index and the 62-bit seed.
+NM_INLINE vu fmix32(vu h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+// Uniforms of ``count`` lanes with indices base + l * stride (only the low 32 bits matter).
+NM_INLINE vf hash_uniforms(uint64_t seed, int64_t base, int64_t stride) {
+  const vu index = static_cast<uint32_t>(base) + lane_index() * static_cast<uint32_t>(stride);
+  vu h = fmix32(index ^ static_cast<uint32_t>(seed));
+  h = fmix32(h + static_cast<uint32_t>(seed >> 32));
+  return __builtin_convertvector(reinterpret_cast<vi>(h >> 8), vf) * 0x1p-24f;
+}
+
+NM_INLINE vf uniforms(const float* u, uint64_t seed, int64_t base, int64_t stride, int count) {
+  if (u == nullptr) return hash_uniforms(seed, base, stride);
+  vf v = {};
+  for (int l = 0; l < count; ++l) v[l] = u[base + l * stride];
+  return v;
+}
+
+// ---- N:M pruning ---------------------------------------------------------------------------
+
+// One group per lane: element j of lane l at x[j * jstride + l * lstride]. MVUE with uniforms uu,
+// the same fp32 operations as sparsity.mvue_math. M == 0: any M up to 256, known at run time.
+template <int M, typename T>
+NM_INLINE void mvue_lanes(const T* x, T* out, int64_t jstride, int64_t lstride, int count, int n, int m_rt, vf uu) {
+  constexpr int kMax = M > 0 ? M : 256;
+  const int m = M > 0 ? M : m_rt;
+  vf xs[kMax], a[kMax];
+  vi capped[kMax];
+  vf finite_n = {}, nonzero = {};
+  for (int j = 0; j < m; ++j) {
+    xs[j] = load(x + j * jstride, lstride, count);
+    a[j] = vabs(xs[j]);
+    capped[j] = vi{};
+    finite_n = finite_n + ones(finite(xs[j]));
+    nonzero = nonzero + ones(a[j] > 0.0f);
+  }
+  const vf nf = splat(static_cast<float>(n));
+  vf free_sum, free_n;
+  auto free_sums = [&]() {
+    free_sum = sel(capped[0], splat(0.0f), a[0]);
+    vf ncap = ones(capped[0]);
+    for (int j = 1; j < m; ++j) {
+      free_sum = free_sum + sel(capped[j], splat(0.0f), a[j]);
+      ncap = ncap + ones(capped[j]);
+    }
+    free_n = nf - ncap;
+  };
+  for (int round = 0; round < n - 1; ++round) {  // capped elements stay capped: N-1 rounds suffice
+    free_sums();
+    for (int j = 0; j < m; ++j) capped[j] = capped[j] | (a[j] * free_n > free_sum);
+  }
+  free_sums();
+  const vf safe_sum = sel(free_sum > 0.0f, free_sum, splat(1.0f));
+  const vf share = free_sum / free_n;
+  const vi full = nonzero >= nf;
+  const vi pass = finite_n != static_cast<float>(m);  // a NaN/Inf in the group: unchanged
+  vf lo = {};
+  for (int i = 0; i < m; ++i) {
+    vf p = a[i] * free_n / safe_sum;
+    p = sel(capped[i], splat(1.0f), sel(p > 1.0f, splat(1.0f), p));
+    vf hi = lo + p;
+    hi = i == m - 1 ? sel(full, nf, hi) : sel(hi > nf, nf, hi);
+    const vf base = vfloor(lo);
+    const vf lo_frac = lo - base, hi_frac = hi - base;
+    const vi keep = ((uu >= lo_frac) & (uu < hi_frac)) | (uu < hi_frac - 1.0f);
+    const vf value = sel(capped[i], xs[i], sign_of(xs[i]) * share);
+    store(out + i * jstride, lstride, count, sel(pass, xs[i], sel(keep, value, splat(0.0f))));
+    lo = hi;
+  }
+}
+
+// Greedy: keep the N largest |x| (ties: lower index first), unchanged; non-finite groups pass.
+template <int M, typename T>
+NM_INLINE void greedy_lanes(const T* x, T* out, int64_t jstride, int64_t lstride, int count, int n, int m_rt, vf) {
+  constexpr int kMax = M > 0 ? M : 256;
+  const int m = M > 0 ? M : m_rt;
+  vf xs[kMax], a[kMax];
+  vi all_finite = ~vi{};
+  for (int j = 0; j < m; ++j) {
+    xs[j] = load(x + j * jstride, lstride, count);
+    a[j] = vabs(xs[j]);
+    all_finite &= finite(xs[j]);
+  }
+  for (int i = 0; i < m; ++i) {
+    vi ahead = {};  // masks are -1 where true
+    for (int j = 0; j < m; ++j) {
+      if (j != i) ahead -= j < i ? (a[j] >= a[i]) : (a[j] > a[i]);
+    }
+    store(out + i * jstride, lstride, count, sel((ahead < n) | ~all_finite, xs[i], splat(0.0f)));
+  }
+}
+
+struct Uniforms {
+  const float* u;  // explicit uniforms, or nullptr: hash of (seed, index)
+  uint64_t seed;
+  const int64_t* outer;  // per outer index
+  int64_t group, inner;  // strides
+};
+
+// Groups of M along the middle dim of [outer, k, inner]; the remainder k % M is copied.
+template <int M, typename T, bool Mvue>
+void prune(const T* x, T* out, int64_t outer, int64_t k, int64_t inner, int n, int m_rt, Uniforms un, int threads) {
+  const int m = M > 0 ? M : m_rt;
+  const int64_t groups = k / m, rest = k - groups * m;
+  // lanes: consecutive groups when groups are contiguous (inner == 1), else the inner dim
+  const bool by_group = inner == 1;
+  const int64_t lanes = by_group ? groups : inner, rows = by_group ? outer : outer * groups;
+  const int64_t blocks = (lanes + W - 1) / W;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < rows * blocks; ++t) {
+    const int64_t row = t / blocks, first = (t % blocks) * W;
+    const int count = static_cast<int>(lanes - first < W ? lanes - first : W);
+    const int64_t o = by_group ? row : row / groups, g = by_group ? first : row % groups;
+    const int64_t offset = by_group ? o * k + first * m : (o * k + g * m) * inner + first;
+    const int64_t jstride = by_group ? 1 : inner, lstride = by_group ? m : 1;
+    if constexpr (Mvue) {
+      const int64_t ubase = un.outer[o] + g * un.group + (by_group ? 0 : first * un.inner);
+      const vf uu = uniforms(un.u, un.seed, ubase, by_group ? un.group : un.inner, count);
+      mvue_lanes<M>(x + offset, out + offset, jstride, lstride, count, n, m_rt, uu);
+    } else {
+      greedy_lanes<M>(x + offset, out + offset, jstride, lstride, count, n, m_rt, vf{});
+    }
+  }
+  if (rest) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t o = 0; o < outer; ++o)
+      std::memcpy(out + (o * k + groups * m) * inner, x + (o * k + groups * m) * inner, sizeof(T) * rest * inner);
+  }
+}
+
+template <typename T, bool Mvue>
+void prune_dispatch(const void* x, void* out, int64_t outer, int64_t k, int64_t inner, int n, int m,
+                    Uniforms un, int threads) {
+  auto xp = static_cast<const T*>(x);
+  auto op = static_cast<T*>(out);
+  switch (m) {
+    case 2: prune<2, T, Mvue>(xp, op, outer, k, inner, n, m, un, threads); break;
+    case 4: prune<4, T, Mvue>(xp, op, outer, k, inner, n, m, un, threads); break;
+    case 8: prune<8, T, Mvue>(xp, op, outer, k, inner, n, m, un, threads); break;
+    default: prune<0, T, Mvue>(xp, op, outer, k, inner, n, m, un, threads); break;
+  }
+}
+
+// ---- per-tensor statistics -------------------------------------------------------------------
+
+struct Stats {
+  float amax = 0.0f, amin = std::numeric_limits<float>::infinity();
+  bool nan = false;
+  double sum_sq = 0.0, sum_abs = 0.0;
+};
+
+// max |x|, NaN if any element is NaN.
+template <typename T>
+float amax_of(const T* x, int64_t numel, int threads) {
+  const int64_t blocks = (numel + W - 1) / W;
+  float total = 0.0f;
+  bool nan = false;
+#pragma omp parallel num_threads(threads)
+  {
+    vf best = {};
+    vi seen_nan = {};
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int count = static_cast<int>(numel - b * W < W ? numel - b * W : W);
+      const vf a = vabs(load(x + b * W, 1, count));
+      seen_nan |= a != a;
+      best = sel(a > best, a, best);
+    }
+    float local = 0.0f;
+    bool local_nan = false;
+    for (int l = 0; l < W; ++l) {
+      local = best[l] > local ? best[l] : local;
+      local_nan = local_nan || seen_nan[l];
+    }
+#pragma omp critical
+    {
+      total = local > total ? local : total;
+      nan = nan || local_nan;
+    }
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : total;
+}
+
+// max |x|, min x and the sums of x² and |x| in double (SAWB's moments), in parallel.
+typedef double vd __attribute__((vector_size(8 * W)));
+
+template <typename T>
+Stats statistics(const T* x, int64_t numel, int threads) {
+  const int64_t blocks = (numel + W - 1) / W;
+  Stats total;
+#pragma omp parallel num_threads(threads)
+  {
+    vf best = {}, least = splat(std::numeric_limits<float>::infinity());
+    vi seen_nan = {};
+    vd sum_sq = {}, sum_abs = {};
+#pragma omp for schedule(static) nowait
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int count = static_cast<int>(numel - b * W < W ? numel - b * W : W);
+      const vf v = load(x + b * W, 1, count);  // padding lanes are 0: neutral for all four
+      const vf a = vabs(v);
+      seen_nan |= v != v;
+      best = sel(a > best, a, best);
+      least = count == W ? sel(v < least, v, least) : sel((v < least) & (lane_index() < static_cast<uint32_t>(count)), v, least);
+      const vd d = __builtin_convertvector(v, vd), da = __builtin_convertvector(a, vd);
+      sum_sq += d * d;
+      sum_abs += da;
+    }
+#pragma omp critical
+    {
+      for (int l = 0; l < W; ++l) {
+        total.nan = total.nan || seen_nan[l];
+        total.amax = best[l] > total.amax ? best[l] : total.amax;
+        total.amin = least[l] < total.amin ? least[l] : total.amin;
+        total.sum_sq += sum_sq[l];
+        total.sum_abs += sum_abs[l];
+      }
+    }
+  }
+  if (total.nan) total.amax = total.amin = std::numeric_limits<float>::quiet_NaN();
+  return total;
+}
+
+// ---- LUQ -------------------------------------------------------------------------------------
+
+// Elementwise over [outer, inner] in memory order, W elements per step; the math of luq.luq_math,
+// with floor(log2 r) read from r's exponent bits (exact, where torch's log2 needs a correction).
+template <typename T>
+void luq(const T* x, T* out, int64_t outer, int64_t inner, int top, int samples, const float* u,
+         const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int threads) {
+  const float amax = amax_of(x, outer * inner, threads);
+  const float scale_top = std::ldexp(1.0f, top), inv_top = std::ldexp(1.0f, -top);
+  const float samples_f = static_cast<float>(samples);
+  const bool is_finite = std::isfinite(amax), positive = amax > 0.0f;
+  const int64_t blocks = (inner + W - 1) / W;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < outer * blocks; ++t) {
+    const int64_t o = t / blocks, first = (t % blocks) * W;
+    const int count = static_cast<int>(inner - first < W ? inner - first : W);
+    const vf xf = load(x + o * inner + first, 1, count);
+    const vf r = vabs(xf) / amax * scale_top;  // |x| / α, in [0, 2^top]
+    vi k = ((reinterpret_cast<vi>(r) >> 23) & 0xFF) - 127;  // floor(log2 r) for normal r
+    k = k < 0 ? 0 : (k > top ? top : k);
+    const vf low = reinterpret_cast<vf>((k + 127) << 23);
+    const vi under = r < 1.0f;
+    const vf base = sel(under, splat(0.0f), low), width = sel(under, splat(1.0f), low);
+    const vf p_up = (r - base) / width;
+    const int64_t ubase = u_outer[o] + first * u_inner;
+    vf ups = {};
+    for (int s = 0; s < samples; ++s) {
+      const vf us = uniforms(u ? u + s * u_sample : nullptr, u ? 0 : static_cast<uint64_t>(seeds[s]), ubase, u_inner, count);
+      ups = ups + ones(us < p_up);
+    }
+    const vf units = base + width * (ups / samples_f);
+    vf q = sign_of(xf) * (units * inv_top) * amax;
+    if (!positive) q = xf;  // all zeros
+    if (!is_finite) q = xf + amax;  // NaN/Inf anywhere: non-finite everywhere
+    store(out + o * inner + first, 1, count, q);
+  }
+}
+
+// ---- SAWB ------------------------------------------------------------------------------------
+
+// Round-to-nearest on the SAWB grid (see sawb.py); moments in double, so no x² overflows.
+template <typename T>
+void sawb(const T* x, T* out, int64_t numel, double c1, double c2, int bits, int threads) {
+  const Stats st = statistics(x, numel, threads);
+  const double half = std::ldexp(1.0, bits - 1);
+  float scale = st.amax;  // NaN / Inf: propagated below
+  bool is_unsigned = false;
+  if (std::isfinite(st.amax)) {
+    double clip = c1 * std::sqrt(st.sum_sq / numel) - c2 * (st.sum_abs / numel);
+    if (!(clip > 0.0)) clip = st.amax;
+    is_unsigned = st.amin >= 0.0f;
+    scale = static_cast<float>(clip / (is_unsigned ? 2.0 * half - 1.0 : half));
+  }
+  const float lowest = is_unsigned ? 0.0f : static_cast<float>(-half);
+  const float highest = static_cast<float>(is_unsigned ? 2.0 * half - 1.0 : half - 1.0);
+  const float top = max_of<T>();
+  const bool finite = std::isfinite(scale), positive = scale > 0.0f;
+  const float safe = positive ? scale : 1.0f;
+  const int64_t blocks = (numel + W - 1) / W;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int count = static_cast<int>(numel - b * W < W ? numel - b * W : W);
+    const vf xf = load(x + b * W, 1, count);
+    vf level = xf / safe;
+    for (int l = 0; l < W; ++l) level[l] = __builtin_nearbyintf(level[l]);  // half to even, like torch.round
+    level = sel(level < lowest, splat(lowest), sel(level > highest, splat(highest), level));
+    vf q = level * safe;
+    q = sel(q < -top, splat(-top), sel(q > top, splat(top), q));  // saturate at x's dtype range
+    if (!positive) q = xf;  // all zeros
+    if (!finite) q = xf + scale;  // NaN/Inf anywhere: non-finite everywhere
+    store(out + b * W, 1, count, q);
+  }
+}
+
+}  // namespace
+
+// ---- C entry points (dtype: 0 float32, 1 bfloat16, 2 float16) ----------------------------------
+
+extern "C" {
+
+int nm_abi_version() { return 1; }
+
+void nm_mvue(int dtype, const void* x, void* out, int64_t outer, int64_t k, int64_t inner, int n, int m,
+             const float* u, int64_t seed, const int64_t* u_outer, int64_t u_group, int64_t u_inner,
+             int threads) {
+  const Uniforms un{u, static_cast<uint64_t>(seed), u_outer, u_group, u_inner};
+  switch (dtype) {
+    case 0: prune_dispatch<float, true>(x, out, outer, k, inner, n, m, un, threads); break;
+    case 1: prune_dispatch<bf16, true>(x, out, outer, k, inner, n, m, un, threads); break;
+    default: prune_dispatch<f16, true>(x, out, outer, k, inner, n, m, un, threads); break;
+  }
+}
+
+void nm_greedy(int dtype, const void* x, void* out, int64_t outer, int64_t k, int64_t inner, int n, int m,
+               int threads) {
+  const Uniforms none{nullptr, 0, nullptr, 0, 0};
+  switch (dtype) {
+    case 0: prune_dispatch<float, false>(x, out, outer, k, inner, n, m, none, threads); break;
+    case 1: prune_dispatch<bf16, false>(x, out, outer, k, inner, n, m, none, threads); break;
+    default: prune_dispatch<f16, false>(x, out, outer, k, inner, n, m, none, threads); break;
+  }
+}
+
+void nm_luq(int dtype, const void* x, void* out, int64_t outer, int64_t inner, int top, int samples,
+            const float* u, const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner,
+            int threads) {
+  switch (dtype) {
+    case 0: luq(static_cast<const float*>(x), static_cast<float*>(out), outer, inner, top, samples, u, seeds,
+                u_outer, u_sample, u_inner, threads); break;
+    case 1: luq(static_cast<const bf16*>(x), static_cast<bf16*>(out), outer, inner, top, samples, u, seeds,
+                u_outer, u_sample, u_inner, threads); break;
+    default: luq(static_cast<const f16*>(x), static_cast<f16*>(out), outer, inner, top, samples, u, seeds,
+                 u_outer, u_sample, u_inner, threads); break;
+  }
+}
+
+void nm_sawb(int dtype, const void* x, void* out, int64_t numel, double c1, double c2, int bits, int threads) {
+  switch (dtype) {
+    case 0: sawb(static_cast<const float*>(x), static_cast<float*>(out), numel, c1, c2, bits, threads); break;
+    case 1: sawb(static_cast<const bf16*>(x), static_cast<bf16*>(out), numel, c1, c2, bits, threads); break;
+    default: sawb(static_cast<const f16*>(x), static_cast<f16*>(out), numel, c1, c2, bits, threads); break;
+  }
+}
+
+}  // extern "C"
