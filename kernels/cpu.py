@@ -83,10 +83,14 @@ def _build(directory: pathlib.Path) -> ctypes.CDLL:
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:  # e.g. a read-only home: a private build for this process
+        directory = pathlib.Path(tempfile.mkdtemp(prefix="nmcompile-"))
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
     target = directory / f"nm_cpu-{_key(cxx)}.so"
     if not target.exists():
         start = time.perf_counter()
-        target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".{os.getpid()}.tmp")
         done = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(tmp)], capture_output=True, text=True)
         if done.returncode != 0:

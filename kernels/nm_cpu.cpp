@@ -438,8 +438,6 @@ void sawb(const T* x, T* out, int64_t numel, double c1, double c2, int bits, int
 
 extern "C" {
 
-int nm_abi_version() { return 1; }
-
 void nm_mvue(int dtype, const void* x, void* out, int64_t outer, int64_t k, int64_t inner, int n, int m,
              const float* u, int64_t seed, const int64_t* u_outer, int64_t u_group, int64_t u_inner,
              int threads) {

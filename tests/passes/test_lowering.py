@@ -89,3 +89,26 @@ def test_records_survive_a_compile_served_from_inductors_caches():
     assert counters["aot_autograd"]["autograd_cache_hit"] + counters["inductor"]["fxgraph_cache_hit"] > hits, \
         "the second compile was not served from Inductor's caches"
     assert seen[0] == seen[1] and ("wgrad", ["mvue 2:4 along K (tokens)", "luq4"]) in seen[1], seen
+
+
+def test_without_the_cpu_kernels_the_ops_fall_back_to_the_torch_math(tmp_path):
+    """No C++ compiler on PATH: one line says so, and the ops give the same bits."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, nmcompile\n"
+        "from nmcompile.kernels.sparsity import mvue_math\n"
+        "from nmcompile.kernels.random import uniform\n"
+        "x, s = torch.randn(16, 32), torch.tensor(7)\n"
+        "a = torch.ops.nm.mvue(x, s, 2, 4, 1); b = torch.ops.nm.luq(x, s.view(1), 4, 'strict')\n"
+        "assert torch.equal(a, mvue_math(x, uniform(s, (16, 8), 'cpu'), 2, 4, 1))\n"
+        "print('OK')\n"
+    )
+    env = dict(os.environ, PATH=str(tmp_path), NMCOMPILE_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("CXX", None)
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
+    assert proc.stderr.count("CPU kernels unavailable") == 1, proc.stderr[-2000:]
+    assert "no C++ compiler found" in proc.stderr
