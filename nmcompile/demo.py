@@ -13,6 +13,7 @@ epochs through Inductor.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -267,11 +268,18 @@ def run_demo(args: argparse.Namespace) -> dict:
             raise SystemExit(f"unknown method {bad[0]!r}; choose from: {', '.join(known)}")
         methods = [(m, known[m]) for m in wanted]
 
+    err = Console(stderr=True)
+    # Optional needs are checked before any training, and a missing plotter never loses results.
+    if importlib.util.find_spec("sklearn") is None:
+        raise SystemExit("nmcompile demo needs scikit-learn for its bundled digits data: pip install 'nmcompile[demo]'")
+    can_plot = importlib.util.find_spec("matplotlib") is not None
+    if not can_plot:
+        err.print("[yellow]matplotlib is not installed: results.json and the table only, no curves.png "
+                  "(pip install 'nmcompile\\[demo]')[/yellow]")  # \\[: a literal bracket for rich
     os.makedirs(args.out, exist_ok=True)
     data = load_digits_split()
     spe = steps_per_epoch(data, args.batch_size)
     total = args.epochs * spe
-    err = Console(stderr=True)
     out = Console()
     err.print(f"[bold]nmcompile demo[/bold]: digits MLP 64-{args.hidden}x3-10, {args.epochs} epochs x {spe} steps, "
               f"batch {args.batch_size}, seed {args.seed}, inner={args.inner}, torch {torch.__version__}")
@@ -292,8 +300,6 @@ def run_demo(args: argparse.Namespace) -> dict:
     title = (f"nmcompile demo: digits, MLP 64-{args.hidden}x3-10, {args.epochs} epochs, seed {args.seed}, "
              f"inner={args.inner}")
     out.print(results_table(runs, title))
-    png = os.path.join(args.out, "curves.png")
-    plot_curves(runs, png, title)
     results = {
         "schema": "nmcompile.demo/1",
         "config": {"quick": bool(args.quick), "epochs": args.epochs, "hidden": args.hidden, "inner": args.inner,
@@ -305,7 +311,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     path = os.path.join(args.out, "results.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
-    out.print(f"wrote {png} and {path}")
+    written = [path]
+    if can_plot:
+        png = os.path.join(args.out, "curves.png")
+        plot_curves(runs, png, title)
+        written.insert(0, png)
+    out.print(f"wrote {' and '.join(written)}")
     return results
 
 

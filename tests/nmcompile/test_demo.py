@@ -118,3 +118,25 @@ def test_quick_demo_runs_differ_only_by_method(quick_run):
     assert first["luq4 smp2 + sawb4"] == pytest.approx(first["dense"], rel=0.2)
     # and the gradient transforms do change the trajectory
     assert runs["greedy 2:4"]["curves"]["step_loss"][1:] != runs["dense"]["curves"]["step_loss"][1:]
+
+
+def _pretend_missing(monkeypatch, name):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: None if mod == name else find_spec(mod, *a))
+
+
+def test_without_matplotlib_the_results_are_written_and_no_png(monkeypatch, tmp_path, capsys):
+    _pretend_missing(monkeypatch, "matplotlib")
+    demo.main(parse("--quick", "--epochs", "1", "--hidden", "32", "--methods", "dense", "--out", str(tmp_path)))
+    captured = capsys.readouterr()
+    assert (tmp_path / "results.json").exists() and not (tmp_path / "curves.png").exists()
+    assert captured.err.count("matplotlib is not installed") == 1 and "nmcompile[demo]" in captured.err
+
+
+def test_without_scikit_learn_it_stops_before_training_and_says_what_to_install(monkeypatch, tmp_path):
+    _pretend_missing(monkeypatch, "sklearn")
+    with pytest.raises(SystemExit, match=r"pip install 'nmcompile\[demo\]'"):
+        demo.main(parse("--quick", "--out", str(tmp_path)))
+    assert not (tmp_path / "results.json").exists()
