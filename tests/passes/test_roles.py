@@ -60,7 +60,9 @@ def test_attention_roles_by_layout_agree_with_roles_by_size():
         r = nmcompile.explain(Encoder(d=32, heads=4), torch.randn(2, tokens, 32, requires_grad=True), sparsity="2:4", **AOT)
         return [g.role for g in r.backward if g.op == "bmm"]
 
-    assert attention_roles(8) == attention_roles(12)  # head_dim = 8
+    by_size = attention_roles(12)  # head_dim = 8: sizes decide
+    assert sorted(by_size) == ["dgrad", "dgrad", "wgrad", "wgrad"], by_size  # 2 bmm's, each with dgrad + wgrad
+    assert attention_roles(8) == by_size  # T == head_dim: the layout walk decides
 
 
 def test_fused_attention_is_reported_not_rewritten():
