@@ -18,6 +18,7 @@ import atexit
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import pathlib
 import platform
@@ -31,14 +32,13 @@ from typing import Optional
 
 import torch
 
-from .grouping import uniform_shape
+from .grouping import memory_order, stride_order, uniform_shape
 
 SOURCE = pathlib.Path(__file__).with_name("nm_cpu.cpp")
 FLAGS = ["-O2", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17",
          "-shared", "-fPIC"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_i64, _f32p, _i64p, _vp = ctypes.c_int64, ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p
-_int = ctypes.c_int
+_i64, _vp, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {
     "nm_mvue": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _vp, _i64, _vp, _i64, _i64, _int],
     "nm_greedy": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _int],
@@ -59,13 +59,18 @@ def _compiler() -> Optional[str]:
     return None
 
 
+def _private_dir() -> pathlib.Path:
+    """A build directory for this process only, removed at exit."""
+    directory = pathlib.Path(tempfile.mkdtemp(prefix="nmcompile-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
 def _cache_dir() -> pathlib.Path:
     import torch._inductor.config as inductor_config
 
     if inductor_config.force_disable_caches:  # cold caches: a private build for this process
-        directory = pathlib.Path(tempfile.mkdtemp(prefix="nmcompile-"))
-        atexit.register(shutil.rmtree, directory, ignore_errors=True)
-        return directory
+        return _private_dir()
     root = os.environ.get("NMCOMPILE_CACHE_DIR") or pathlib.Path.home() / ".cache" / "nmcompile"
     return pathlib.Path(root)
 
@@ -86,8 +91,7 @@ def _build(directory: pathlib.Path) -> ctypes.CDLL:
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError:  # e.g. a read-only home: a private build for this process
-        directory = pathlib.Path(tempfile.mkdtemp(prefix="nmcompile-"))
-        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        directory = _private_dir()
     target = directory / f"nm_cpu-{_key(cxx)}.so"
     if not target.exists():
         start = time.perf_counter()
@@ -164,15 +168,14 @@ def _offsets(sizes: list, strides: list) -> torch.Tensor:
 
 
 def _dense(x: torch.Tensor) -> bool:
-    order = sorted(range(x.dim()), key=lambda d: -x.stride(d))
-    return x.permute(order).is_contiguous()
+    return x.permute(memory_order(x)).is_contiguous()
 
 
 @functools.lru_cache(maxsize=512)
 def _group_plan(shape: tuple, stride: tuple, dim: int, m: int, u_shape: tuple, u_stride: tuple):
     """[outer, k, inner] view of a dense tensor grouped by ``m`` along ``dim``, and the uniform
     offsets; None when the inner dims cannot be merged for both (then x is made contiguous)."""
-    order = sorted(range(len(shape)), key=lambda d: (-stride[d], d))
+    order = stride_order(stride)
     d = order.index(dim)
     # the uniforms seen like x: their group dim (last) moved to ``dim``, then in x's memory order
     u_dims = list(range(len(u_shape) - 1))
@@ -185,10 +188,7 @@ def _group_plan(shape: tuple, stride: tuple, dim: int, m: int, u_shape: tuple, u
         return None
     inner = merged_inner[0] if merged_inner else 1
     outer_m, outer_strides = _merge(outer_sizes, u_view_stride[:d])
-    outer = 1
-    for s in outer_sizes:
-        outer *= s
-    return (outer, shape[dim], inner, _offsets(outer_m, outer_strides),
+    return (math.prod(outer_sizes), shape[dim], inner, _offsets(outer_m, outer_strides),
             u_view_stride[d], u_inner[0] if u_inner else 0)
 
 
@@ -196,17 +196,14 @@ def _group_plan(shape: tuple, stride: tuple, dim: int, m: int, u_shape: tuple, u
 def _flat_plan(shape: tuple, stride: tuple, u_stride: tuple):
     """[outer, inner] memory-order view of a dense tensor; offsets of a companion index space with
     strides ``u_stride`` (per element of x's logical shape)."""
-    order = sorted(range(len(shape)), key=lambda d: (-stride[d], d))
+    order = stride_order(stride)
     sizes = [shape[q] for q in order]
     u_strides = [u_stride[q] for q in order]
     merged, merged_u = _merge(sizes, u_strides)
     if not merged:
         merged, merged_u = [1], [0]
     inner, u_inner = merged[-1], merged_u[-1]
-    outer = 1
-    for s in merged[:-1]:
-        outer *= s
-    return outer, inner, _offsets(merged[:-1], merged_u[:-1]), u_inner
+    return math.prod(merged[:-1]), inner, _offsets(merged[:-1], merged_u[:-1]), u_inner
 
 
 def _contiguous_strides(shape) -> tuple:

@@ -32,10 +32,14 @@ def uniform_shape(shape: torch.Size | tuple, m: int, dim: int) -> tuple:
 
 def memory_order(x: torch.Tensor) -> list:
     """Dims of ``x`` from outermost to innermost in memory (logical order when strides are symbolic)."""
-    strides = x.stride()
+    return stride_order(x.stride())
+
+
+def stride_order(strides) -> list:
+    """Dims from the largest stride to the smallest, ties in logical order."""
     if not all(isinstance(s, int) for s in strides):
-        return list(range(x.dim()))
-    return sorted(range(x.dim()), key=lambda d: (-strides[d], d))
+        return list(range(len(strides)))
+    return sorted(range(len(strides)), key=lambda d: (-strides[d], d))
 
 
 class UnrolledGroups:

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 namespace {
 
@@ -432,9 +433,22 @@ void sawb(const T* x, T* out, int64_t numel, double c1, double c2, int bits, int
   }
 }
 
+// One switch from the C entry points' dtype code (0 float32, 1 bfloat16, 2 float16) to the element
+// type: f gets a null pointer of that type.
+template <typename F>
+void with_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: f(static_cast<float*>(nullptr)); break;
+    case 1: f(static_cast<bf16*>(nullptr)); break;
+    default: f(static_cast<f16*>(nullptr)); break;
+  }
+}
+
 }  // namespace
 
-// ---- C entry points (dtype: 0 float32, 1 bfloat16, 2 float16) ----------------------------------
+// ---- C entry points ---------------------------------------------------------------------------
+
+#define NM_ELEMENT(tag) std::remove_pointer_t<decltype(tag)>
 
 extern "C" {
 
@@ -442,42 +456,30 @@ void nm_mvue(int dtype, const void* x, void* out, int64_t outer, int64_t k, int6
              const float* u, int64_t seed, const int64_t* u_outer, int64_t u_group, int64_t u_inner,
              int threads) {
   const Uniforms un{u, static_cast<uint64_t>(seed), u_outer, u_group, u_inner};
-  switch (dtype) {
-    case 0: prune_dispatch<float, true>(x, out, outer, k, inner, n, m, un, threads); break;
-    case 1: prune_dispatch<bf16, true>(x, out, outer, k, inner, n, m, un, threads); break;
-    default: prune_dispatch<f16, true>(x, out, outer, k, inner, n, m, un, threads); break;
-  }
+  with_dtype(dtype, [&](auto tag) { prune_dispatch<NM_ELEMENT(tag), true>(x, out, outer, k, inner, n, m, un, threads); });
 }
 
 void nm_greedy(int dtype, const void* x, void* out, int64_t outer, int64_t k, int64_t inner, int n, int m,
                int threads) {
   const Uniforms none{nullptr, 0, nullptr, 0, 0};
-  switch (dtype) {
-    case 0: prune_dispatch<float, false>(x, out, outer, k, inner, n, m, none, threads); break;
-    case 1: prune_dispatch<bf16, false>(x, out, outer, k, inner, n, m, none, threads); break;
-    default: prune_dispatch<f16, false>(x, out, outer, k, inner, n, m, none, threads); break;
-  }
+  with_dtype(dtype, [&](auto tag) { prune_dispatch<NM_ELEMENT(tag), false>(x, out, outer, k, inner, n, m, none, threads); });
 }
 
 void nm_luq(int dtype, const void* x, void* out, int64_t outer, int64_t inner, int top, int samples,
             const float* u, const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner,
             int threads) {
-  switch (dtype) {
-    case 0: luq(static_cast<const float*>(x), static_cast<float*>(out), outer, inner, top, samples, u, seeds,
-                u_outer, u_sample, u_inner, threads); break;
-    case 1: luq(static_cast<const bf16*>(x), static_cast<bf16*>(out), outer, inner, top, samples, u, seeds,
-                u_outer, u_sample, u_inner, threads); break;
-    default: luq(static_cast<const f16*>(x), static_cast<f16*>(out), outer, inner, top, samples, u, seeds,
-                 u_outer, u_sample, u_inner, threads); break;
-  }
+  with_dtype(dtype, [&](auto tag) {
+    using T = NM_ELEMENT(tag);
+    luq(static_cast<const T*>(x), static_cast<T*>(out), outer, inner, top, samples, u, seeds, u_outer, u_sample,
+        u_inner, threads);
+  });
 }
 
 void nm_sawb(int dtype, const void* x, void* out, int64_t numel, double c1, double c2, int bits, int threads) {
-  switch (dtype) {
-    case 0: sawb(static_cast<const float*>(x), static_cast<float*>(out), numel, c1, c2, bits, threads); break;
-    case 1: sawb(static_cast<const bf16*>(x), static_cast<bf16*>(out), numel, c1, c2, bits, threads); break;
-    default: sawb(static_cast<const f16*>(x), static_cast<f16*>(out), numel, c1, c2, bits, threads); break;
-  }
+  with_dtype(dtype, [&](auto tag) {
+    using T = NM_ELEMENT(tag);
+    sawb(static_cast<const T*>(x), static_cast<T*>(out), numel, c1, c2, bits, threads);
+  });
 }
 
 }  // extern "C"

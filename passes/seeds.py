@@ -46,7 +46,7 @@ def merge_seed_draws(graph: fx.Graph) -> None:
                 part.meta["val"] = seeds_val.select(0, offset)
             else:
                 part = graph.call_function(aten.slice.Tensor, (seeds, 0, offset, offset + size))
-                part.meta["val"] = seeds_val[offset: offset + size].view(draw.meta["val"].shape)
+                part.meta["val"] = seeds_val[offset: offset + size]
                 if len(draw.args[2]) != 1:
                     part = graph.call_function(aten.view.default, (part, list(draw.args[2])))
                     part.meta["val"] = draw.meta["val"]

@@ -58,6 +58,7 @@ import torch.nn as nn
 from torch._inductor.graph import GraphLowering
 
 import nmcompile  # noqa: F401  (ops registered; backend found through the entry point anyway)
+from nmcompile.demo import cpu_name
 
 OPTIONS: dict[str, dict] = {
     "2:4": {"sparsity": "2:4"},
@@ -289,17 +290,6 @@ def markdown_table(mode: str, rows: list[dict]) -> str:
         if r["mode"] == mode:
             lines.append(f"| {r['model']} | `{json.dumps(r['nm_options'])}` | " + " | ".join(cells(r)) + " |")
     return "\n".join(lines)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def package_version(name: str) -> Optional[str]:
