@@ -1,4 +1,5 @@
-"""The nm ops: N:M pruning (MVUE, greedy), LUQ and SAWB quantization.
+"""The nm ops: N:M pruning (MVUE, greedy), LUQ and SAWB quantization, and the exact FP8 / 2:4
+GEMMs they feed under ``lowering="native"`` (``gemm``, with float8 codes from ``fp8``).
 
 ``kernels.ops`` registers them as ``torch.ops.nm.*`` custom ops, opaque to Inductor. Their CPU
 kernels are ``nm_cpu.cpp`` (built and loaded by ``kernels.cpu``); the portable torch math lives in
@@ -7,7 +8,7 @@ C++ compiler is found; both give the same bits. ``kernels.reference`` holds inde
 straightforward implementations used to check them.
 Nothing here imports the passes or the public package (relative imports only).
 """
-from . import ops  # noqa: F401  (registers torch.ops.nm.*)
+from . import gemm, ops  # noqa: F401  (register torch.ops.nm.*)
 from .grouping import uniform_shape
 from .luq import luq_levels, luq_noise_shape
 from .sawb import SAWB_COEFFICIENTS

@@ -43,7 +43,7 @@ SIGNATURES = {
     "nm_mvue": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _vp, _i64, _vp, _i64, _i64, _int],
     "nm_greedy": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _int],
     "nm_luq": [_int, _vp, _vp, _i64, _i64, _int, _int, _vp, _vp, _vp, _i64, _i64, _int],
-    "nm_sawb": [_int, _vp, _vp, _i64, ctypes.c_double, ctypes.c_double, _int, _int],
+    "nm_sawb": [_int, _vp, _vp, _i64, ctypes.c_double, ctypes.c_double, _int, _int, _vp, _int],
 }
 
 _lock = threading.Lock()
@@ -280,9 +280,11 @@ def luq(x: torch.Tensor, u: torch.Tensor, top: int) -> torch.Tensor:
     return out
 
 
-def sawb(x: torch.Tensor, bits: int, c1: float, c2: float) -> torch.Tensor:
+def sawb(x: torch.Tensor, bits: int, c1: float, c2: float, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SAWB of ``x`` and its scale (fp32, 0-d), rounded to ``keep`` significant bits."""
     src, out = _prepare(x)
+    scale = torch.zeros((), dtype=torch.float32)
     if x.numel() == 0:
-        return out
-    library().nm_sawb(DTYPES[x.dtype], _ptr(src), _ptr(out), x.numel(), c1, c2, bits, _threads())
-    return out
+        return out, scale
+    library().nm_sawb(DTYPES[x.dtype], _ptr(src), _ptr(out), x.numel(), c1, c2, bits, keep, _ptr(scale), _threads())
+    return out, scale

@@ -401,7 +401,8 @@ void luq(const T* x, T* out, int64_t outer, int64_t inner, int top, int samples,
 
 // Round-to-nearest on the SAWB grid (see sawb.py); moments in double, so no x² overflows.
 template <typename T>
-void sawb(const T* x, T* out, int64_t numel, double c1, double c2, int bits, int threads) {
+void sawb(const T* x, T* out, int64_t numel, double c1, double c2, int bits, int keep, float* scale_out,
+          int threads) {
   const Stats st = statistics(x, numel, threads);
   const double half = std::ldexp(1.0, bits - 1);
   float scale = st.amax;  // NaN / Inf: propagated below
@@ -411,7 +412,12 @@ void sawb(const T* x, T* out, int64_t numel, double c1, double c2, int bits, int
     if (!(clip > 0.0)) clip = st.amax;
     is_unsigned = st.amin >= 0.0f;
     scale = static_cast<float>(clip / (is_unsigned ? 2.0 * half - 1.0 : half));
+    // keep significant bits only: every level·scale is then exact in T (see sawb.py)
+    int e = 0;
+    const float m = std::frexp(scale, &e);
+    scale = std::ldexp(std::nearbyint(std::ldexp(m, keep)), e - keep);
   }
+  if (scale_out != nullptr) *scale_out = scale;
   const float lowest = is_unsigned ? 0.0f : static_cast<float>(-half);
   const float highest = static_cast<float>(is_unsigned ? 2.0 * half - 1.0 : half - 1.0);
   const float top = max_of<T>();
@@ -475,10 +481,11 @@ void nm_luq(int dtype, const void* x, void* out, int64_t outer, int64_t inner, i
   });
 }
 
-void nm_sawb(int dtype, const void* x, void* out, int64_t numel, double c1, double c2, int bits, int threads) {
+void nm_sawb(int dtype, const void* x, void* out, int64_t numel, double c1, double c2, int bits, int keep,
+             float* scale_out, int threads) {
   with_dtype(dtype, [&](auto tag) {
     using T = NM_ELEMENT(tag);
-    sawb(static_cast<const T*>(x), static_cast<T*>(out), numel, c1, c2, bits, threads);
+    sawb(static_cast<const T*>(x), static_cast<T*>(out), numel, c1, c2, bits, keep, scale_out, threads);
   });
 }
 

@@ -18,10 +18,11 @@ import torch
 from torch import Tensor
 
 from . import cpu
+from .fp8 import luq_codes, luq_format, sawb_codes
 from .grouping import uniform_shape
 from .luq import luq_levels, luq_math, luq_noise_shape
 from .random import draw_seed, uniform
-from .sawb import SAWB_COEFFICIENTS, sawb_math
+from .sawb import SAWB_COEFFICIENTS, sawb_math, scale_bits
 from .sparsity import greedy_math, mvue_math
 
 
@@ -122,20 +123,74 @@ def _(x, u, bits, levels):
     return torch.empty_like(x)
 
 
+def _sawb_torch(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    q, scale = sawb_math(x, bits)
+    return _like(x, q), scale
+
+
+def _sawb_cpu(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    if _on_cpu_kernels(x):
+        return cpu.sawb(x, bits, *SAWB_COEFFICIENTS[bits], scale_bits(x.dtype, bits))
+    return _sawb_torch(x, bits)
+
+
 @torch.library.custom_op("nm::sawb", mutates_args=())
 def sawb(x: Tensor, bits: int) -> Tensor:
     """SAWB round-to-nearest quantization of ``x`` (straight-through gradient)."""
-    return _like(x, sawb_math(x, bits))
+    return _sawb_torch(x, bits)[0]
 
 
 @sawb.register_kernel("cpu")
 def _(x, bits):
-    return cpu.sawb(x, bits, *SAWB_COEFFICIENTS[bits]) if _on_cpu_kernels(x) else _like(x, sawb_math(x, bits))
+    return _sawb_cpu(x, bits)[0]
 
 
 @sawb.register_fake
 def _(x, bits):
     return torch.empty_like(x)
+
+
+# -- float8 forms for lowering="native": the same quantizers, their output as exact codes and a
+# -- per-tensor scale (kernels/fp8.py); codes·scale is bit for bit what nm.luq / nm.sawb return.
+
+def _codes_fake(x: Tensor, fmt: torch.dtype) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, dtype=fmt), x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("nm::sawb_fp8", mutates_args=())
+def sawb_fp8(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """``nm.sawb(x, bits)`` as float8 e4m3fn codes (x's layout) and its fp32 scale."""
+    return sawb_codes(*_sawb_torch(x, bits))
+
+
+@sawb_fp8.register_kernel("cpu")
+def _(x, bits):
+    return sawb_codes(*_sawb_cpu(x, bits))
+
+
+@sawb_fp8.register_fake
+def _(x, bits):
+    return _codes_fake(x, torch.float8_e4m3fn)
+
+
+def _luq_top(x: Tensor, u: Tensor, bits: int, levels: str) -> int:
+    top = luq_levels(bits, levels) - 1
+    fmt, why = luq_format(top, _luq_samples(x, u))
+    if fmt is None:
+        raise ValueError(f"nm.luq_fp8: {why}")
+    return top
+
+
+@torch.library.custom_op("nm::luq_fp8", mutates_args=())
+def luq_fp8(x: Tensor, u: Tensor, bits: int, levels: str) -> tuple[Tensor, Tensor]:
+    """``nm.luq(x, u, bits, levels)`` (one sample) as float8 codes (e4m3fn up to 5 bits, e5m2 for
+    6; x's layout) and its fp32 scale."""
+    return luq_codes(luq(x, u, bits, levels), _luq_top(x, u, bits, levels))
+
+
+@luq_fp8.register_fake
+def _(x, u, bits, levels):
+    return _codes_fake(x, luq_format(_luq_top(x, u, bits, levels), 1)[0])
 
 
 @torch.library.custom_op("nm::seeds", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))

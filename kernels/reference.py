@@ -6,6 +6,8 @@ statistical tests compare against.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .grouping import merge_groups, split_groups
@@ -102,5 +104,9 @@ def sawb_reference(x: torch.Tensor, bits: int, c1: float, c2: float) -> torch.Te
         scale, lo, hi = clip / 2 ** (bits - 1), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if scale == 0:
         return x.clone()
+    # the scale keeps p - b significant bits (sawb.py), rounded from its fp32 value
+    keep = round(-math.log2(torch.finfo(x.dtype).eps)) + 1 - bits
+    mantissa, exponent = torch.frexp(scale.float())
+    scale = torch.ldexp(torch.round(mantissa * 2.0**keep), exponent - keep).double()
     q = torch.clamp(torch.round(xd / scale), lo, hi) * scale
     return q.to(x.dtype)

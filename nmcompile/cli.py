@@ -86,10 +86,12 @@ def _flops(n: Optional[int]) -> str:
 def gemm_table(report, title: str):
     from rich.table import Table
 
+    from nmcompile.report import kernel_cell
+
     table = Table(title=title, title_justify="left")
     for col, kw in (("g", {"justify": "right"}), ("module", {}), ("role", {}), ("op", {}),
                     ("M×N×K", {"justify": "right"}), ("FLOPs", {"justify": "right"}),
-                    ("transforms / skip reason", {}), ("TC speedup", {"justify": "right"})):
+                    ("transforms / skip reason", {}), ("kernel", {}), ("TC speedup", {"justify": "right"})):
         table.add_column(col, **kw)
     for r in report.gemms:
         if r.transforms:
@@ -101,13 +103,13 @@ def gemm_table(report, title: str):
         speed, why = tensor_core_speedup(r)
         role_style = {"fwd": "cyan", "dgrad": "green", "wgrad": "magenta"}.get(r.role, "red")
         table.add_row(str(r.graph), r.module or "<top>", f"[{role_style}]{r.role}[/{role_style}]", r.op,
-                      "×".join(map(str, r.shape)), _flops(r.flops), what,
+                      "×".join(map(str, r.shape)), _flops(r.flops), what, kernel_cell(r),
                       f"{speed:g}×" + (f" [dim]{why}[/dim]" if speed > 1 else ""))
     overall = _weighted_speedup(report.gemms)
     if overall is not None:
         table.add_section()
         table.add_row("", "[bold]all GEMMs[/bold]", "", "", "", _flops(sum(r.flops or 0 for r in report.gemms)),
-                      "FLOP-weighted (Amdahl) over every GEMM", f"[bold]{overall:.2f}×[/bold]")
+                      "FLOP-weighted (Amdahl) over every GEMM", "", f"[bold]{overall:.2f}×[/bold]")
     return table
 
 
@@ -138,7 +140,12 @@ def graph_code(gm, annotate: bool = True) -> tuple[str, set]:
             if info is not None:
                 inserted[node.name] = f"nm: {info['op']} {info['pattern']} {info['role']} {info['module'] or '<top>'}"
             else:
-                inserted[node.name] = f"nm: uniforms for {node.meta.get('nm', {}).get('for', '?')}"
+                meta = node.meta.get("nm", {})
+                if meta.get("op") in (None, "seeds"):
+                    inserted[node.name] = f"nm: uniforms for {meta.get('for', '?')}"
+                else:  # lowering="native": float8 codes and the FP8 / 2:4 GEMMs
+                    what = meta.get("kernel") or meta.get("op")
+                    inserted[node.name] = f"nm: {what} {meta.get('role', 'fwd')} {meta.get('module') or '<top>'}"
     code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
     lines, marked = [], set()
     pattern = re.compile(r'^\s*(\w+)(?:\s*:\s*"[^"]*")?\s*=')
@@ -390,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--graph", choices=GRAPH_CHOICES + ("none",), default="joint",
                    help="graph to print as code: the joint graph after the rewrite (default), the partitioned "
                         "forward/backward, the joint graph before the rewrite, or none")
-    p.add_argument("--json", action="store_true", help="print only the report JSON (schema nmcompile.report/1)")
+    p.add_argument("--json", action="store_true", help="print only the report JSON (schema nmcompile.report/2)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("export", parents=[common], help="write the rewritten graphs as ONNX / Model Explorer / DOT / JSON",

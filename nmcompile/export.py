@@ -628,7 +628,8 @@ def model_explorer_graph(gm: fx.GraphModule, graph_id: str, records: Optional[di
         rec = records.get(node.name)
         if rec is not None:
             attrs += [{"key": "gemm.role", "value": rec.role}, {"key": "gemm.shape", "value": "x".join(map(str, rec.shape))},
-                      {"key": "gemm.transforms", "value": ", ".join(rec.transforms) or f"skipped: {rec.skipped}"}]
+                      {"key": "gemm.transforms", "value": ", ".join(rec.transforms) or f"skipped: {rec.skipped}"},
+                      {"key": "gemm.kernel", "value": rec.kernel + (f" ({rec.kernel_note})" if rec.kernel_note else "")}]
         if node.meta.get("stack_trace"):
             attrs.append({"key": "stack_trace", "value": node.meta["stack_trace"].strip()})
         edges = [{"sourceNodeId": src.name, "sourceNodeOutputId": "0", "targetNodeInputId": str(i)}
@@ -689,7 +690,7 @@ def to_dot(gm: fx.GraphModule, graph_id: str, records: Optional[dict] = None) ->
             attrs.update(style="filled", fillcolor=NM_COLORS["rand"])
         rec = records.get(node.name)
         if rec is not None:
-            label += f"\n{rec.role} {'x'.join(map(str, rec.shape))}"
+            label += f"\n{rec.role} {'x'.join(map(str, rec.shape))}" + (f"\n{rec.kernel}" if rec.kernel != "dense" else "")
             attrs["penwidth"] = "2.5"
         attrs["label"] = label
         body = ", ".join(f"{k}={_dot_quote(str(v))}" for k, v in attrs.items())

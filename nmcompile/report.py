@@ -9,7 +9,8 @@ import torch
 
 from nmcompile.passes.records import GemmRecord
 
-SCHEMA = "nmcompile.report/1"
+SCHEMA = "nmcompile.report/2"  # 2: each GEMM has kernel, kernel_note, cusparselt
+_READS = ("nmcompile.report/1", SCHEMA)  # a version-1 report reads with kernel "dense"
 
 
 @dataclasses.dataclass
@@ -46,6 +47,7 @@ class Report:
             "backward_flops": total,
             "sparse_flop_share": share("mvue") + share("greedy"),
             "luq_flop_share": share("luq"),
+            "native_flop_share": sum(g.flops or 0 for g in bwd if g.kernel != "dense") / total if total else 0.0,
         }
 
     def as_dict(self) -> dict:
@@ -61,8 +63,8 @@ class Report:
     @classmethod
     def from_json(cls, text: str) -> "Report":
         data = json.loads(text)
-        if data.get("schema") != SCHEMA:
-            raise ValueError(f"unsupported report schema {data.get('schema')!r}; this version reads {SCHEMA!r}")
+        if data.get("schema") not in _READS:
+            raise ValueError(f"unsupported report schema {data.get('schema')!r}; this version reads {', '.join(map(repr, _READS))}")
         fields = {f.name for f in dataclasses.fields(GemmRecord)}
         gemms = [GemmRecord(**{k: v for k, v in g.items() if k in fields}) for g in data["gemms"]]
         for g in gemms:
@@ -74,21 +76,32 @@ class Report:
         from rich.table import Table
 
         t = Table(title=f"nm rewrites ({len(self.gemms)} GEMMs)")
-        for col in ("graph", "module", "role", "op", "M×N×K", "dtype", "transforms / skip reason"):
+        for col in ("graph", "module", "role", "op", "M×N×K", "dtype", "transforms / skip reason", "kernel"):
             t.add_column(col)
         for g in self.gemms:
             what = ", ".join(g.transforms) if g.transforms else f"[dim]{_unchanged(g)}[/dim]"
             if g.notes:
                 what += f" [yellow]({'; '.join(g.notes)})[/yellow]"
-            t.add_row(str(g.graph), g.module or "<top>", g.role, g.op, "×".join(map(str, g.shape)), g.dtype, what)
+            t.add_row(str(g.graph), g.module or "<top>", g.role, g.op, "×".join(map(str, g.shape)), g.dtype, what,
+                      kernel_cell(g))
         return t
 
     def __str__(self) -> str:
         lines = [f"nm report: {self.summary()['rewritten']} of {len(self.gemms)} GEMMs rewritten"]
         for g in self.gemms:
             what = ", ".join(g.transforms) if g.transforms else _unchanged(g)
-            lines.append(f"  [{g.graph}] {g.module or '<top>':30s} {g.role:5s} {g.op:5s} {'x'.join(map(str, g.shape)):>18s}  {what}")
+            kernel = f"  [{g.kernel}]" if g.kernel != "dense" else (f"  [dense: {g.kernel_note}]" if g.kernel_note else "")
+            lines.append(f"  [{g.graph}] {g.module or '<top>':30s} {g.role:5s} {g.op:5s} {'x'.join(map(str, g.shape)):>18s}  {what}{kernel}")
         return "\n".join(lines)
+
+
+def kernel_cell(g: GemmRecord) -> str:
+    """The kernel, in rich markup: native ones green, a fallback with its reason dimmed."""
+    from rich.markup import escape
+
+    if g.kernel != "dense":
+        return f"[green]{escape(g.kernel)}[/green]" + (f" [dim]({escape(g.kernel_note)})[/dim]" if g.kernel_note else "")
+    return "dense" + (f" [dim]({escape(g.kernel_note)})[/dim]" if g.kernel_note else "")
 
 
 def _unchanged(g: GemmRecord) -> str:

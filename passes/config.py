@@ -13,6 +13,7 @@ GEMM_ROLES = ("wgrad", "dgrad")
 QUANTS = ("luq",)
 FWD_QUANTS = ("sawb",)
 INNERS = ("inductor", "aot_eager")
+LOWERINGS = ("auto", "emulate", "native")
 LUQ_BITS = range(2, 9)  # 1 sign bit + 1..7 exponent bits
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -69,6 +70,7 @@ class NMConfig:
     exclude: Optional[str] = None
     keep_first_last: bool = True
     inner: str = "inductor"
+    lowering: str = "auto"
 
     def __post_init__(self) -> None:
         if self.sparsity is not None:
@@ -93,6 +95,7 @@ class NMConfig:
         if not isinstance(self.keep_first_last, bool):
             raise ValueError(f"keep_first_last={self.keep_first_last!r} must be True or False")
         _choice("inner", self.inner, INNERS)
+        _choice("lowering", self.lowering, LOWERINGS)
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -17,6 +17,11 @@ class GemmRecord:
     transforms: list = dataclasses.field(default_factory=list)  # e.g. ["mvue 2:4 along K", "luq4"]
     skipped: Optional[str] = None  # why nothing was applied, when nothing was
     notes: list = dataclasses.field(default_factory=list)
+    # the kernel that runs it: "dense" (input dtype), "fp8 e4m3", "fp8 e5m2×e4m3", "2:4 cusparselt bf16",
+    # "2:4 cusparselt fp8", or on CPU "2:4 cpu bf16" / "2:4 cpu fp8" (structure checked, dense product)
+    kernel: str = "dense"
+    kernel_note: Optional[str] = None  # why a rewritten GEMM stayed dense (or on a lesser kernel)
+    cusparselt: Optional[int] = None  # torch.backends.cusparselt.version() where it was compiled
 
     @property
     def flops(self) -> Optional[int]:

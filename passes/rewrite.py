@@ -15,6 +15,7 @@ from .analysis import (
     matmul_operands, matmul_role, module_path, size_str, tangent_descendants, val,
 )
 from .config import NMConfig
+from .lowering import lower_gemms
 from .records import GemmRecord
 from .seeds import merge_seed_draws
 from .splice import splice
@@ -293,6 +294,7 @@ def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, g
             except Exception as err:
                 rw.records.append(GemmRecord(graph_index, node.name, "conv", "?", module_path(node), ("?",) * 3, "?",
                                              skipped=f"not understood ({type(err).__name__}: {err})"))
+    lower_gemms(graph, rw.records, config, rw.decompositions)
     if decompose:  # for Inductor: one seed buffer, not a kernel per draw
         merge_seed_draws(graph)
     graph.eliminate_dead_code()

@@ -24,8 +24,9 @@ def trace(fn: Callable, inputs: Sequence[fx.Node], decompositions: dict) -> fx.G
 
 
 def splice(graph: fx.Graph, before: fx.Node, fn: Callable, inputs: Sequence[fx.Node], *,
-           serves: fx.Node, info: dict, decompositions: dict) -> fx.Node:
-    """Insert ``fn(*inputs)`` just before ``before``; returns the node holding its (single) result.
+           serves: fx.Node, info: dict, decompositions: dict):
+    """Insert ``fn(*inputs)`` just before ``before``; returns the node holding its result (a tuple
+    of nodes for a tuple of tensors).
 
     Inserted nodes carry ``serves``' stack trace, module stack, seq_nr and partitioner tag, plus
     ``meta["nm"] = info``. Random ops serving a backward node are forced into the backward graph,
@@ -52,5 +53,5 @@ def splice(graph: fx.Graph, before: fx.Node, fn: Callable, inputs: Sequence[fx.N
                 new.meta["partitioner_tag"] = "must_be_in_backward"
             new.meta["nm"] = dict(info)
             env[node] = new
-    assert isinstance(result, fx.Node), "spliced functions return a single tensor"
+    assert isinstance(result, fx.Node) or all(isinstance(r, fx.Node) for r in result), "spliced functions return tensors"
     return result

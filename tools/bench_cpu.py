@@ -67,6 +67,10 @@ OPTIONS: dict[str, dict] = {
     "luq+sawb": {"quant": "luq", "fwd_quant": "sawb"},
     "2:4+luq": {"sparsity": "2:4", "quant": "luq"},
     "2:4 wgrad+dgrad": {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"]},
+    # the native graph (FP8 / 2:4 GEMM ops) as CPU runs it for testing: its compile cost matters, its
+    # step time does not (CPU has no FP8 or sparse tensor cores; "auto" emulates here)
+    "2:4+luq+sawb native": {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"], "quant": "luq", "fwd_quant": "sawb",
+                            "lowering": "native"},
 }
 WARMUP_STEPS = 3
 SEED = 0
