@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
-import functools
 import hashlib
-import math
 import os
 import pathlib
 import platform
@@ -32,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .grouping import memory_order, stride_order, uniform_shape
+from .grouping import contiguous_strides, flat_plan, group_plan, prepare, uniform_shape
 
 SOURCE = pathlib.Path(__file__).with_name("nm_cpu.cpp")
 FLAGS = ["-O2", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17",
@@ -142,89 +140,8 @@ def prebuild() -> None:
         threading.Thread(target=library, args=(directory,), name="nmcompile-build", daemon=True).start()
 
 
-# -- layouts ------------------------------------------------------------------------------------
-
-def _merge(sizes: list, strides: list) -> tuple[list, list]:
-    """Merge adjacent dims (outer to inner) whose strides nest; drop size-1 dims."""
-    out_sizes, out_strides = [], []
-    for size, stride in zip(sizes, strides):
-        if size == 1:
-            continue
-        if out_sizes and out_strides[-1] == stride * size:
-            out_sizes[-1] *= size
-            out_strides[-1] = stride
-        else:
-            out_sizes.append(size)
-            out_strides.append(stride)
-    return out_sizes, out_strides
-
-
-def _offsets(sizes: list, strides: list) -> torch.Tensor:
-    """int64 offsets Σ idx_d·stride_d over the row-major index space of ``sizes``."""
-    off = torch.zeros((), dtype=torch.int64)
-    for size, stride in zip(sizes, strides):
-        off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
-    return off.reshape(-1).contiguous()
-
-
-def _dense(x: torch.Tensor) -> bool:
-    return x.permute(memory_order(x)).is_contiguous()
-
-
-@functools.lru_cache(maxsize=512)
-def _group_plan(shape: tuple, stride: tuple, dim: int, m: int, u_shape: tuple, u_stride: tuple):
-    """[outer, k, inner] view of a dense tensor grouped by ``m`` along ``dim``, and the uniform
-    offsets; None when the inner dims cannot be merged for both (then x is made contiguous)."""
-    order = stride_order(stride)
-    d = order.index(dim)
-    # the uniforms seen like x: their group dim (last) moved to ``dim``, then in x's memory order
-    u_dims = list(range(len(u_shape) - 1))
-    u_dims.insert(dim, len(u_shape) - 1)
-    u_view_stride = [u_stride[u_dims[q]] for q in order]
-    sizes = [shape[q] for q in order]
-    outer_sizes, inner_sizes = sizes[:d], sizes[d + 1:]
-    merged_inner, u_inner = _merge(inner_sizes, u_view_stride[d + 1:])
-    if len(merged_inner) > 1:
-        return None
-    inner = merged_inner[0] if merged_inner else 1
-    outer_m, outer_strides = _merge(outer_sizes, u_view_stride[:d])
-    return (math.prod(outer_sizes), shape[dim], inner, _offsets(outer_m, outer_strides),
-            u_view_stride[d], u_inner[0] if u_inner else 0)
-
-
-@functools.lru_cache(maxsize=512)
-def _flat_plan(shape: tuple, stride: tuple, u_stride: tuple):
-    """[outer, inner] memory-order view of a dense tensor; offsets of a companion index space with
-    strides ``u_stride`` (per element of x's logical shape)."""
-    order = stride_order(stride)
-    sizes = [shape[q] for q in order]
-    u_strides = [u_stride[q] for q in order]
-    merged, merged_u = _merge(sizes, u_strides)
-    if not merged:
-        merged, merged_u = [1], [0]
-    inner, u_inner = merged[-1], merged_u[-1]
-    return math.prod(merged[:-1]), inner, _offsets(merged[:-1], merged_u[:-1]), u_inner
-
-
-def _contiguous_strides(shape) -> tuple:
-    strides, acc = [], 1
-    for s in reversed(shape):
-        strides.append(acc)
-        acc *= s
-    return tuple(reversed(strides))
-
-
 def _ptr(t: Optional[torch.Tensor]):
     return ctypes.c_void_p(t.data_ptr()) if t is not None else None
-
-
-def _prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(source, out): out as the op's fake kernel makes it (x's layout when dense); source with
-    out's strides."""
-    out = torch.empty_like(x)
-    if not _dense(x) or x.stride() != out.stride():
-        x = torch.empty_like(out).copy_(x)
-    return x, out
 
 
 def _threads() -> int:
@@ -240,15 +157,15 @@ def greedy(x: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
 
 
 def _prune(x, u, n, m, dim, mvue):
-    src, out = _prepare(x)
+    src, out = prepare(x)
     if x.numel() == 0:
         return out
     u_shape = uniform_shape(x.shape, m, dim)
     seeded = u is not None and not u.is_floating_point()
     if u is not None and not seeded:
         u = u.float()
-    u_stride = _contiguous_strides(u_shape) if (u is None or seeded) else u.stride()
-    plan = _group_plan(tuple(src.shape), src.stride(), dim, m, tuple(u_shape), tuple(u_stride))
+    u_stride = contiguous_strides(u_shape) if (u is None or seeded) else u.stride()
+    plan = group_plan(tuple(src.shape), src.stride(), dim, m, tuple(u_shape), tuple(u_stride))
     if plan is None:  # a layout whose inner dims do not nest: compute contiguously, copy back
         return out.copy_(_prune(x.contiguous(), u.contiguous() if u is not None and not seeded else u, n, m, dim, mvue))
     outer, k, inner, u_outer, u_group, u_inner = plan
@@ -264,17 +181,17 @@ def _prune(x, u, n, m, dim, mvue):
 
 def luq(x: torch.Tensor, u: torch.Tensor, top: int) -> torch.Tensor:
     """``u``: float uniforms ``(samples, *x.shape)``, or int64 seeds ``(samples,)``."""
-    src, out = _prepare(x)
+    src, out = prepare(x)
     if x.numel() == 0:
         return out
     seeded = not u.is_floating_point()
     if seeded:
-        seeds, u_stride, u_sample, samples = u.contiguous(), _contiguous_strides(x.shape), 0, u.numel()
+        seeds, u_stride, u_sample, samples = u.contiguous(), contiguous_strides(x.shape), 0, u.numel()
         u = None
     else:
         u = u.float()
         seeds, u_stride, u_sample, samples = None, u.stride()[1:], u.stride(0), u.shape[0]
-    outer, inner, u_outer, u_inner = _flat_plan(tuple(src.shape), src.stride(), tuple(u_stride))
+    outer, inner, u_outer, u_inner = flat_plan(tuple(src.shape), src.stride(), tuple(u_stride))
     library().nm_luq(DTYPES[x.dtype], _ptr(src), _ptr(out), outer, inner, top, samples, _ptr(u), _ptr(seeds),
                      _ptr(u_outer), u_sample, u_inner, _threads())
     return out
@@ -282,7 +199,7 @@ def luq(x: torch.Tensor, u: torch.Tensor, top: int) -> torch.Tensor:
 
 def sawb(x: torch.Tensor, bits: int, c1: float, c2: float, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
     """SAWB of ``x`` and its scale (fp32, 0-d), rounded to ``keep`` significant bits."""
-    src, out = _prepare(x)
+    src, out = prepare(x)
     scale = torch.zeros((), dtype=torch.float32)
     if x.numel() == 0:
         return out, scale

@@ -13,7 +13,10 @@ product of the quantized values themselves (``torch._scaled_mm`` with per-tensor
   tensor's dtype (``sawb.py``); e4m3fn holds every integer up to 16, so 4-bit codes are exact.
 
 Both are derived from the quantizer's own output (one exact division), so the codes represent
-precisely what ``lowering="emulate"`` computes with.
+precisely what ``lowering="emulate"`` computes with. (One exception: LUQ levels below the tensor
+dtype's smallest subnormal, e.g. fp16 with 6-bit LUQ, where amax·2^-31 underflows fp16, are rounded
+in the dtype itself; the CUDA kernels write the exact codes there, so the two differ in those tiny
+values, the native one being the exact quantizer.)
 """
 from __future__ import annotations
 

@@ -14,11 +14,12 @@ device cannot run them, and why; the graph pass falls back to the dense GEMM the
 """
 from __future__ import annotations
 
-import warnings
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .cuda import or_reference
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _HALF = (torch.bfloat16, torch.float16)
@@ -55,23 +56,6 @@ def _check_scaled(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor) -> Non
             raise ValueError(f"nm.fp8_mm: {name} must be one fp32 value per tensor, got {s.dtype} of shape {tuple(s.shape)}")
 
 
-_warned: set = set()
-
-
-def _on_gpu(kernel: Callable[[], Tensor], reference: Callable[[], Tensor], what: str) -> Tensor:
-    """``kernel()``; if the library refuses (a layout, size or version it does not take), warn once
-    and compute ``reference()``: the same product, densely, never a wrong or missing result."""
-    try:
-        return kernel()
-    except RuntimeError as err:
-        if what not in _warned:
-            _warned.add(what)
-            warnings.warn(f"nmcompile: {what} failed on this GPU, running the same product densely instead "
-                          f"(slower; the record still names the native kernel): {str(err).splitlines()[0]}",
-                          RuntimeWarning, stacklevel=2)
-        return reference()
-
-
 def _dequantized_mm(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
     return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
 
@@ -93,7 +77,7 @@ def fp8_mm(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor, bias: Optiona
         out = _dequantized_mm(a, scale_a, b, scale_b, out_dtype)
         return (out + bias).to(out_dtype) if fuse else out
 
-    out = _on_gpu(scaled_mm, reference, "torch._scaled_mm") if a.device.type == "cuda" else scaled_mm()
+    out = or_reference(scaled_mm, reference, "torch._scaled_mm") if a.device.type == "cuda" else scaled_mm()
     return out if bias is None or fuse else (out + bias).to(out_dtype)
 
 
@@ -136,7 +120,7 @@ def sparse24_mm(a: Tensor, b: Tensor, scale_a: Optional[Tensor], scale_b: Option
             return torch._cslt_sparse_mm(packed, b)
 
         dense = (lambda: _dequantized_mm(a, scale_a, b, scale_b, out_dtype)) if scaled else (lambda: torch.mm(a, b))
-        return _on_gpu(cusparselt, dense, "cuSPARSELt (torch._cslt_sparse_mm)")
+        return or_reference(cusparselt, dense, "cuSPARSELt (torch._cslt_sparse_mm)")
     check_24(a)
     if scaled:
         return torch._scaled_mm(a, b, scale_a.reshape(()), scale_b.reshape(()), out_dtype=out_dtype)

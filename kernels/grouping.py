@@ -1,8 +1,12 @@
-"""Views of a tensor as groups of M consecutive elements along one dimension.
+"""Views of a tensor as groups of M consecutive elements along one dimension, and the plans that
+map any dense layout onto the flat views the kernels (CPU and CUDA) walk.
 
 A trailing remainder (size along ``dim`` not divisible by M) is kept apart and left dense.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 
@@ -71,3 +75,84 @@ class UnrolledGroups:
             out = torch.cat([out, self.tail.to(dtype)], self.d)
         inverse = sorted(range(len(self.order)), key=lambda i: self.order[i])
         return out.permute(inverse)
+
+
+# -- layout plans for the kernels -------------------------------------------------------------
+
+def _merge(sizes: list, strides: list) -> tuple[list, list]:
+    """Merge adjacent dims (outer to inner) whose strides nest; drop size-1 dims."""
+    out_sizes, out_strides = [], []
+    for size, stride in zip(sizes, strides):
+        if size == 1:
+            continue
+        if out_sizes and out_strides[-1] == stride * size:
+            out_sizes[-1] *= size
+            out_strides[-1] = stride
+        else:
+            out_sizes.append(size)
+            out_strides.append(stride)
+    return out_sizes, out_strides
+
+
+def _offsets(sizes: list, strides: list) -> torch.Tensor:
+    """int64 offsets Σ idx_d·stride_d over the row-major index space of ``sizes``."""
+    off = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(sizes, strides):
+        off = off.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return off.reshape(-1).contiguous()
+
+
+def is_dense(x: torch.Tensor) -> bool:
+    return x.permute(memory_order(x)).is_contiguous()
+
+
+@functools.lru_cache(maxsize=512)
+def group_plan(shape: tuple, stride: tuple, dim: int, m: int, u_shape: tuple, u_stride: tuple):
+    """[outer, k, inner] view of a dense tensor grouped by ``m`` along ``dim``, and the uniform
+    offsets; None when the inner dims cannot be merged for both (then x is made contiguous)."""
+    order = stride_order(stride)
+    d = order.index(dim)
+    # the uniforms seen like x: their group dim (last) moved to ``dim``, then in x's memory order
+    u_dims = list(range(len(u_shape) - 1))
+    u_dims.insert(dim, len(u_shape) - 1)
+    u_view_stride = [u_stride[u_dims[q]] for q in order]
+    sizes = [shape[q] for q in order]
+    outer_sizes, inner_sizes = sizes[:d], sizes[d + 1:]
+    merged_inner, u_inner = _merge(inner_sizes, u_view_stride[d + 1:])
+    if len(merged_inner) > 1:
+        return None
+    inner = merged_inner[0] if merged_inner else 1
+    outer_m, outer_strides = _merge(outer_sizes, u_view_stride[:d])
+    return (math.prod(outer_sizes), shape[dim], inner, _offsets(outer_m, outer_strides),
+            u_view_stride[d], u_inner[0] if u_inner else 0)
+
+
+@functools.lru_cache(maxsize=512)
+def flat_plan(shape: tuple, stride: tuple, u_stride: tuple):
+    """[outer, inner] memory-order view of a dense tensor; offsets of a companion index space with
+    strides ``u_stride`` (per element of x's logical shape)."""
+    order = stride_order(stride)
+    sizes = [shape[q] for q in order]
+    u_strides = [u_stride[q] for q in order]
+    merged, merged_u = _merge(sizes, u_strides)
+    if not merged:
+        merged, merged_u = [1], [0]
+    inner, u_inner = merged[-1], merged_u[-1]
+    return math.prod(merged[:-1]), inner, _offsets(merged[:-1], merged_u[:-1]), u_inner
+
+
+def contiguous_strides(shape) -> tuple:
+    strides, acc = [], 1
+    for s in reversed(shape):
+        strides.append(acc)
+        acc *= s
+    return tuple(reversed(strides))
+
+
+def prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(source, out): out as the op's fake kernel makes it (x's layout when dense); source with
+    out's strides."""
+    out = torch.empty_like(x)
+    if not is_dense(x) or x.stride() != out.stride():
+        x = torch.empty_like(out).copy_(x)
+    return x, out

@@ -7,9 +7,9 @@ the functional API pass seeds drawn from torch's generator, so ``torch.manual_se
 run, eager or compiled; tests pass explicit uniforms to compare with the reference.
 
 Inductor sees the ops as opaque calls (extern kernels), never as inlined math: on CPU they run the
-precompiled kernels of ``kernels.cpu`` (the torch math of ``sparsity``/``luq``/``sawb`` where the
-library cannot be built); other devices run that portable torch math until they get kernels of
-their own (``register_kernel(op, "cuda")`` is the place). Outputs have x's memory layout (as
+precompiled kernels of ``kernels.cpu``, on CUDA the Triton kernels of ``kernels.cuda``; where those
+cannot run (no compiler, no Triton, a pattern they do not cover) and on other devices, the portable
+torch math of ``sparsity``/``luq``/``sawb``, which gives the same results. Outputs have x's memory layout (as
 ``torch.empty_like``), so a transposed gradient operand stays transposed for the GEMM.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import cpu
+from . import cpu, cuda
 from .fp8 import luq_codes, luq_format, sawb_codes
 from .grouping import uniform_shape
 from .luq import luq_levels, luq_math, luq_noise_shape
@@ -49,6 +49,10 @@ def _on_cpu_kernels(x: Tensor, m: int = 2) -> bool:
     return x.dtype in cpu.DTYPES and m <= 256 and cpu.available()
 
 
+def _on_cuda_kernels(x: Tensor, m: int = 2) -> bool:
+    return x.dtype in cpu.DTYPES and cuda.available() and cuda.prune_supported(m)
+
+
 def _mvue_torch(x: Tensor, u: Tensor, n: int, m: int, dim: int) -> Tensor:
     shape = uniform_shape(x.shape, m, dim)
     return _like(x, mvue_math(x, uniform(u, shape, x.device) if _seeded(u) else u, n, m, dim))
@@ -68,6 +72,14 @@ def _(x, u, n, m, dim):
     return cpu.mvue(x, u, n, m, dim) if _on_cpu_kernels(x, m) else _mvue_torch(x, u, n, m, dim)
 
 
+@mvue.register_kernel("cuda")
+def _(x, u, n, m, dim):
+    _check_uniforms(x, u, uniform_shape(x.shape, m, dim), "mvue", ())
+    if _on_cuda_kernels(x, m):
+        return cuda.or_reference(lambda: cuda.prune(x, u, n, m, dim, mvue=True), lambda: _mvue_torch(x, u, n, m, dim), "nm.mvue's Triton kernel")
+    return _mvue_torch(x, u, n, m, dim)
+
+
 @mvue.register_fake
 def _(x, u, n, m, dim):
     return torch.empty_like(x)
@@ -82,6 +94,13 @@ def greedy(x: Tensor, n: int, m: int, dim: int) -> Tensor:
 @greedy.register_kernel("cpu")
 def _(x, n, m, dim):
     return cpu.greedy(x, n, m, dim) if _on_cpu_kernels(x, m) else _like(x, greedy_math(x, n, m, dim))
+
+
+@greedy.register_kernel("cuda")
+def _(x, n, m, dim):
+    if _on_cuda_kernels(x, m):
+        return cuda.or_reference(lambda: cuda.prune(x, None, n, m, dim, mvue=False), lambda: _like(x, greedy_math(x, n, m, dim)), "nm.greedy's Triton kernel")
+    return _like(x, greedy_math(x, n, m, dim))
 
 
 @greedy.register_fake
@@ -118,6 +137,14 @@ def _(x, u, bits, levels):
     return cpu.luq(x, u, luq_levels(bits, levels) - 1) if _on_cpu_kernels(x) else _luq_torch(x, u, bits, levels)
 
 
+@luq.register_kernel("cuda")
+def _(x, u, bits, levels):
+    _check_luq(x, u)
+    if _on_cuda_kernels(x):
+        return cuda.or_reference(lambda: cuda.luq(x, u, luq_levels(bits, levels) - 1), lambda: _luq_torch(x, u, bits, levels), "nm.luq's Triton kernel")
+    return _luq_torch(x, u, bits, levels)
+
+
 @luq.register_fake
 def _(x, u, bits, levels):
     return torch.empty_like(x)
@@ -145,6 +172,13 @@ def _(x, bits):
     return _sawb_cpu(x, bits)[0]
 
 
+@sawb.register_kernel("cuda")
+def _(x, bits):
+    if _on_cuda_kernels(x):
+        return cuda.or_reference(lambda: cuda.sawb(x, bits)[0], lambda: _sawb_torch(x, bits)[0], "nm.sawb's Triton kernel")
+    return _sawb_torch(x, bits)[0]
+
+
 @sawb.register_fake
 def _(x, bits):
     return torch.empty_like(x)
@@ -168,6 +202,13 @@ def _(x, bits):
     return sawb_codes(*_sawb_cpu(x, bits))
 
 
+@sawb_fp8.register_kernel("cuda")
+def _(x, bits):
+    if _on_cuda_kernels(x):
+        return cuda.or_reference(lambda: cuda.sawb(x, bits, codes=True), lambda: sawb_codes(*_sawb_torch(x, bits)), "nm.sawb_fp8's Triton kernel")
+    return sawb_codes(*_sawb_torch(x, bits))
+
+
 @sawb_fp8.register_fake
 def _(x, bits):
     return _codes_fake(x, torch.float8_e4m3fn)
@@ -186,6 +227,15 @@ def luq_fp8(x: Tensor, u: Tensor, bits: int, levels: str) -> tuple[Tensor, Tenso
     """``nm.luq(x, u, bits, levels)`` (one sample) as float8 codes (e4m3fn up to 5 bits, e5m2 for
     6; x's layout) and its fp32 scale."""
     return luq_codes(luq(x, u, bits, levels), _luq_top(x, u, bits, levels))
+
+
+@luq_fp8.register_kernel("cuda")
+def _(x, u, bits, levels):
+    top = _luq_top(x, u, bits, levels)
+    if _on_cuda_kernels(x):
+        return cuda.or_reference(lambda: cuda.luq(x, u, top, codes=luq_format(top, 1)[0]),
+                                 lambda: luq_codes(_luq_torch(x, u, bits, levels), top), "nm.luq_fp8's Triton kernel")
+    return luq_codes(luq(x, u, bits, levels), top)
 
 
 @luq_fp8.register_fake

@@ -215,3 +215,18 @@ def test_gemm_ops_on_cuda_match_cpu():
         ref = (p.float() @ d.float())
         out = torch.ops.nm.sparse24_mm(p.cuda(), d.cuda(), None, None, torch.bfloat16).cpu().float()
         assert ((out - ref).abs() <= gamma(k) * (p.float().abs() @ d.float().abs()) + 2**-8 * ref.abs()).all()
+
+
+def test_a_failing_native_kernel_falls_back_to_the_same_result_with_one_warning():
+    from nmcompile.kernels import cuda
+
+    def broken():
+        raise RuntimeError("CUDA error: no kernel image is available")
+
+    with pytest.warns(RuntimeWarning, match="nmcompile: a test kernel failed here.*no kernel image"):
+        assert cuda.or_reference(broken, lambda: torch.ones(2), "a test kernel").tolist() == [1.0, 1.0]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once is enough
+        assert cuda.or_reference(broken, lambda: torch.zeros(1), "a test kernel").tolist() == [0.0]
