@@ -257,8 +257,8 @@ if triton is not None:
         tl.store(part_ptr + pid * 4 + 3, tl.sum(tl.where(mask, tl.abs(xd), 0.0), axis=0))
 
     @triton.jit
-    def _luq_kernel(x_ptr, out_ptr, amax_ptr, seed_ptr, u_ptr, u_outer_ptr, u_inner, u_sample, INNER, TOTAL, SAMPLES,
-                    TOP: tl.constexpr, SEEDED: tl.constexpr, KIND: tl.constexpr, LARGEST: tl.constexpr,
+    def _luq_kernel(x_ptr, out_ptr, amax_ptr, seed_ptr, u_ptr, u_outer_ptr, u_inner, u_sample, INNER, TOTAL,
+                    SAMPLES: tl.constexpr, TOP: tl.constexpr, SEEDED: tl.constexpr, KIND: tl.constexpr, LARGEST: tl.constexpr,
                     BLOCK: tl.constexpr):
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < TOTAL
@@ -274,7 +274,7 @@ if triton is not None:
         p_up = tl.math.div_rn(r - base, width)
         u_index = tl.load(u_outer_ptr + idx // INNER, mask=mask, other=0) + (idx % INNER) * u_inner
         ups = tl.zeros_like(x)
-        for s in range(SAMPLES):
+        for s in tl.static_range(SAMPLES):
             if SEEDED:
                 u = _uniform(u_index, tl.load(seed_ptr + s))
             else:
@@ -307,7 +307,8 @@ if triton is not None:
         level = tl.floor(v + 0.5)
         odd = (level - 2.0 * tl.floor(level * 0.5)) != 0.0
         level = tl.where(((level - v) == 0.5) & odd, level - 1.0, level)  # half to even, like torch.round
-        level = tl.where(level == 0.0, tl.where(v.to(tl.int32, bitcast=True) < 0, -0.0, 0.0), level)  # and its sign of zero
+        signed_zero = (v.to(tl.int32, bitcast=True) & -2147483648).to(tl.float32, bitcast=True)
+        level = tl.where(level == 0.0, signed_zero, level)  # and its sign of zero
         level = tl.minimum(tl.maximum(level, lowest), highest)
         if CODES:  # fp8.sawb_codes: the integer level, 0 for an all-zero tensor, NaN when not finite
             code = tl.where(positive, level, 0.0)
@@ -389,8 +390,8 @@ def luq(x: torch.Tensor, u: torch.Tensor, top: int, codes: Optional[torch.dtype]
     dummy = torch.zeros(1, device=x.device)
     _luq_kernel[_grid(x.numel(), BLOCK)](
         src, out, amax, u.contiguous() if seeded else dummy.long(), dummy if seeded else u, _on_device(u_outer, x.device),
-        u_inner, u_sample, inner, x.numel(), samples,
-        TOP=top, SEEDED=seeded, KIND=_FP8_KIND.get(codes, 0), LARGEST=largest, BLOCK=BLOCK)
+        u_inner, u_sample, inner, x.numel(),
+        SAMPLES=samples, TOP=top, SEEDED=seeded, KIND=_FP8_KIND.get(codes, 0), LARGEST=largest, BLOCK=BLOCK)
     if codes is None:
         return out
     scale = torch.where(amax == 0, 1.0, amax * 2.0**-largest)

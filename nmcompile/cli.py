@@ -161,6 +161,14 @@ def graph_code(gm, annotate: bool = True) -> tuple[str, set]:
     return "\n".join(lines), marked
 
 
+def _holds_float8(gm) -> bool:
+    import torch
+
+    fp8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+    return any(isinstance(v, torch.Tensor) and v.dtype in fp8
+               for node in gm.graph.nodes for v in torch.utils._pytree.tree_leaves(node.meta.get("val")))
+
+
 # -- commands -----------------------------------------------------------------------------------
 def _prepare(args, err):
     from nmcompile.targets import load_target, parse_options
@@ -284,6 +292,11 @@ def cmd_export(args) -> int:
 
                 from nmcompile import __version__
                 from nmcompile.export import onnx_op_counts, to_onnx
+
+                if _holds_float8(gm):
+                    raise CLIError("this graph holds float8 codes (lowering='native'), which ONNX's standard ops "
+                                   "(Transpose, Gemm) do not take: export --format onnx with \"lowering\": \"emulate\" "
+                                   "(the same values in the input dtype), or the native graph with --format model-explorer or dot")
 
                 model = to_onnx(gm, graph_id.replace("/", "_"), strip_stack_traces=args.strip_stack_traces,
                                 model_props={"nmcompile.version": __version__, "nmcompile.target": args.target,

@@ -33,6 +33,7 @@ aten = torch.ops.aten
 nm = torch.ops.nm
 _PRUNE = {nm.mvue.default: 2, nm.greedy.default: 1}  # op -> index of n in its args
 _GEMMS = {aten.mm.default, aten.addmm.default}
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclasses.dataclass
@@ -153,14 +154,14 @@ def _kernel_name(plan: _Plan, device: torch.device) -> str:
         return "fp8 " + "×".join(sorted(fmts, reverse=True))
     if plan.kernel.startswith("2:4"):
         impl = "cusparselt" if device.type == "cuda" else "cpu"
-        dtype = "fp8" if plan.kernel == "2:4 fp8" else str(val(plan.left.node).dtype).replace("torch.", "")
+        dtype = "fp8" if plan.kernel == "2:4 fp8" else _SHORT[val(plan.left.node).dtype]
         return f"2:4 {impl} {dtype}"
     return plan.kernel
 
 
 class _Lowerer:
-    def __init__(self, graph: fx.Graph, config: NMConfig, decompositions: dict):
-        self.graph, self.config, self.decompositions = graph, config, decompositions
+    def __init__(self, graph: fx.Graph, decompositions: dict):
+        self.graph, self.decompositions = graph, decompositions
         self.sawb_codes: dict = {}  # nm.sawb node -> (codes node, scale node)
 
     def _codes_of_sawb(self, base: fx.Node) -> tuple:
@@ -240,7 +241,7 @@ def lower_gemms(graph: fx.Graph, records: list, config: NMConfig, decompositions
     """Pick every recorded GEMM's kernel (``rec.kernel``, ``rec.kernel_note``) and put it in ``graph``."""
     version = cusparselt_version()
     nodes = {n.name: n for n in graph.nodes}
-    lowerer = _Lowerer(graph, config, decompositions)
+    lowerer = _Lowerer(graph, decompositions)
     for rec in records:
         rec.cusparselt = version
         if not rec.transforms or rec.skipped:

@@ -229,6 +229,19 @@ def captured_mlp():
     return run_captured(model, inputs, {"sparsity": "2:4", "quant": "luq", "fwd_quant": "sawb"})
 
 
+def test_native_graphs_export_to_model_explorer_and_dot_but_onnx_says_why_not(tmp_path):
+    options = '{"sparsity": "2:4", "gemms": ["wgrad", "dgrad"], "quant": "luq", "fwd_quant": "sawb", "lowering": "native"}'
+    result = run_cli("export", "mlp", "--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--options", options)
+    assert result.returncode != 0 and "float8 codes" in result.stderr and '"lowering": "emulate"' in result.stderr
+    result = run_cli("export", "mlp", "--format", "model-explorer", "-o", str(tmp_path / "me.json"), "--options", options)
+    assert result.returncode == 0, result.stderr
+    text = (tmp_path / "me.json").read_text()
+    assert "nm.fp8_mm" in text and "nm.sparse24_mm" in text and '"gemm.kernel"' in text
+    result = run_cli("inspect", "mlp", "--json", "--options", options)
+    kernels = {g["kernel"] for g in json.loads(result.stdout)["gemms"]}
+    assert {"fp8 e4m3", "2:4 cpu fp8", "2:4 cpu fp32"} <= kernels, kernels  # fp32: next to the kept first/last layers
+
+
 def test_onnx_matches_the_fx_graph_numerically(captured_mlp):
     """The standard-op mapping is not just well-typed: ONNX's reference runtime computes the same
     loss and gradients as the FX joint graph it came from (before the rewrite: no custom ops)."""

@@ -93,7 +93,7 @@ def test_kernels_chosen_for_each_gemm():
     assert {k[(f"fc{i}", "fwd")] for i in (1, 2, 3)} == {"fp8 e4m3"}
     assert {k[(f"fc{i}", r)] for i in (1, 2, 3) for r in ("wgrad", "dgrad") if (f"fc{i}", r) in k} == {"2:4 cpu fp8"}
     _, _, rep = run(model, x, SPARSE, "native", autocast=True)
-    assert {g.kernel for g in rep.backward} == {"2:4 cpu bfloat16"}
+    assert {g.kernel for g in rep.backward} == {"2:4 cpu bf16"}
     assert {g.kernel for g in rep.forward} == {"dense"}
     # the gradient as the right operand (addmm(b, x, W): dW = xᵀ·dY) runs transposed
     model, x = model_and_input("addmm")
@@ -108,7 +108,7 @@ def test_fallbacks_say_why():
     assert all("emulates on cpu" in g.kernel_note for g in rep.gemms if g.transforms)
     _, _, rep = run(model, x, {**BOTH, "smp": 2}, "native")
     bwd = [g for g in rep.backward if g.transforms]
-    assert {g.kernel for g in bwd} == {"2:4 cpu float32"}, "the 2:4 structure survives the mean of samples"
+    assert {g.kernel for g in bwd} == {"2:4 cpu fp32"}, "the 2:4 structure survives the mean of samples"
     _, _, rep = run(model, x, {**LUQ_SAWB, "smp": 2}, "native")
     assert all(g.kernel == "dense" and "smp=2" in g.kernel_note for g in rep.backward)
     _, _, rep = run(model, x, {**LUQ_SAWB, "bits": 6}, "native")
@@ -119,7 +119,7 @@ def test_fallbacks_say_why():
     assert all("3:8 is not a 2:4 structure" in g.kernel_note for g in rep.backward if g.transforms)
     for pattern in ("1:2", "2:8"):  # both are 2:4 structures too
         _, _, rep = run(model, x, {"sparsity": pattern}, "native")
-        assert {g.kernel for g in rep.backward if g.transforms} == {"2:4 cpu float32"}, pattern
+        assert {g.kernel for g in rep.backward if g.transforms} == {"2:4 cpu fp32"}, pattern
     model, x = model_and_input("conv")
     _, _, rep = run(model, x, BOTH, "native")
     assert all("no native kernel for conv" in g.kernel_note for g in rep.gemms if g.op == "conv" and g.transforms)
