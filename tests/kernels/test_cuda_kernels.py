@@ -16,7 +16,7 @@ from nmcompile.kernels.grouping import uniform_shape
 from nmcompile.kernels.luq import luq_levels
 from tests.kernels.test_cpu_kernels import layouts, same
 
-pytestmark = pytest.mark.skipif(not cuda.available(), reason="needs Triton (pip install triton)")
+pytestmark = [pytest.mark.triton, pytest.mark.skipif(not cuda.available(), reason="needs Triton (pip install triton)")]
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
