@@ -191,3 +191,15 @@ def test_native_on_cuda_equals_emulate():
         assert "fp8 e4m3" in kernels_used and "2:4 cusparselt fp8" in kernels_used, kernels_used
     assert all(r.cusparselt == torch.backends.cusparselt.version() for r in outs["auto"][1])
     assert_within_accumulation_bound(outs["auto"][0], outs["emulate"][0], depth=6, k_max=512, dtype_eps=2.0**-8)
+
+
+def test_bad_lowering_is_refused_and_dynamic_shapes_stay_dense():
+    with pytest.raises(ValueError, match=r"lowering='fast' is not allowed; choose one of 'auto', 'emulate', 'native'"):
+        nmcompile.NMConfig(lowering="fast")
+    model, x = model_and_input("mlp")
+    torch._dynamo.reset()
+    with nmcompile.backend.recording() as records:
+        compiled = torch.compile(model, backend="nm", options={**BOTH, "lowering": "native"}, dynamic=True)
+        compiled(x).pow(2).mean().backward()
+    touched = [r for r in records if r.transforms]
+    assert touched and all(r.kernel == "dense" and "symbolic shapes" in r.kernel_note for r in touched)
