@@ -27,7 +27,7 @@ from nmcompile.kernels.luq import luq_levels
 from .analysis import layout_chain, module_path, val
 from .config import NMConfig
 from .records import GemmRecord
-from .splice import splice
+from .splice import atomic, splice
 
 aten = torch.ops.aten
 nm = torch.ops.nm
@@ -247,12 +247,15 @@ def lower_gemms(graph: fx.Graph, records: list, config: NMConfig, decompositions
         if not rec.transforms or rec.skipped:
             continue  # nothing compressed: the GEMM it always was
         node = nodes.get(rec.node)  # None for a convolution backward the rewrite split
+        codes = dict(lowerer.sawb_codes)
         try:
-            plan = _plan(node, rec, config.lowering)
-            rec.kernel_note = plan.note
-            if plan.kernel != "dense":
-                rec.kernel = _kernel_name(plan, val(node).device)
-                lowerer.lower(node, rec, plan)
-        except Exception as err:  # never fail a user's compile: the GEMM stays as emulated, and says why
+            with atomic(graph):  # all or nothing: a failure leaves this GEMM exactly as emulated
+                plan = _plan(node, rec, config.lowering)
+                rec.kernel_note = plan.note
+                if plan.kernel != "dense":
+                    rec.kernel = _kernel_name(plan, val(node).device)
+                    lowerer.lower(node, rec, plan)
+        except Exception as err:  # never fail a user's compile, and say why
+            lowerer.sawb_codes = codes
             rec.kernel, rec.kernel_note = "dense", f"native lowering failed ({type(err).__name__}: {err})"
     lowerer.finish()

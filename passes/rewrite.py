@@ -2,6 +2,7 @@
 GEMM operands, and record every decision (DESIGN.md §5)."""
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from typing import Callable, Optional
@@ -18,7 +19,7 @@ from .config import NMConfig
 from .lowering import lower_gemms
 from .records import GemmRecord
 from .seeds import merge_seed_draws
-from .splice import splice
+from .splice import atomic, splice
 
 aten = torch.ops.aten
 
@@ -62,10 +63,25 @@ class _Rewriter:
     def _record(self, node: fx.Node, op: str, role: str, shape: tuple) -> GemmRecord:
         out = val(node)
         dtype = out[0].dtype if isinstance(out, (tuple, list)) and out and out[0] is not None else getattr(out, "dtype", None)
-        rec = GemmRecord(self.graph_index, node.name, op, role, module_path(node),
-                         tuple(size_str(s) for s in shape), str(dtype).replace("torch.", ""))
+        rec = GemmRecord(self.graph_index, node.name, op, role, module_path(node), _shape(shape),
+                         str(dtype).replace("torch.", ""))
         self.records.append(rec)
         return rec
+
+    @contextlib.contextmanager
+    def _transaction(self, *recs: GemmRecord):
+        """One GEMM's rewrite, all or nothing: on any error its inserted nodes are erased, the caches
+        restored, and its records say "not understood" (the pass never fails a user's compile)."""
+        quantized, quantized_gemms = dict(self.quantized), set(self.quantized_gemms)
+        try:
+            with atomic(self.graph):
+                yield
+        except Exception as err:  # noqa: BLE001
+            self.quantized, self.quantized_gemms = quantized, quantized_gemms
+            for rec in recs:
+                rec.transforms.clear()
+                rec.notes.clear()
+                rec.skipped = f"not understood ({type(err).__name__}: {err})"
 
     def _selected(self, rec: GemmRecord) -> bool:
         cfg = self.config
@@ -112,24 +128,27 @@ class _Rewriter:
         cfg = self.config
         kept = {gemms[0], gemms[-1]} if cfg.keep_first_last and gemms else set()
         for node in gemms:
-            if node.target is CONV_FWD:
-                rec = self._record(node, "conv", "fwd", _conv_fwd_shape(node))
-                operands = [node.args[0], node.args[1]]
-            else:
-                left, right = matmul_operands(node)
-                rec = self._record(node, MATMULS[node.target], "fwd", _matmul_shape(left, right))
-                operands = [left, right]
-            if cfg.fwd_quant is None:
-                continue
-            if node in kept:
-                rec.skipped = "first/last GEMM kept in high precision (keep_first_last=True)"
-                continue
-            if not self._selected(rec):
-                continue
-            for operand in operands:
-                node.replace_input_with(operand, self._quantize_source(operand, node))
-            self.quantized_gemms.add(node)
-            rec.transforms.append(f"sawb{cfg.fwd_bits} W,X")
+            rec = self._record(node, "conv" if node.target is CONV_FWD else MATMULS[node.target], "fwd", ("?",) * 3)
+            with self._transaction(rec):
+                if node.target is CONV_FWD:
+                    rec.shape = _shape(_conv_fwd_shape(node))
+                    operands = [node.args[0], node.args[1]]
+                else:
+                    left, right = matmul_operands(node)
+                    rec.shape = _shape(_matmul_shape(left, right))
+                    operands = [left, right]
+                if cfg.fwd_quant is None:
+                    continue
+                if node in kept:
+                    rec.skipped = "first/last GEMM kept in high precision (keep_first_last=True)"
+                    continue
+                if not self._selected(rec):
+                    continue
+                new = [self._quantize_source(operand, node) for operand in operands]  # insertions only
+                for operand, quantized in zip(operands, new):  # then the change
+                    node.replace_input_with(operand, quantized)
+                self.quantized_gemms.add(node)
+                rec.transforms.append(f"sawb{cfg.fwd_bits} W,X")
 
     # -- backward GEMMs -------------------------------------------------------------------------
     def _gradient_steps(self, rec: GemmRecord, role: str, k, dim: int, dim_name: str) -> list:
@@ -164,78 +183,90 @@ class _Rewriter:
                       decompositions=self.decompositions)
 
     def backward_matmul(self, node: fx.Node, grads: set, partners: dict) -> None:
-        left, right = matmul_operands(node)
-        rec = self._record(node, MATMULS[node.target], "?", _matmul_shape(left, right))
-        if val(left) is None or val(right) is None:
-            rec.skipped = "operands have no fake values"
-            return
-        grad_left, grad_right = left in grads, right in grads
-        if grad_left == grad_right:
-            rec.skipped = "both operands depend on the incoming gradient" if grad_left else "no operand is a gradient"
-            return
-        partner = partners.get(node.meta.get("seq_nr"))
-        role, how = matmul_role(node, grad_left, partner)
-        if role is None:
-            rec.skipped = how
-            return
-        rec.role = role
-        other = right if grad_left else left
-        requant = self._requantized(other, node, partner)
-        if requant is not None:
-            node.replace_input_with(other, requant)
-            rec.transforms.append(f"sawb{self.config.fwd_bits} {'W' if role == 'dgrad' else 'X'}")
-        if not self._selected(rec):
-            return
-        grad = left if grad_left else right
-        dim = val(grad).dim() - (1 if grad_left else 2)  # the reduction dim of the gradient operand
-        steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim,
-                                     "K (tokens)" if role == "wgrad" else "K (features)")
-        if steps:
-            node.replace_input_with(grad, self._compress(grad, node, steps, role))
-        elif not rec.transforms and not rec.notes:
-            rec.skipped = self._why_unchanged(role)
+        rec = self._record(node, MATMULS[node.target], "?", ("?",) * 3)
+        with self._transaction(rec):
+            left, right = matmul_operands(node)
+            rec.shape = _shape(_matmul_shape(left, right))
+            if val(left) is None or val(right) is None:
+                rec.skipped = "operands have no fake values"
+                return
+            grad_left, grad_right = left in grads, right in grads
+            if grad_left == grad_right:
+                rec.skipped = "both operands depend on the incoming gradient" if grad_left else "no operand is a gradient"
+                return
+            partner = partners.get(node.meta.get("seq_nr"))
+            role, how = matmul_role(node, grad_left, partner)
+            if role is None:
+                rec.skipped = how
+                return
+            rec.role = role
+            other, grad = (right, left) if grad_left else (left, right)
+            changes = []  # (old input, new input): made once everything is inserted
+            requant = self._requantized(other, node, partner)
+            if requant is not None:
+                changes.append((other, requant))
+                rec.transforms.append(f"sawb{self.config.fwd_bits} {'W' if role == 'dgrad' else 'X'}")
+            if self._selected(rec):
+                dim = val(grad).dim() - (1 if grad_left else 2)  # the reduction dim of the gradient operand
+                steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim,
+                                             "K (tokens)" if role == "wgrad" else "K (features)")
+                if steps:
+                    changes.append((grad, self._compress(grad, node, steps, role)))
+                elif not rec.transforms and not rec.notes:
+                    rec.skipped = self._why_unchanged(role)
+            for old, new in changes:
+                node.replace_input_with(old, new)
 
     def backward_conv(self, node: fx.Node, grads: set, partners: dict) -> None:
-        grad, x, w = node.args[0], node.args[1], node.args[2]
         mask = list(node.args[10])
         getitems = {u.args[1]: u for u in node.users if u.target is _getitem}
-        partner = partners.get(node.meta.get("seq_nr"))
-        new_x = self._requantized(x, node, partner) or x
-        new_w = self._requantized(w, node, partner) or w
-        for index, role in ((0, "dgrad"), (1, "wgrad")):
-            if not mask[index] or index not in getitems:
-                continue
-            rec = self._record(node, "conv", role, _conv_bwd_shape(node, role))
-            if new_x is not x or new_w is not w:
-                rec.transforms.append(f"sawb{self.config.fwd_bits} {'W' if role == 'dgrad' else 'X'}")
-            g = grad
-            if grad in grads and self._selected(rec):
-                # dgrad reduces over output channels (dim 1); wgrad over N·H·W: group along W.
-                dim = 1 if role == "dgrad" else val(grad).dim() - 1
-                steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim,
-                                             "C_out" if role == "dgrad" else "W (tokens)")
-                if steps:
-                    g = self._compress(grad, node, steps, role)
-            if g is grad and new_x is x and new_w is w:
-                continue
-            one = [i == index for i in range(3)]
-            with self.graph.inserting_before(node):
-                split = self.graph.call_function(CONV_BWD, (g, new_x, new_w, *node.args[3:10], one))
-                split.meta.update(node.meta)
-                item = self.graph.call_function(_getitem, (split, index))
-                item.meta.update(getitems[index].meta)
-            getitems[index].replace_all_uses_with(item)
-            self.graph.erase_node(getitems[index])
-            mask[index] = False
-        if not any(mask[:2]) and not (mask[2] and 2 in getitems):
-            for user in list(node.users):
-                self.graph.erase_node(user)
-            self.graph.erase_node(node)
-        elif mask != list(node.args[10]):
-            node.update_arg(10, mask)
+        roles = [(index, role) for index, role in ((0, "dgrad"), (1, "wgrad")) if mask[index] and index in getitems]
+        recs = {index: self._record(node, "conv", role, ("?",) * 3) for index, role in roles}
+        with self._transaction(*recs.values()):
+            grad, x, w = node.args[0], node.args[1], node.args[2]
+            partner = partners.get(node.meta.get("seq_nr"))
+            new_x = self._requantized(x, node, partner) or x
+            new_w = self._requantized(w, node, partner) or w
+            replaced = []  # (old getitem, its replacement): made once everything is inserted
+            for index, role in roles:
+                rec = recs[index]
+                rec.shape = _shape(_conv_bwd_shape(node, role))
+                if new_x is not x or new_w is not w:
+                    rec.transforms.append(f"sawb{self.config.fwd_bits} {'W' if role == 'dgrad' else 'X'}")
+                g = grad
+                if grad in grads and self._selected(rec):
+                    # dgrad reduces over output channels (dim 1); wgrad over N·H·W: group along W.
+                    dim = 1 if role == "dgrad" else val(grad).dim() - 1
+                    steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim,
+                                                 "C_out" if role == "dgrad" else "W (tokens)")
+                    if steps:
+                        g = self._compress(grad, node, steps, role)
+                if g is grad and new_x is x and new_w is w:
+                    continue
+                one = [i == index for i in range(3)]
+                with self.graph.inserting_before(node):
+                    split = self.graph.call_function(CONV_BWD, (g, new_x, new_w, *node.args[3:10], one))
+                    split.meta.update(node.meta)
+                    item = self.graph.call_function(_getitem, (split, index))
+                    item.meta.update(getitems[index].meta)
+                replaced.append((getitems[index], item))
+                mask[index] = False
+            for old, item in replaced:
+                old.replace_all_uses_with(item)
+                self.graph.erase_node(old)
+            if not any(mask[:2]) and not (mask[2] and 2 in getitems):
+                for user in list(node.users):
+                    self.graph.erase_node(user)
+                self.graph.erase_node(node)
+            elif mask != list(node.args[10]):
+                node.update_arg(10, mask)
 
 
 _getitem = operator.getitem
+
+
+def _shape(shape: tuple) -> tuple:
+    return tuple(size_str(s) for s in shape)
 
 
 def _matmul_shape(left: fx.Node, right: fx.Node) -> tuple:
@@ -279,21 +310,14 @@ def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, g
     rw.forward_gemms(fwd)
     for node in nodes:
         if node.target in MATMULS and node not in fwd:
-            try:
-                rw.backward_matmul(node, grads, partners)
-            except Exception as err:  # never fail a user's compile: skip and say why
-                rw.records[-1].skipped = f"not understood ({type(err).__name__}: {err})"
+            rw.backward_matmul(node, grads, partners)
         elif is_fused_attention_backward(node):
             rw.records.append(GemmRecord(
                 graph_index, node.name, "sdpa", "?", module_path(node), ("?",) * 3, str(getattr(val(node.args[0]), "dtype", "?")).replace("torch.", ""),
                 skipped="fused attention kernel: its GEMMs are not visible to the pass (run attention under "
                         "torch.nn.attention.sdpa_kernel(SDPBackend.MATH) to rewrite them)"))
         elif node.target is CONV_BWD:
-            try:
-                rw.backward_conv(node, grads, partners)
-            except Exception as err:
-                rw.records.append(GemmRecord(graph_index, node.name, "conv", "?", module_path(node), ("?",) * 3, "?",
-                                             skipped=f"not understood ({type(err).__name__}: {err})"))
+            rw.backward_conv(node, grads, partners)
     lower_gemms(graph, rw.records, config, rw.decompositions)
     if decompose:  # for Inductor: one seed buffer, not a kernel per draw
         merge_seed_draws(graph)

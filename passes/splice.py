@@ -15,6 +15,22 @@ CARRIED_META = ("stack_trace", "nn_module_stack", "fwd_nn_module_stack", "fwd_so
 RANDOM_OPS = {torch.ops.aten.rand.default, torch.ops.aten.rand_like.default, torch.ops.aten.randint.low}
 
 
+@contextlib.contextmanager
+def atomic(graph: fx.Graph):
+    """Nodes inserted into ``graph`` inside the block are erased again if it raises.
+
+    The rewrite of one GEMM inserts its nodes first and changes existing nodes only in its last
+    steps (replacing an input, re-pointing users), so a failure leaves the graph exactly as it was."""
+    before = set(graph.nodes)
+    try:
+        yield
+    except BaseException:
+        for node in reversed(list(graph.nodes)):  # users before the nodes they use
+            if node not in before:
+                graph.erase_node(node)
+        raise
+
+
 def trace(fn: Callable, inputs: Sequence[fx.Node], decompositions: dict) -> fx.GraphModule:
     """Trace ``fn`` on the fake values of ``inputs`` (symbolic sizes stay symbolic)."""
     fakes = [node.meta["val"] for node in inputs]
