@@ -8,23 +8,38 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Optional
+import dataclasses
+from typing import Callable, Optional
 
 import torch
 
 from nmcompile.passes import NMConfig, NMJointPass
 from nmcompile.passes.joint_pass import chain_with_existing
 
-_recorder: contextvars.ContextVar[Optional[list]] = contextvars.ContextVar("nm_records", default=None)
+@dataclasses.dataclass
+class _Recording:
+    records: list
+    graphs: int = 0  # Dynamo graphs compiled so far: each backend call is one, recorded or not
+
+    def next_graph(self) -> int:
+        self.graphs += 1
+        return self.graphs - 1
+
+
+_recorder: contextvars.ContextVar[Optional[_Recording]] = contextvars.ContextVar("nm_recording", default=None)
 
 
 @contextlib.contextmanager
 def recording():
-    """Collect the GemmRecords of every graph the nm backend compiles inside this block."""
-    records: list = []
-    token = _recorder.set(records)
+    """Collect the GemmRecords of every graph the nm backend compiles inside this block.
+
+    ``GemmRecord.graph`` is the index of the Dynamo graph within the block (0, 1, ... in the order
+    Dynamo compiles them, inference-only graphs included), the same numbering the CLI's captured
+    graphs use."""
+    state = _Recording([])
+    token = _recorder.set(state)
     try:
-        yield records
+        yield state.records
     finally:
         _recorder.reset(token)
 
@@ -37,44 +52,63 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
         from nmcompile.kernels import cpu
 
         cpu.prebuild()  # the nm ops' CPU kernels compile while Inductor works (once per machine)
-    records = _recorder.get()
-    # Dynamo calls the backend once per graph: number graphs across calls within one recording.
-    first = 1 + max((r.graph for r in records), default=-1) if records is not None else 0
+    state = _recorder.get()
+    records = state.records if state is not None else None
+    index = state.next_graph() if state is not None else 0
     if config.inner == "aot_eager":
-        return _aot_eager(gm, example_inputs, NMJointPass(config, decompose=False, records=records, first_graph=first))
+        return aot_eager(gm, example_inputs, NMJointPass(config, decompose=False, records=records, first_graph=index))
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
     patches.update(inductor_patches)
-    import torch._inductor.config as inductor_config
-
-    existing = patches.get("joint_custom_pre_pass", inductor_config.joint_custom_pre_pass)
-    ours = NMJointPass(config, decompose=True, records=records, first_graph=first)
-    patches["joint_custom_pre_pass"] = chain_with_existing(existing, ours)
+    ours = NMJointPass(config, decompose=True, records=records, first_graph=index)
+    patches["joint_custom_pre_pass"] = chain_with_existing(patches.get("joint_custom_pre_pass", _users_joint_pass()), ours)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if records is not None and ours.calls == 0 and torch.is_grad_enabled():
         # Inductor's caches served this graph, so the pass did not run on it: trace it once more,
         # without Inductor, to record what the cached code does (only while recording).
-        _aot_eager(gm, example_inputs, NMJointPass(config, decompose=True, records=records, first_graph=first))
+        aot_eager(gm, example_inputs, NMJointPass(config, decompose=True, records=records, first_graph=index))
     return compiled
 
 
-def _aot_eager(gm, example_inputs, joint_pass: NMJointPass):
-    """AOTAutograd with the same decompositions as Inductor, the pass applied to the joint graph
-    before partitioning, and eager execution of the resulting graphs."""
+def _users_joint_pass():
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.joint_custom_pre_pass
+
+
+def aot_eager(gm, example_inputs, joint_pass: NMJointPass, *,
+              on_joint: Optional[Callable[[torch.fx.GraphModule, str], None]] = None,
+              on_graph: Optional[Callable[[torch.fx.GraphModule, str], None]] = None):
+    """AOTAutograd with Inductor's decompositions, the user's joint pass and ours applied to the joint
+    graph before partitioning (as under Inductor), and eager execution of the resulting graphs.
+
+    ``on_joint(joint, "before" | "after")`` sees the joint graph around the passes, ``on_graph(graph,
+    "forward" | "backward")`` each partitioned graph before it runs (the CLI keeps and wraps them)."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
     import torch._inductor.lowering  # noqa: F401  (some decompositions, e.g. max_pool2d's, read it)
     from torch._inductor.decomposition import select_decomp_table
 
+    passes = chain_with_existing(_users_joint_pass(), joint_pass)
+
     def partition(joint: torch.fx.GraphModule, joint_inputs, **kwargs):
-        joint_pass(joint.graph)
+        if on_joint is not None:
+            on_joint(joint, "before")
+        passes(joint.graph)
         joint.recompile()
+        if on_joint is not None:
+            on_joint(joint, "after")
         return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
 
-    def run_eagerly(graph: torch.fx.GraphModule, _inputs):
-        return make_boxed_func(graph.forward)
+    def compiler(kind: str):
+        def run_eagerly(graph: torch.fx.GraphModule, _inputs):
+            if on_graph is not None:
+                on_graph(graph, kind)
+            return make_boxed_func(graph.forward)
 
-    return aot_autograd(fw_compiler=run_eagerly, bw_compiler=run_eagerly, partition_fn=partition,
+        return run_eagerly
+
+    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"), partition_fn=partition,
                         decompositions=select_decomp_table())(gm, example_inputs)

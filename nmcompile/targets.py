@@ -136,43 +136,35 @@ def capture_backend(options: dict, graphs: list, records: list,
                     wrap: Optional[Callable[[fx.GraphModule, str, int], None]] = None):
     """A Dynamo backend equal to ``nm`` with ``inner="aot_eager"`` that also keeps the graphs.
 
-    ``wrap(graph_module, "forward"|"backward", index)`` may edit the partitioned graphs before they
-    run (the profiler wraps the nm nodes in ``record_function`` ranges).
+    ``graphs[i]`` holds Dynamo's i-th graph; its records carry ``graph == i``, inference-only graphs
+    included (they have no joint graph and no records). ``wrap(graph_module, "forward"|"backward",
+    index)`` may edit the partitioned graphs before they run (the profiler wraps the nm nodes in
+    ``record_function`` ranges).
     """
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
-    import torch._inductor.lowering  # noqa: F401  (some decompositions, e.g. max_pool2d's, read it)
-    from torch._inductor.decomposition import select_decomp_table
-
+    from nmcompile.backend import aot_eager
     from nmcompile.passes import NMConfig, NMJointPass
 
     config, _ = NMConfig.from_options(options)
-    joint_pass = NMJointPass(config, decompose=False, records=records)
 
     def backend(gm: fx.GraphModule, example_inputs):
         entry = CapturedGraph(len(graphs))
         graphs.append(entry)
+        start = len(records)
 
-        def partition(joint: fx.GraphModule, joint_inputs, **kwargs):
-            entry.joint_before = copy_graph_module(joint)
-            start = len(records)
-            joint_pass(joint.graph)
-            joint.recompile()
-            entry.joint = copy_graph_module(joint)
-            _trace_artifacts(entry, records[start:])
-            return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+        def on_joint(joint: fx.GraphModule, when: str) -> None:
+            if when == "before":
+                entry.joint_before = copy_graph_module(joint)
+            else:
+                entry.joint = copy_graph_module(joint)
+                _trace_artifacts(entry, records[start:])
 
-        def compiler(kind: str):
-            def compile_graph(graph: fx.GraphModule, _inputs):
-                setattr(entry, kind, graph)
-                if wrap is not None:
-                    wrap(graph, kind, entry.index)
-                return make_boxed_func(graph.forward)
+        def on_graph(graph: fx.GraphModule, kind: str) -> None:
+            setattr(entry, kind, graph)
+            if wrap is not None:
+                wrap(graph, kind, entry.index)
 
-            return compile_graph
-
-        return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
-                            partition_fn=partition, decompositions=select_decomp_table())(gm, example_inputs)
+        joint_pass = NMJointPass(config, decompose=False, records=records, first_graph=entry.index)
+        return aot_eager(gm, example_inputs, joint_pass, on_joint=on_joint, on_graph=on_graph)
 
     return backend
 

@@ -121,3 +121,51 @@ def test_a_user_joint_pass_still_runs_before_ours():
         model = torch.nn.Linear(8, 4)
         torch.compile(model, backend="nm", options={"sparsity": "2:4"})(torch.randn(8, 8)).sum().backward()
     assert calls == [0] and records and records[-1].transforms  # theirs ran (first), ours too
+
+
+class _NoGradThenTrain(torch.nn.Module):
+    """Dynamo graph 0 runs without autograd (an inference graph: no joint graph, no records); graph 1 trains."""
+
+    def __init__(self):
+        super().__init__()
+        self.pre, self.fc = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = torch.relu(self.pre(x))
+        torch._dynamo.graph_break()
+        return self.fc(h)
+
+
+def test_records_and_captured_graphs_share_one_numbering():
+    from nmcompile.backend import recording
+    from nmcompile.targets import run_captured
+
+    torch.manual_seed(0)
+    run = run_captured(_NoGradThenTrain(), (torch.randn(8, 8),), {"sparsity": "2:4"})
+    assert [g.joint is None for g in run.graphs] == [True, False]
+    assert run.records and {r.graph for r in run.records} == {1}
+    for r in run.records:  # each record names a node of the graph it says it belongs to
+        assert r.node in {n.name for n in run.graphs[r.graph].joint.graph.nodes}
+    with recording() as records:
+        torch.compile(_NoGradThenTrain(), backend="nm", options={"sparsity": "2:4"})(torch.randn(8, 8)).sum().backward()
+    assert records and {r.graph for r in records} == {1}, "Dynamo's second graph, after an inference graph"
+
+
+def test_the_cli_capture_runs_a_user_joint_pass_too():
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    from nmcompile.targets import run_captured
+
+    calls = []
+
+    class Theirs(CustomGraphPass):
+        def __call__(self, graph):
+            calls.append(sum(1 for n in graph.nodes if "nm" in n.meta))
+
+        def uuid(self):
+            return "theirs-v1"
+
+    with torch._inductor.config.patch(joint_custom_pre_pass=Theirs()):
+        run = run_captured(torch.nn.Linear(8, 4), (torch.randn(8, 8),), {"sparsity": "2:4"})
+    assert calls == [0] and run.records[-1].transforms  # theirs ran (first), then ours
