@@ -112,7 +112,7 @@ def _plan(node: Optional[fx.Node], rec: GemmRecord, lowering: str) -> _Plan:
         return _Plan("dense", None)
     device = _device(node)
     if lowering == "auto" and device is not None and device.type != "cuda":
-        return _Plan("dense", f"lowering='auto' emulates on {device.type} (lowering='native' runs the native graph here)")
+        return _Plan("dense", f"lowering='auto' emulates on {device.type}")
     if node is None or node.target not in _GEMMS:
         return _Plan("dense", f"no native kernel for {rec.op} GEMMs (mm and addmm only)")
     if node.target is aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):

@@ -140,7 +140,9 @@ class _Rewriter:
                 if cfg.fwd_quant is None:
                     continue
                 if node in kept:
-                    rec.skipped = "first/last GEMM kept in high precision (keep_first_last=True)"
+                    which = " and ".join(w for w, n in (("first", gemms[0]), ("last", gemms[-1])) if n is node)
+                    rec.skipped = (f"{which} forward GEMM of graph {self.graph_index} kept in high precision "
+                                   "(keep_first_last=True applies to every compiled graph)")
                     continue
                 if not self._selected(rec):
                     continue

@@ -118,3 +118,23 @@ def test_backward_of_a_high_precision_gemm_never_sees_quantized_operands():
     r = nmcompile.explain(Fork(), torch.randn(8, 16), fwd_quant="sawb", **AOT)
     assert r.find("fc2", "wgrad")[0].transforms == ["sawb4 X"]
     assert r.find("head", "wgrad")[0].transforms == [] and "keep_first_last" in r.find("head", "fwd")[0].skipped
+
+
+def test_keep_first_last_applies_to_every_compiled_graph_and_says_so():
+    """With a graph break each Dynamo graph keeps its own first and last forward GEMM (documented),
+    and every kept GEMM's record says which one it is and of which graph."""
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c, self.d = (nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x):
+            x = self.b(torch.relu(self.a(x)))
+            torch._dynamo.graph_break()
+            return self.d(torch.relu(self.c(x)))
+
+    r = nmcompile.explain(Broken(), torch.randn(8, 16), fwd_quant="sawb", **AOT)
+    kept = {g.module: g.skipped for g in r.forward if g.skipped}
+    assert set(kept) == {"a", "b", "c", "d"}
+    assert kept["a"].startswith("first forward GEMM of graph 0") and kept["b"].startswith("last forward GEMM of graph 0")
+    assert kept["c"].startswith("first forward GEMM of graph 1") and kept["d"].startswith("last forward GEMM of graph 1")
