@@ -189,7 +189,8 @@ if triton is not None:
             c1, c2, c3 = c0, c0, c0
             for _ in tl.static_range(N - 1):
                 if M == 4:
-                    free_sum = ((tl.where(c0, 0.0, a0) + tl.where(c1, 0.0, a1)) + tl.where(c2, 0.0, a2)) + tl.where(c3, 0.0, a3)
+                    free_sum = tl.where(c0, 0.0, a0) + tl.where(c1, 0.0, a1)  # summed in order, as sparsity.py
+                    free_sum = (free_sum + tl.where(c2, 0.0, a2)) + tl.where(c3, 0.0, a3)
                     free_n = N - (((c0.to(tl.float32) + c1.to(tl.float32)) + c2.to(tl.float32)) + c3.to(tl.float32))
                 else:
                     free_sum = tl.where(c0, 0.0, a0) + tl.where(c1, 0.0, a1)
@@ -199,9 +200,13 @@ if triton is not None:
                 c2 = c2 | (a2 * free_n > free_sum)
                 c3 = c3 | (a3 * free_n > free_sum)
             if M == 4:
-                free_sum = ((tl.where(c0, 0.0, a0) + tl.where(c1, 0.0, a1)) + tl.where(c2, 0.0, a2)) + tl.where(c3, 0.0, a3)
+                free_sum = ((tl.where(c0, 0.0, a0) + tl.where(c1, 0.0, a1)) + tl.where(c2, 0.0, a2)) + tl.where(
+                    c3, 0.0, a3
+                )
                 free_n = N - (((c0.to(tl.float32) + c1.to(tl.float32)) + c2.to(tl.float32)) + c3.to(tl.float32))
-                nonzero = (((a0 > 0).to(tl.float32) + (a1 > 0).to(tl.float32)) + (a2 > 0).to(tl.float32)) + (a3 > 0).to(tl.float32)
+                nonzero = (((a0 > 0).to(tl.float32) + (a1 > 0).to(tl.float32)) + (a2 > 0).to(tl.float32)) + (a3 > 0).to(
+                    tl.float32
+                )
             else:
                 free_sum = tl.where(c0, 0.0, a0) + tl.where(c1, 0.0, a1)
                 free_n = N - (c0.to(tl.float32) + c1.to(tl.float32))
@@ -257,15 +262,30 @@ if triton is not None:
         tl.store(part_ptr + pid * 4 + 3, tl.sum(tl.where(mask, tl.abs(xd), 0.0), axis=0))
 
     @triton.jit
-    def _luq_kernel(x_ptr, out_ptr, amax_ptr, seed_ptr, u_ptr, u_outer_ptr, u_inner, u_sample, INNER, TOTAL,
-                    SAMPLES: tl.constexpr, TOP: tl.constexpr, SEEDED: tl.constexpr, KIND: tl.constexpr, LARGEST: tl.constexpr,
-                    BLOCK: tl.constexpr):
+    def _luq_kernel(
+        x_ptr,
+        out_ptr,
+        amax_ptr,
+        seed_ptr,
+        u_ptr,
+        u_outer_ptr,
+        u_inner,
+        u_sample,
+        INNER,
+        TOTAL,
+        SAMPLES: tl.constexpr,
+        TOP: tl.constexpr,
+        SEEDED: tl.constexpr,
+        KIND: tl.constexpr,
+        LARGEST: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = idx < TOTAL
         x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         amax = tl.load(amax_ptr)
         # luq.luq_math, operation by operation
-        r = tl.math.div_rn(tl.abs(x), amax) * (2.0 ** TOP)
+        r = tl.math.div_rn(tl.abs(x), amax) * (2.0**TOP)
         k = tl.minimum(tl.maximum(((r.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, 0), TOP)
         low = ((k + 127) << 23).to(tl.float32, bitcast=True)  # 2^k, exactly
         under = r < 1.0
@@ -282,7 +302,7 @@ if triton is not None:
             ups += tl.where(u < p_up, 1.0, 0.0)
         units = base + width * tl.math.div_rn(ups, SAMPLES * 1.0)
         if KIND == 0:
-            q = (_sign(x) * (units * (2.0 ** -TOP))) * amax
+            q = (_sign(x) * (units * (2.0**-TOP))) * amax
             q = tl.where(amax > 0, q, x)
             q = tl.where(_finite(amax), q, x + amax)
             tl.store(out_ptr + idx, _to(q, out_ptr.dtype.element_ty), mask=mask)
@@ -349,9 +369,23 @@ def prune(x: torch.Tensor, u: Optional[torch.Tensor], n: int, m: int, dim: int, 
     if pairs:
         dummy = torch.zeros(1, device=x.device)
         _prune_kernel[_grid(outer * pairs, BLOCK)](
-            src, out, u if (u is not None and not seeded) else dummy, u if seeded else dummy.long(),
-            _on_device(u_outer, x.device), u_group, u_inner, k, inner, pairs, outer * pairs,
-            N=n, M=m, MVUE=mvue, SEEDED=seeded, BLOCK=BLOCK)
+            src,
+            out,
+            u if (u is not None and not seeded) else dummy,
+            u if seeded else dummy.long(),
+            _on_device(u_outer, x.device),
+            u_group,
+            u_inner,
+            k,
+            inner,
+            pairs,
+            outer * pairs,
+            N=n,
+            M=m,
+            MVUE=mvue,
+            SEEDED=seeded,
+            BLOCK=BLOCK,
+        )
     if k % m:  # the remainder along dim stays as it is
         full = groups * m
         view = (outer, k, inner)
@@ -389,9 +423,23 @@ def luq(x: torch.Tensor, u: torch.Tensor, top: int, codes: Optional[torch.dtype]
     largest = {None: 0, torch.float8_e4m3fn: 8, torch.float8_e5m2: 15}[codes]
     dummy = torch.zeros(1, device=x.device)
     _luq_kernel[_grid(x.numel(), BLOCK)](
-        src, out, amax, u.contiguous() if seeded else dummy.long(), dummy if seeded else u, _on_device(u_outer, x.device),
-        u_inner, u_sample, inner, x.numel(),
-        SAMPLES=samples, TOP=top, SEEDED=seeded, KIND=_FP8_KIND.get(codes, 0), LARGEST=largest, BLOCK=BLOCK)
+        src,
+        out,
+        amax,
+        u.contiguous() if seeded else dummy.long(),
+        dummy if seeded else u,
+        _on_device(u_outer, x.device),
+        u_inner,
+        u_sample,
+        inner,
+        x.numel(),
+        SAMPLES=samples,
+        TOP=top,
+        SEEDED=seeded,
+        KIND=_FP8_KIND.get(codes, 0),
+        LARGEST=largest,
+        BLOCK=BLOCK,
+    )
     if codes is None:
         return out
     scale = torch.where(amax == 0, 1.0, amax * 2.0**-largest)

@@ -43,8 +43,13 @@ def _col_major(t: Tensor) -> Tensor:
 
 
 def _out_shape(a: Tensor, b: Tensor) -> tuple:
-    torch._check(a.dim() == 2 and b.dim() == 2, lambda: f"nm GEMM ops take 2-D operands, got {tuple(a.shape)} and {tuple(b.shape)}")
-    torch._check(a.shape[1] == b.shape[0], lambda: f"nm GEMM ops: inner sizes differ, {tuple(a.shape)} @ {tuple(b.shape)}")
+    torch._check(
+        a.dim() == 2 and b.dim() == 2,
+        lambda: f"nm GEMM ops take 2-D operands, got {tuple(a.shape)} and {tuple(b.shape)}",
+    )
+    torch._check(
+        a.shape[1] == b.shape[0], lambda: f"nm GEMM ops: inner sizes differ, {tuple(a.shape)} @ {tuple(b.shape)}"
+    )
     return a.shape[0], b.shape[1]
 
 
@@ -53,7 +58,9 @@ def _check_scaled(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor) -> Non
         raise ValueError(f"nm.fp8_mm: operands must be float8 codes, got {a.dtype} and {b.dtype}")
     for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
         if s.numel() != 1 or s.dtype != torch.float32:
-            raise ValueError(f"nm.fp8_mm: {name} must be one fp32 value per tensor, got {s.dtype} of shape {tuple(s.shape)}")
+            raise ValueError(
+                f"nm.fp8_mm: {name} must be one fp32 value per tensor, got {s.dtype} of shape {tuple(s.shape)}"
+            )
 
 
 def _dequantized_mm(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -61,8 +68,9 @@ def _dequantized_mm(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor, out_
 
 
 @torch.library.custom_op("nm::fp8_mm", mutates_args=())
-def fp8_mm(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor],
-           out_dtype: torch.dtype) -> Tensor:
+def fp8_mm(
+    a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+) -> Tensor:
     """(a·scale_a) @ (b·scale_b) + bias in ``out_dtype``, fp32 accumulation."""
     _out_shape(a, b)
     _check_scaled(a, scale_a, b, scale_b)
@@ -70,8 +78,14 @@ def fp8_mm(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor, bias: Optiona
     fuse = bias is not None and bias.dtype == out_dtype and (a.device.type == "cpu" or out_dtype != torch.float32)
 
     def scaled_mm():
-        return torch._scaled_mm(_row_major(a), _col_major(b), scale_a.reshape(()), scale_b.reshape(()),
-                                bias=bias if fuse else None, out_dtype=out_dtype)
+        return torch._scaled_mm(
+            _row_major(a),
+            _col_major(b),
+            scale_a.reshape(()),
+            scale_b.reshape(()),
+            bias=bias if fuse else None,
+            out_dtype=out_dtype,
+        )
 
     def reference():
         out = _dequantized_mm(a, scale_a, b, scale_b, out_dtype)
@@ -97,13 +111,16 @@ def check_24(a: Tensor) -> None:
     bad = (counts > 2).nonzero()
     if len(bad):
         r, g = (int(i) for i in bad[0])
-        raise ValueError(f"nm.sparse24_mm: row {r}, columns {4 * g}..{4 * g + 3} hold {int(counts[r, g])} nonzeros; "
-                         "a 2:4 operand has at most 2 in every aligned group of 4 along K")
+        raise ValueError(
+            f"nm.sparse24_mm: row {r}, columns {4 * g}..{4 * g + 3} hold {int(counts[r, g])} nonzeros; "
+            "a 2:4 operand has at most 2 in every aligned group of 4 along K"
+        )
 
 
 @torch.library.custom_op("nm::sparse24_mm", mutates_args=())
-def sparse24_mm(a: Tensor, b: Tensor, scale_a: Optional[Tensor], scale_b: Optional[Tensor],
-                out_dtype: torch.dtype) -> Tensor:
+def sparse24_mm(
+    a: Tensor, b: Tensor, scale_a: Optional[Tensor], scale_b: Optional[Tensor], out_dtype: torch.dtype
+) -> Tensor:
     """a @ b for a 2:4-sparse ``a`` (along K); float8 codes when scales are given."""
     _out_shape(a, b)
     scaled = scale_a is not None
@@ -112,11 +129,13 @@ def sparse24_mm(a: Tensor, b: Tensor, scale_a: Optional[Tensor], scale_b: Option
     elif a.dtype != b.dtype:
         raise ValueError(f"nm.sparse24_mm: operands must share a dtype, got {a.dtype} and {b.dtype}")
     if a.device.type == "cuda":
+
         def cusparselt():
             packed = torch._cslt_compress(_row_major(a))
             if scaled:  # e4m3 only; torch 2.11 wants the dense operand column-major and a 16-bit output
-                return torch._cslt_sparse_mm(packed, _col_major(b), alpha=(scale_a * scale_b).reshape(1).float(),
-                                             out_dtype=out_dtype)
+                return torch._cslt_sparse_mm(
+                    packed, _col_major(b), alpha=(scale_a * scale_b).reshape(1).float(), out_dtype=out_dtype
+                )
             return torch._cslt_sparse_mm(packed, b)
 
         dense = (lambda: _dequantized_mm(a, scale_a, b, scale_b, out_dtype)) if scaled else (lambda: torch.mm(a, b))
@@ -137,8 +156,9 @@ def _(a, b, scale_a, scale_b, out_dtype):
 _CSLT_MIN = {"half": (16, 16, 8, 8), "fp8": (32, 32, 16, 16)}
 
 
-def native_support(kernel: str, device: torch.device, capability: Optional[tuple], shape: tuple,
-                   dtype: torch.dtype) -> Optional[str]:
+def native_support(
+    kernel: str, device: torch.device, capability: Optional[tuple], shape: tuple, dtype: torch.dtype
+) -> Optional[str]:
     """None if ``device`` can run ``kernel`` ("fp8", "2:4" or "2:4 fp8") on an (M, N, K) GEMM whose
     output is ``dtype``; otherwise why not. ``capability``: CUDA's (major, minor), None elsewhere."""
     m, n, k = shape
@@ -161,7 +181,9 @@ def native_support(kernel: str, device: torch.device, capability: Optional[tuple
     if kernel == "2:4" and dtype not in _HALF:
         return f"2:4 tensor-core GEMMs take bf16/fp16 operands, got {str(dtype).replace('torch.', '')}"
     if kernel == "2:4 fp8" and dtype not in _HALF:
-        return "cuSPARSELt's FP8 GEMM gives bf16/fp16 outputs only (torch 2.11), this GEMM's output is " + str(dtype).replace("torch.", "")
+        return "cuSPARSELt's FP8 GEMM gives bf16/fp16 outputs only (torch 2.11), this GEMM's output is " + str(
+            dtype
+        ).replace("torch.", "")
     rows, cols, dense_rows, dense_cols = _CSLT_MIN["fp8" if kernel == "2:4 fp8" else "half"]
     for what, size, least in (("M", m, rows), ("K", k, cols), ("N", n, dense_cols)):
         if size < least or size % least:

@@ -36,7 +36,9 @@ def _check_uniforms(x: Tensor, u: Tensor, expected: tuple, op: str, seeds: tuple
             raise ValueError(f"nm.{op}: integer u must be int64 seeds of shape {seeds or '()'}, got "
                              f"{u.dtype} of shape {tuple(u.shape)}")
     elif tuple(u.shape) != tuple(expected):
-        raise ValueError(f"nm.{op}: uniforms have shape {tuple(u.shape)}, expected {tuple(expected)} for input {tuple(x.shape)}")
+        raise ValueError(
+            f"nm.{op}: uniforms have shape {tuple(u.shape)}, expected {tuple(expected)} for input {tuple(x.shape)}"
+        )
 
 
 def _like(x: Tensor, y: Tensor) -> Tensor:
@@ -76,7 +78,11 @@ def _(x, u, n, m, dim):
 def _(x, u, n, m, dim):
     _check_uniforms(x, u, uniform_shape(x.shape, m, dim), "mvue", ())
     if _on_cuda_kernels(x, m):
-        return cuda.or_reference(lambda: cuda.prune(x, u, n, m, dim, mvue=True), lambda: _mvue_torch(x, u, n, m, dim), "nm.mvue's Triton kernel")
+        return cuda.or_reference(
+            lambda: cuda.prune(x, u, n, m, dim, mvue=True),
+            lambda: _mvue_torch(x, u, n, m, dim),
+            "nm.mvue's Triton kernel",
+        )
     return _mvue_torch(x, u, n, m, dim)
 
 
@@ -99,7 +105,11 @@ def _(x, n, m, dim):
 @greedy.register_kernel("cuda")
 def _(x, n, m, dim):
     if _on_cuda_kernels(x, m):
-        return cuda.or_reference(lambda: cuda.prune(x, None, n, m, dim, mvue=False), lambda: _like(x, greedy_math(x, n, m, dim)), "nm.greedy's Triton kernel")
+        return cuda.or_reference(
+            lambda: cuda.prune(x, None, n, m, dim, mvue=False),
+            lambda: _like(x, greedy_math(x, n, m, dim)),
+            "nm.greedy's Triton kernel",
+        )
     return _like(x, greedy_math(x, n, m, dim))
 
 
@@ -141,7 +151,11 @@ def _(x, u, bits, levels):
 def _(x, u, bits, levels):
     _check_luq(x, u)
     if _on_cuda_kernels(x):
-        return cuda.or_reference(lambda: cuda.luq(x, u, luq_levels(bits, levels) - 1), lambda: _luq_torch(x, u, bits, levels), "nm.luq's Triton kernel")
+        return cuda.or_reference(
+            lambda: cuda.luq(x, u, luq_levels(bits, levels) - 1),
+            lambda: _luq_torch(x, u, bits, levels),
+            "nm.luq's Triton kernel",
+        )
     return _luq_torch(x, u, bits, levels)
 
 
@@ -175,7 +189,9 @@ def _(x, bits):
 @sawb.register_kernel("cuda")
 def _(x, bits):
     if _on_cuda_kernels(x):
-        return cuda.or_reference(lambda: cuda.sawb(x, bits)[0], lambda: _sawb_torch(x, bits)[0], "nm.sawb's Triton kernel")
+        return cuda.or_reference(
+            lambda: cuda.sawb(x, bits)[0], lambda: _sawb_torch(x, bits)[0], "nm.sawb's Triton kernel"
+        )
     return _sawb_torch(x, bits)[0]
 
 
@@ -186,6 +202,7 @@ def _(x, bits):
 
 # -- float8 forms for lowering="native": the same quantizers, their output as exact codes and a
 # -- per-tensor scale (kernels/fp8.py); codes·scale is bit for bit what nm.luq / nm.sawb return.
+
 
 def _codes_fake(x: Tensor, fmt: torch.dtype) -> tuple[Tensor, Tensor]:
     return torch.empty_like(x, dtype=fmt), x.new_empty((), dtype=torch.float32)
@@ -205,7 +222,11 @@ def _(x, bits):
 @sawb_fp8.register_kernel("cuda")
 def _(x, bits):
     if _on_cuda_kernels(x):
-        return cuda.or_reference(lambda: cuda.sawb(x, bits, codes=True), lambda: sawb_codes(*_sawb_torch(x, bits)), "nm.sawb_fp8's Triton kernel")
+        return cuda.or_reference(
+            lambda: cuda.sawb(x, bits, codes=True),
+            lambda: sawb_codes(*_sawb_torch(x, bits)),
+            "nm.sawb_fp8's Triton kernel",
+        )
     return sawb_codes(*_sawb_torch(x, bits))
 
 
@@ -233,8 +254,11 @@ def luq_fp8(x: Tensor, u: Tensor, bits: int, levels: str) -> tuple[Tensor, Tenso
 def _(x, u, bits, levels):
     top = _luq_top(x, u, bits, levels)
     if _on_cuda_kernels(x):
-        return cuda.or_reference(lambda: cuda.luq(x, u, top, codes=luq_format(top, 1)[0]),
-                                 lambda: luq_codes(_luq_torch(x, u, bits, levels), top), "nm.luq_fp8's Triton kernel")
+        return cuda.or_reference(
+            lambda: cuda.luq(x, u, top, codes=luq_format(top, 1)[0]),
+            lambda: luq_codes(_luq_torch(x, u, bits, levels), top),
+            "nm.luq_fp8's Triton kernel",
+        )
     return luq_codes(luq(x, u, bits, levels), top)
 
 

@@ -63,7 +63,9 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
     patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
     patches.update(inductor_patches)
     ours = NMJointPass(config, decompose=True, records=records, first_graph=index)
-    patches["joint_custom_pre_pass"] = chain_with_existing(patches.get("joint_custom_pre_pass", _users_joint_pass()), ours)
+    patches["joint_custom_pre_pass"] = chain_with_existing(
+        patches.get("joint_custom_pre_pass", _users_joint_pass()), ours
+    )
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if records is not None and ours.calls == 0 and torch.is_grad_enabled():
         # Inductor's caches served this graph, so the pass did not run on it: trace it once more,
@@ -78,9 +80,14 @@ def _users_joint_pass():
     return inductor_config.joint_custom_pre_pass
 
 
-def aot_eager(gm, example_inputs, joint_pass: NMJointPass, *,
-              on_joint: Optional[Callable[[torch.fx.GraphModule, str], None]] = None,
-              on_graph: Optional[Callable[[torch.fx.GraphModule, str], None]] = None):
+def aot_eager(
+    gm,
+    example_inputs,
+    joint_pass: NMJointPass,
+    *,
+    on_joint: Optional[Callable[[torch.fx.GraphModule, str], None]] = None,
+    on_graph: Optional[Callable[[torch.fx.GraphModule, str], None]] = None,
+):
     """AOTAutograd with Inductor's decompositions, the user's joint pass and ours applied to the joint
     graph before partitioning (as under Inductor), and eager execution of the resulting graphs.
 
@@ -110,5 +117,9 @@ def aot_eager(gm, example_inputs, joint_pass: NMJointPass, *,
 
         return run_eagerly
 
-    return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"), partition_fn=partition,
-                        decompositions=select_decomp_table())(gm, example_inputs)
+    return aot_autograd(
+        fw_compiler=compiler("forward"),
+        bw_compiler=compiler("backward"),
+        partition_fn=partition,
+        decompositions=select_decomp_table(),
+    )(gm, example_inputs)

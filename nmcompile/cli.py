@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import pathlib
 import re
 import sys
@@ -222,10 +221,17 @@ def cmd_inspect(args) -> int:
             if gm is None:
                 continue
             code, marked = graph_code(gm)
-            out.print(Panel(Syntax(code, "python", line_numbers=True, highlight_lines=marked, word_wrap=False,
-                                   theme="ansi_dark"),
-                            title=f"graph {entry.index}: {args.graph} (after the nm rewrite)" if args.graph != "joint-before"
-                            else f"graph {entry.index}: joint graph before the rewrite", expand=False))
+            out.print(
+                Panel(
+                    Syntax(
+                        code, "python", line_numbers=True, highlight_lines=marked, word_wrap=False, theme="ansi_dark"
+                    ),
+                    title=f"graph {entry.index}: {args.graph} (after the nm rewrite)"
+                    if args.graph != "joint-before"
+                    else f"graph {entry.index}: joint graph before the rewrite",
+                    expand=False,
+                )
+            )
     return 0
 
 
@@ -278,7 +284,9 @@ def cmd_export(args) -> int:
     else:
         present = [e for e in run.graphs if e.get(args.graph) is not None]
         if not present:
-            raise CLIError(f"the model produced no {args.graph} graph (an inference-only model has no joint/backward graph)")
+            raise CLIError(
+                f"the model produced no {args.graph} graph (an inference-only model has no joint/backward graph)"
+            )
         for entry, path in zip(present, _paths(out, len(present))):
             gm = entry.get(args.graph)
             records = _records_by_node(run, entry.index) if args.graph != "joint-before" else {}
@@ -294,23 +302,37 @@ def cmd_export(args) -> int:
                 from nmcompile.export import onnx_op_counts, to_onnx
 
                 if _holds_float8(gm):
-                    raise CLIError("this graph holds float8 codes (lowering='native'), which ONNX's standard ops "
-                                   "(Transpose, Gemm) do not take: export --format onnx with \"lowering\": \"emulate\" "
-                                   "(the same values in the input dtype), or the native graph with --format model-explorer or dot")
+                    raise CLIError(
+                        "this graph holds float8 codes (lowering='native'), which ONNX's standard ops "
+                        "(Transpose, Gemm) do not take: export --format onnx with \"lowering\": \"emulate\" "
+                        "(the same values in the input dtype), or the native graph with --format model-explorer or dot"
+                    )
 
-                model = to_onnx(gm, graph_id.replace("/", "_"), strip_stack_traces=args.strip_stack_traces,
-                                model_props={"nmcompile.version": __version__, "nmcompile.target": args.target,
-                                             "nmcompile.graph": graph_id, "nmcompile.options": json.dumps(run.options)})
+                model = to_onnx(
+                    gm,
+                    graph_id.replace("/", "_"),
+                    strip_stack_traces=args.strip_stack_traces,
+                    model_props={
+                        "nmcompile.version": __version__,
+                        "nmcompile.target": args.target,
+                        "nmcompile.graph": graph_id,
+                        "nmcompile.options": json.dumps(run.options),
+                    },
+                )
                 try:
                     onnx.checker.check_model(model, full_check=True)
                 except Exception as e:  # a bug of ours, not the user's: say so in one line
-                    raise CLIError(f"the ONNX model for {graph_id} failed onnx.checker: {str(e).splitlines()[0]}") from e
+                    raise CLIError(
+                        f"the ONNX model for {graph_id} failed onnx.checker: {str(e).splitlines()[0]}"
+                    ) from e
                 onnx.save(model, str(path))
                 counts = onnx_op_counts(model)
                 nm = {k.split("::")[1]: v for k, v in counts.items() if k.startswith("com.nmcompile::")}
                 opaque = sum(v for k, v in counts.items() if k.startswith("com.nmcompile.aten::"))
-                err.print(f"[dim]{path}: {sum(counts.values())} nodes, nm ops {nm or 'none'}, "
-                          f"{opaque} opaque aten nodes; onnx.checker (full_check) passed[/dim]")
+                err.print(
+                    f"[dim]{path}: {sum(counts.values())} nodes, nm ops {nm or 'none'}, "
+                    f"{opaque} opaque aten nodes; onnx.checker (full_check) passed[/dim]"
+                )
             written.append(path)
     for path in written:
         sys.stdout.write(f"{path}\n")
@@ -333,15 +355,28 @@ def cmd_profile(args) -> int:
         options = {**options, "inner": "aot_eager"}
     config, _ = NMConfig.from_options(options)
     if config.inner != "aot_eager":
-        err.print("[yellow]note: with inner='inductor' the nm ops show as plain nm::<op> operator events, without "
-                  "module/role/pattern (use the default inner='aot_eager' for attribution)[/yellow]")
+        err.print(
+            "[yellow]note: with inner='inductor' the nm ops show as plain nm::<op> operator events, without "
+            "module/role/pattern (use the default inner='aot_eager' for attribution)[/yellow]"
+        )
     with _status(err, f"compiling {args.target} and profiling {args.steps} step(s) …"):
         run, annotator, changed, summary = profile_run(model, inputs, options, args.steps, str(trace_path))
     trace_report(run.report)
     if args.json:
-        sys.stdout.write(json.dumps({"schema": "nmcompile.profile/1", "trace": str(trace_path), "options": options,
-                                     "annotated_events": changed, "summary": summary.as_dict(),
-                                     "nm_ranges_us": summary.per_op}, indent=2) + "\n")
+        sys.stdout.write(
+            json.dumps(
+                {
+                    "schema": "nmcompile.profile/1",
+                    "trace": str(trace_path),
+                    "options": options,
+                    "annotated_events": changed,
+                    "summary": summary.as_dict(),
+                    "nm_ranges_us": summary.per_op,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         return 0
     from rich.table import Table
 
@@ -350,8 +385,11 @@ def cmd_profile(args) -> int:
     table.add_column("ms", justify="right")
     table.add_column("share", justify="right")
     total = summary.total_us or 1.0
-    for name, us in (("nm ops (MVUE / greedy / LUQ / SAWB)", summary.nm_us), ("GEMMs (mm / bmm / addmm / conv)", summary.gemm_us),
-                     ("everything else", summary.other_us)):
+    for name, us in (
+        ("nm ops (MVUE / greedy / LUQ / SAWB)", summary.nm_us),
+        ("GEMMs (mm / bmm / addmm / conv)", summary.gemm_us),
+        ("everything else", summary.other_us),
+    ):
         table.add_row(name, f"{us / 1e3:.2f}", f"{us / total:.0%}")
     table.add_section()
     table.add_row("[bold]total[/bold]", f"{summary.total_us / 1e3:.2f}", "100%")
@@ -363,7 +401,9 @@ def cmd_profile(args) -> int:
         for name, us in sorted(summary.per_op.items(), key=lambda kv: -kv[1]):
             ops.add_row(name, f"{us / 1e3:.3f}")
         out.print(ops)
-    out.print(f"trace: {trace_path} ({changed} nm events annotated with module/role/pattern) — open in https://ui.perfetto.dev")
+    out.print(
+        f"trace: {trace_path} ({changed} nm events annotated with module/role/pattern) — open in https://ui.perfetto.dev"
+    )
     return 0
 
 
@@ -376,14 +416,18 @@ def cmd_demo(args) -> int:
         if getattr(e, "name", None) == "nmcompile.demo":
             raise CLIError("the demo is not available in this installation (nmcompile.demo is missing)") from None
         raise CLIError(f"the demo needs an optional dependency: {e} (pip install 'nmcompile[demo]')") from None
-    parser = argparse.ArgumentParser(prog="nmcompile demo", description=(demo.__doc__ or "").strip().splitlines()[0] if demo.__doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="nmcompile demo", description=(demo.__doc__ or "").strip().splitlines()[0] if demo.__doc__ else None
+    )
     demo.add_arguments(parser)
     return int(demo.main(parser.parse_args(args.rest)) or 0)
 
 
 def cmd_bench(args) -> int:
-    sys.stderr.write("nmcompile bench: the benchmarks are scripts in tools/ (results in BENCHMARKS.md); "
-                     "run them from a source checkout, e.g. python tools/<script>.py\n")
+    sys.stderr.write(
+        "nmcompile bench: the benchmarks are scripts in tools/ (results in BENCHMARKS.md); "
+        "run them from a source checkout, e.g. python tools/<script>.py\n"
+    )
     return EXIT_USAGE
 
 
@@ -392,48 +436,84 @@ def build_parser() -> argparse.ArgumentParser:
     from nmcompile import __version__
 
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("target", metavar="TARGET",
-                        help="built-in example (mlp, cnn, gpt) or FILE.py:FACTORY / package.module:FACTORY, "
-                             "FACTORY() returning (model, example_inputs)")
-    common.add_argument("--options", metavar="JSON", default=None,
-                        help='backend options as a JSON object (default: {"sparsity": "2:4"}); replaces the default')
+    common.add_argument(
+        "target",
+        metavar="TARGET",
+        help="built-in example (mlp, cnn, gpt) or FILE.py:FACTORY / package.module:FACTORY, "
+        "FACTORY() returning (model, example_inputs)",
+    )
+    common.add_argument(
+        "--options",
+        metavar="JSON",
+        default=None,
+        help='backend options as a JSON object (default: {"sparsity": "2:4"}); replaces the default',
+    )
     common.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
-    parser = argparse.ArgumentParser(prog="nmcompile", description="Inspect, export and profile what the nm "
-                                     "torch.compile backend does to a model's training graphs.")
+    parser = argparse.ArgumentParser(
+        prog="nmcompile",
+        description="Inspect, export and profile what the nm torch.compile backend does to a model's training graphs.",
+    )
     parser.add_argument("--version", action="version", version=f"nmcompile {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("inspect", parents=[common], help="table, module tree and rewritten graph of every GEMM",
-                       description="Compile TARGET with the nm backend, run one step, and show every GEMM.")
-    p.add_argument("--graph", choices=GRAPH_CHOICES + ("none",), default="joint",
-                   help="graph to print as code: the joint graph after the rewrite (default), the partitioned "
-                        "forward/backward, the joint graph before the rewrite, or none")
+    p = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="table, module tree and rewritten graph of every GEMM",
+        description="Compile TARGET with the nm backend, run one step, and show every GEMM.",
+    )
+    p.add_argument(
+        "--graph",
+        choices=GRAPH_CHOICES + ("none",),
+        default="joint",
+        help="graph to print as code: the joint graph after the rewrite (default), the partitioned "
+        "forward/backward, the joint graph before the rewrite, or none",
+    )
     p.add_argument("--json", action="store_true", help="print only the report JSON (schema nmcompile.report/2)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("export", parents=[common], help="write the rewritten graphs as ONNX / Model Explorer / DOT / JSON",
-                       description="Write the rewritten graphs. onnx: nm ops in domain com.nmcompile; model-explorer: a "
-                                   "graph collection (joint before/after, forward, backward) plus PATH.density.json and "
-                                   "PATH.bits.json node-data overlays; dot: Graphviz; json: the report.")
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="write the rewritten graphs as ONNX / Model Explorer / DOT / JSON",
+        description="Write the rewritten graphs. onnx: nm ops in domain com.nmcompile; model-explorer: a "
+        "graph collection (joint before/after, forward, backward) plus PATH.density.json and "
+        "PATH.bits.json node-data overlays; dot: Graphviz; json: the report.",
+    )
     p.add_argument("--format", "-f", required=True, choices=("onnx", "model-explorer", "dot", "json"))
     p.add_argument("--output", "-o", required=True, metavar="PATH")
-    p.add_argument("--graph", choices=GRAPH_CHOICES, default="joint",
-                   help="graph for onnx/dot (default joint, after the rewrite); model-explorer writes all")
+    p.add_argument(
+        "--graph",
+        choices=GRAPH_CHOICES,
+        default="joint",
+        help="graph for onnx/dot (default joint, after the rewrite); model-explorer writes all",
+    )
     p.add_argument("--strip-stack-traces", action="store_true", help="leave source stack traces out of ONNX metadata")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("profile", parents=[common], help="profile training steps; Chrome/Perfetto trace with nm events",
-                       description="Run N forward+backward steps of the compiled model under torch.profiler and write a "
-                                   "Chrome/Perfetto trace whose nm events carry module, role and pattern args.")
+    p = sub.add_parser(
+        "profile",
+        parents=[common],
+        help="profile training steps; Chrome/Perfetto trace with nm events",
+        description="Run N forward+backward steps of the compiled model under torch.profiler and write a "
+        "Chrome/Perfetto trace whose nm events carry module, role and pattern args.",
+    )
     p.add_argument("--steps", type=int, default=5, help="profiled steps after one warm-up step (default 5)")
-    p.add_argument("--output", "-o", default="nmcompile-trace.json", metavar="PATH", help="trace file (default nmcompile-trace.json)")
+    p.add_argument(
+        "--output",
+        "-o",
+        default="nmcompile-trace.json",
+        metavar="PATH",
+        help="trace file (default nmcompile-trace.json)",
+    )
     p.add_argument("--json", action="store_true", help="print the time summary as JSON (schema nmcompile.profile/1)")
     p.set_defaults(func=cmd_profile)
 
-    p = sub.add_parser("demo", help="train the digits MLP dense / MVUE / greedy / LUQ (nmcompile demo --help)",
-                       add_help=False)
+    p = sub.add_parser(
+        "demo", help="train the digits MLP dense / MVUE / greedy / LUQ (nmcompile demo --help)", add_help=False
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_demo, debug=False)
 
@@ -468,7 +548,11 @@ def main(argv: Optional[list] = None) -> int:
         if debug:
             traceback.print_exc()
         first = (str(e).strip().splitlines() or [""])[0]
-        sys.stderr.write(f"nmcompile: error: {type(e).__name__}: {first}" + ("" if debug else " (run with --debug for the traceback)") + "\n")
+        sys.stderr.write(
+            f"nmcompile: error: {type(e).__name__}: {first}"
+            + ("" if debug else " (run with --debug for the traceback)")
+            + "\n"
+        )
         return EXIT_ERROR
 
 

@@ -26,7 +26,9 @@ def load_digits_split(test_fraction: float = 0.2, split_seed: int = 0) -> Split:
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:  # pragma: no cover - scikit-learn is a declared dependency of the demo
-        raise ImportError("the nmcompile demo needs scikit-learn (pip install scikit-learn) for its bundled digits data") from err
+        raise ImportError(
+            "the nmcompile demo needs scikit-learn (pip install scikit-learn) for its bundled digits data"
+        ) from err
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
     y = torch.tensor(data.target, dtype=torch.int64)
@@ -44,4 +46,4 @@ def batches(n: int, batch_size: int, generator: torch.Generator):
     step has the same shape: one compiled graph, and the token dimension stays a multiple of M)."""
     perm = torch.randperm(n, generator=generator)
     for start in range(0, n - batch_size + 1, batch_size):
-        yield perm[start:start + batch_size]
+        yield perm[start : start + batch_size]

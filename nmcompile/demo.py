@@ -88,7 +88,9 @@ def evaluate(model: DigitsMLP, x: torch.Tensor, y: torch.Tensor, options: dict, 
 
 def cosine_lr(lr: float, total: int, final_fraction: float = 0.05) -> Callable[[int], float]:
     """Cosine decay from ``lr`` to ``final_fraction * lr`` over ``total`` steps."""
-    return lambda step: lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    return lambda step: (
+        lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    )
 
 
 def steps_per_epoch(data: Split, batch_size: int) -> int:
@@ -103,10 +105,22 @@ def flop_shares(records: list, options: dict) -> dict:
     return {"sparse_flop_share": summary["sparse_flop_share"], "luq_flop_share": summary["luq_flop_share"]}
 
 
-def train(model: DigitsMLP, options: dict, data: Split, *, epochs: int, lr_fn: Callable[[int], float],
-          seed: int, batch_size: int = 64, momentum: float = 0.9, weight_decay: float = 5e-4,
-          optimizer: Optional[torch.optim.Optimizer] = None, on_step: Optional[Callable[[int, float], None]] = None,
-          eval_options: Optional[dict] = None, record: bool = True) -> dict:
+def train(
+    model: DigitsMLP,
+    options: dict,
+    data: Split,
+    *,
+    epochs: int,
+    lr_fn: Callable[[int], float],
+    seed: int,
+    batch_size: int = 64,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    on_step: Optional[Callable[[int, float], None]] = None,
+    eval_options: Optional[dict] = None,
+    record: bool = True,
+) -> dict:
     """Train ``model`` (in place) compiled with ``backend="nm", options=options``; ``lr_fn(step)``
     sets the LR of every step. Batches come from a generator seeded with ``seed`` and the global
     torch seed is set to ``seed`` (the nm ops draw their randomness from it). Returns the curves,
@@ -170,8 +184,14 @@ def train(model: DigitsMLP, options: dict, data: Split, *, epochs: int, lr_fn: C
 
 
 def environment() -> dict:
-    return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cpu": cpu_name(), "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
 
 
 def cpu_name() -> str:
@@ -215,28 +235,43 @@ def results_table(runs: dict, title: str):
     table = Table(title=title)
     for col in ("method", "test acc", "final loss", "wall s", "sparse bwd", "4-bit bwd"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
-    table.caption = ("wall s: training incl. compile; sparse / 4-bit bwd: share of backward-GEMM FLOPs whose "
-                     "gradient operand is N:M-sparse / LUQ 4-bit (nmcompile.explain summary)")
+    table.caption = (
+        "wall s: training incl. compile; sparse / 4-bit bwd: share of backward-GEMM FLOPs whose "
+        "gradient operand is N:M-sparse / LUQ 4-bit (nmcompile.explain summary)"
+    )
     for name, r in runs.items():
         acc = f"{100 * r['test_acc']:.2f}%" + (" (diverged)" if r["diverged"] else "")
-        table.add_row(name, acc, f"{r['final_loss']:.4f}", f"{r['wall_s']:.1f}",
-                      f"{100 * r['sparse_flop_share']:.0f}%", f"{100 * r['luq_flop_share']:.0f}%")
+        table.add_row(
+            name,
+            acc,
+            f"{r['final_loss']:.4f}",
+            f"{r['wall_s']:.1f}",
+            f"{100 * r['sparse_flop_share']:.0f}%",
+            f"{100 * r['luq_flop_share']:.0f}%",
+        )
     return table
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--quick", action="store_true",
-                        help=f"fast sanity run: hidden {QUICK['hidden']}, {QUICK['epochs']} epochs, inner=aot_eager (under a minute)")
-    parser.add_argument("--out", default="nm-demo", help="directory for curves.png and results.json (default: ./nm-demo)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"fast sanity run: hidden {QUICK['hidden']}, {QUICK['epochs']} epochs, inner=aot_eager (under a minute)",
+    )
+    parser.add_argument(
+        "--out", default="nm-demo", help="directory for curves.png and results.json (default: ./nm-demo)"
+    )
     parser.add_argument("--epochs", type=int, default=None, help="override the number of epochs")
     parser.add_argument("--hidden", type=int, default=None, help="override the hidden width (a multiple of 4)")
-    parser.add_argument("--inner", choices=("inductor", "aot_eager"), default=None,
-                        help="override the backend's inner compiler")
+    parser.add_argument(
+        "--inner", choices=("inductor", "aot_eager"), default=None, help="override the backend's inner compiler"
+    )
     parser.add_argument("--seed", type=int, default=0, help="torch seed, reset before every run (default 0)")
     parser.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (cosine decay; default 0.1)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size, a multiple of 4 (default 64)")
-    parser.add_argument("--methods", default=None,
-                        help="comma-separated subset of: " + ", ".join(name for name, _ in METHODS))
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated subset of: " + ", ".join(name for name, _ in METHODS)
+    )
     return parser
 
 
@@ -244,7 +279,9 @@ def _validate(args: argparse.Namespace) -> None:
     if args.hidden % 4 or args.hidden <= 0:
         raise SystemExit(f"--hidden={args.hidden} must be a positive multiple of 4 so 2:4 groups fit")
     if args.batch_size % 4 or args.batch_size <= 0:
-        raise SystemExit(f"--batch-size={args.batch_size} must be a positive multiple of 4 (wgrad groups run along the batch)")
+        raise SystemExit(
+            f"--batch-size={args.batch_size} must be a positive multiple of 4 (wgrad groups run along the batch)"
+        )
     if args.epochs < 1:
         raise SystemExit(f"--epochs={args.epochs} must be >= 1")
 
@@ -274,37 +311,65 @@ def run_demo(args: argparse.Namespace) -> dict:
         raise SystemExit("nmcompile demo needs scikit-learn for its bundled digits data: pip install 'nmcompile[demo]'")
     can_plot = importlib.util.find_spec("matplotlib") is not None
     if not can_plot:
-        err.print("[yellow]matplotlib is not installed: results.json and the table only, no curves.png "
-                  "(pip install 'nmcompile\\[demo]')[/yellow]")  # \\[: a literal bracket for rich
+        err.print(
+            "[yellow]matplotlib is not installed: results.json and the table only, no curves.png "
+            "(pip install 'nmcompile\\[demo]')[/yellow]"
+        )  # \\[: a literal bracket for rich
     os.makedirs(args.out, exist_ok=True)
     data = load_digits_split()
     spe = steps_per_epoch(data, args.batch_size)
     total = args.epochs * spe
     out = Console()
-    err.print(f"[bold]nmcompile demo[/bold]: digits MLP 64-{args.hidden}x3-10, {args.epochs} epochs x {spe} steps, "
-              f"batch {args.batch_size}, seed {args.seed}, inner={args.inner}, torch {torch.__version__}")
+    err.print(
+        f"[bold]nmcompile demo[/bold]: digits MLP 64-{args.hidden}x3-10, {args.epochs} epochs x {spe} steps, "
+        f"batch {args.batch_size}, seed {args.seed}, inner={args.inner}, torch {torch.__version__}"
+    )
     runs: dict = {}
     for name, opts in methods:
         options = {**opts, "inner": args.inner}
         torch.manual_seed(args.seed)  # same initial weights for every method
         model = DigitsMLP(args.hidden)
-        with Progress(TextColumn("{task.description:<18}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=err) as bar:
+        with Progress(
+            TextColumn("{task.description:<18}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            console=err,
+        ) as bar:
             task = bar.add_task(name, total=total, loss="  -   ")
 
             def on_step(step: int, loss: float) -> None:
                 bar.update(task, advance=1, **({"loss": f"{loss:.4f}"} if step % 5 == 0 else {}))
 
-            runs[name] = train(model, options, data, epochs=args.epochs, lr_fn=cosine_lr(args.lr, total),
-                               seed=args.seed, batch_size=args.batch_size, on_step=on_step)
-    title = (f"nmcompile demo: digits, MLP 64-{args.hidden}x3-10, {args.epochs} epochs, seed {args.seed}, "
-             f"inner={args.inner}")
+            runs[name] = train(
+                model,
+                options,
+                data,
+                epochs=args.epochs,
+                lr_fn=cosine_lr(args.lr, total),
+                seed=args.seed,
+                batch_size=args.batch_size,
+                on_step=on_step,
+            )
+    title = (
+        f"nmcompile demo: digits, MLP 64-{args.hidden}x3-10, {args.epochs} epochs, seed {args.seed}, inner={args.inner}"
+    )
     out.print(results_table(runs, title))
     results = {
         "schema": "nmcompile.demo/1",
-        "config": {"quick": bool(args.quick), "epochs": args.epochs, "hidden": args.hidden, "inner": args.inner,
-                   "seed": args.seed, "lr": args.lr, "batch_size": args.batch_size,
-                   "steps_per_epoch": spe, "train_size": len(data.x_train), "test_size": len(data.x_test)},
+        "config": {
+            "quick": bool(args.quick),
+            "epochs": args.epochs,
+            "hidden": args.hidden,
+            "inner": args.inner,
+            "seed": args.seed,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "steps_per_epoch": spe,
+            "train_size": len(data.x_train),
+            "test_size": len(data.x_test),
+        },
         "environment": environment(),
         "runs": runs,
     }
@@ -331,4 +396,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # python -m nmcompile.demo
-    sys.exit(main(add_arguments(argparse.ArgumentParser(prog="nmcompile demo", description=__doc__.splitlines()[0])).parse_args()))
+    sys.exit(
+        main(
+            add_arguments(
+                argparse.ArgumentParser(prog="nmcompile demo", description=__doc__.splitlines()[0])
+            ).parse_args()
+        )
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import operator
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import torch
 import torch._inductor.decomposition  # noqa: F401  (defines prims.fma, which the captured graphs use)
@@ -72,7 +72,9 @@ def _target_name(node: fx.Node) -> str:
         return node.op
     target = node.target
     if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._opname}" + ("" if target._overloadname == "default" else f".{target._overloadname}")
+        return f"{target.namespace}.{target._opname}" + (
+            "" if target._overloadname == "default" else f".{target._overloadname}"
+        )
     return getattr(target, "__name__", str(target))
 
 
@@ -86,7 +88,11 @@ def _shape_str(node: fx.Node) -> str:
     if isinstance(v, torch.Tensor):
         return f"{str(v.dtype).replace('torch.', '')}[{', '.join(str(s) for s in v.shape)}]"
     if isinstance(v, (tuple, list)):
-        return "(" + ", ".join(f"[{', '.join(map(str, t.shape))}]" if isinstance(t, torch.Tensor) else "None" for t in v) + ")"
+        return (
+            "("
+            + ", ".join(f"[{', '.join(map(str, t.shape))}]" if isinstance(t, torch.Tensor) else "None" for t in v)
+            + ")"
+        )
     return ""
 
 
@@ -94,11 +100,20 @@ def _shape_str(node: fx.Node) -> str:
 def _onnx_dtype(dtype: torch.dtype) -> int:
     from onnx import TensorProto
 
-    table = {torch.float32: TensorProto.FLOAT, torch.float64: TensorProto.DOUBLE, torch.float16: TensorProto.FLOAT16,
-             torch.bfloat16: TensorProto.BFLOAT16, torch.int64: TensorProto.INT64, torch.int32: TensorProto.INT32,
-             torch.int16: TensorProto.INT16, torch.int8: TensorProto.INT8, torch.uint8: TensorProto.UINT8,
-             torch.bool: TensorProto.BOOL, torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN,
-             torch.float8_e5m2: TensorProto.FLOAT8E5M2}
+    table = {
+        torch.float32: TensorProto.FLOAT,
+        torch.float64: TensorProto.DOUBLE,
+        torch.float16: TensorProto.FLOAT16,
+        torch.bfloat16: TensorProto.BFLOAT16,
+        torch.int64: TensorProto.INT64,
+        torch.int32: TensorProto.INT32,
+        torch.int16: TensorProto.INT16,
+        torch.int8: TensorProto.INT8,
+        torch.uint8: TensorProto.UINT8,
+        torch.bool: TensorProto.BOOL,
+        torch.float8_e4m3fn: TensorProto.FLOAT8E4M3FN,
+        torch.float8_e5m2: TensorProto.FLOAT8E5M2,
+    }
     if dtype not in table:
         raise _Unsupported(f"dtype {dtype}")
     return table[dtype]
@@ -154,16 +169,25 @@ class _OnnxBuilder:
 
     def emit(self, op_type: str, inputs: list, outputs: Optional[list] = None, domain: str = "", **attrs) -> list:
         outputs = outputs if outputs is not None else [self.fresh(self.current.name if self.current else op_type)]
-        proto = self.helper.make_node(op_type, inputs, outputs, name=self.fresh(op_type) if self.current is None else
-                                      f"{self.current.name}/{op_type}/{len(self.nodes)}", domain=domain, **attrs)
+        proto = self.helper.make_node(
+            op_type,
+            inputs,
+            outputs,
+            name=self.fresh(op_type) if self.current is None else f"{self.current.name}/{op_type}/{len(self.nodes)}",
+            domain=domain,
+            **attrs,
+        )
         if self.current is not None:
             self._annotate(proto, self.current)
         self.nodes.append(proto)
         return outputs
 
     def _annotate(self, proto, node: fx.Node) -> None:
-        props = {"pkg.nmcompile.fx_node": node.name, "pkg.nmcompile.fx_target": _target_name(node),
-                 "namespace": module_path(node)}
+        props = {
+            "pkg.nmcompile.fx_node": node.name,
+            "pkg.nmcompile.fx_target": _target_name(node),
+            "namespace": module_path(node),
+        }
         if not self.strip and node.meta.get("stack_trace"):
             props["pkg.nmcompile.stack_trace"] = node.meta["stack_trace"].strip()
         info = nm_attrs(node)
@@ -209,15 +233,22 @@ class _OnnxBuilder:
                 t = _tensor(node)
                 if t is None:
                     v = node.meta.get("val")
-                    inputs.append(h.make_tensor_value_info(node.name, TensorProto.INT64 if isinstance(v, (int, torch.SymInt)) else TensorProto.FLOAT, []))
+                    inputs.append(
+                        h.make_tensor_value_info(
+                            node.name,
+                            TensorProto.INT64 if isinstance(v, (int, torch.SymInt)) else TensorProto.FLOAT,
+                            [],
+                        )
+                    )
                 else:
                     inputs.append(h.make_tensor_value_info(node.name, _onnx_dtype(t.dtype), self._dims(t)))
                 self.env[node] = node.name
             elif node.op == "get_attr":
                 value = getattr(self.gm, node.target)
                 arr = value.detach().cpu()
-                self.initializers.append(h.make_tensor(node.name, _onnx_dtype(arr.dtype), list(arr.shape),
-                                                       arr.flatten().tolist()))
+                self.initializers.append(
+                    h.make_tensor(node.name, _onnx_dtype(arr.dtype), list(arr.shape), arr.flatten().tolist())
+                )
                 self.env[node] = node.name
             elif node.op == "call_function":
                 self._call(node)
@@ -231,16 +262,27 @@ class _OnnxBuilder:
                         src = self.emit("Identity", [src], [f"output_{i}"])[0]
                     seen.add(src)
                     t = _tensor(arg)
-                    outputs.append(h.make_tensor_value_info(src, _onnx_dtype(t.dtype), self._dims(t)) if t is not None
-                                   else h.make_tensor_value_info(src, TensorProto.FLOAT, None))
+                    outputs.append(
+                        h.make_tensor_value_info(src, _onnx_dtype(t.dtype), self._dims(t))
+                        if t is not None
+                        else h.make_tensor_value_info(src, TensorProto.FLOAT, None)
+                    )
             else:
                 raise _Unsupported(f"node kind {node.op}")
         out_names = {o.name for o in outputs}
         self.value_info = [vi for vi in self.value_info if vi.name not in out_names]
-        graph = h.make_graph(self.nodes, name, inputs, outputs, initializer=self.initializers, value_info=self.value_info)
-        model = h.make_model(graph, opset_imports=[h.make_opsetid("", ONNX_OPSET), h.make_opsetid(NM_DOMAIN, 1),
-                                                   h.make_opsetid(ATEN_DOMAIN, 1)],
-                             producer_name="nmcompile")
+        graph = h.make_graph(
+            self.nodes, name, inputs, outputs, initializer=self.initializers, value_info=self.value_info
+        )
+        model = h.make_model(
+            graph,
+            opset_imports=[
+                h.make_opsetid("", ONNX_OPSET),
+                h.make_opsetid(NM_DOMAIN, 1),
+                h.make_opsetid(ATEN_DOMAIN, 1),
+            ],
+            producer_name="nmcompile",
+        )
         h.set_model_props(model, model_props)
         return model
 
@@ -285,7 +327,7 @@ class _OnnxBuilder:
                 self.value_info.append(self.helper.make_tensor_value_info(name, _onnx_dtype(t.dtype), self._dims(t)))
 
     def _opaque(self, node: fx.Node):
-        tensor_inputs, rest = [], []
+        tensor_inputs = []
 
         def visit(arg):
             if isinstance(arg, fx.Node):
@@ -306,8 +348,16 @@ class _OnnxBuilder:
         op_type = target._opname if isinstance(target, torch._ops.OpOverload) else _target_name(node)
         overload = target._overloadname if isinstance(target, torch._ops.OpOverload) else ""
         namespace = target.namespace if isinstance(target, torch._ops.OpOverload) else "python"
-        self.emit(op_type, tensor_inputs, outs or [node.name], domain=ATEN_DOMAIN, overload=overload,
-                  namespace=namespace, args=_repr(args), kwargs=_repr(kwargs))
+        self.emit(
+            op_type,
+            tensor_inputs,
+            outs or [node.name],
+            domain=ATEN_DOMAIN,
+            overload=overload,
+            namespace=namespace,
+            args=_repr(args),
+            kwargs=_repr(kwargs),
+        )
         return outs if isinstance(v, (list, tuple)) else outs[0]
 
 
@@ -395,7 +445,9 @@ def _matmul(b, node, out):
 def _addmm(b, node, out):
     bias, m1, m2 = node.args[:3]
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
-    return b.emit("Gemm", [b.value(m1), b.value(m2), b.operand(bias, out.dtype)], alpha=float(alpha), beta=float(beta))[0]
+    return b.emit("Gemm", [b.value(m1), b.value(m2), b.operand(bias, out.dtype)], alpha=float(alpha), beta=float(beta))[
+        0
+    ]
 
 
 def _reduce(op_type: str):
@@ -445,12 +497,6 @@ def _scalar_tensor(b, node, out):
     return b.emit("Identity", [name])[0]
 
 
-def _rand(b, node, out):
-    if not out.dtype.is_floating_point:
-        raise _Unsupported("dtype")
-    return b.emit("RandomUniform", [], shape=_static(out.shape), dtype=_onnx_dtype(out.dtype), low=0.0, high=1.0)[0]
-
-
 def _where(b, node, out):
     cond, x, y = node.args
     return b.emit("Where", [b.value(cond), b.operand(x, out.dtype), b.operand(y, out.dtype)])[0]
@@ -465,14 +511,19 @@ def _gather(b, node, out):
 
 def _scatter_value(b, node, out):
     x, dim, index, value = node.args
-    updates = b.emit("ConstantOfShape", [b.ints(_static(_tensor(index).shape))],
-                     value=b.helper.make_tensor("value", _onnx_dtype(out.dtype), [1], [value]))[0]
+    updates = b.emit(
+        "ConstantOfShape",
+        [b.ints(_static(_tensor(index).shape))],
+        value=b.helper.make_tensor("value", _onnx_dtype(out.dtype), [1], [value]),
+    )[0]
     return b.emit("ScatterElements", [b.value(x), b.value(index), updates], axis=dim % out.dim())[0]
 
 
 def _scatter_add(b, node, out):
     x, dim, index, src = node.args
-    return b.emit("ScatterElements", [b.value(x), b.value(index), b.value(src)], axis=dim % out.dim(), reduction="add")[0]
+    return b.emit("ScatterElements", [b.value(x), b.value(index), b.value(src)], axis=dim % out.dim(), reduction="add")[
+        0
+    ]
 
 
 def _embedding(b, node, out):
@@ -502,8 +553,9 @@ def _conv(b, node, out):
     if transposed or not isinstance(padding, (list, tuple)):
         raise _Unsupported("transposed / string padding")
     inputs = [b.value(x), b.value(w)] + ([b.value(bias)] if bias is not None else [])
-    return b.emit("Conv", inputs, strides=list(stride), pads=list(padding) * 2, dilations=list(dilation),
-                  group=int(groups))[0]
+    return b.emit(
+        "Conv", inputs, strides=list(stride), pads=list(padding) * 2, dilations=list(dilation), group=int(groups)
+    )[0]
 
 
 def _threshold_backward(b, node, out):
@@ -537,56 +589,114 @@ def _nm(b: _OnnxBuilder, node: fx.Node, out):
     info = nm_attrs(node)
     op = info["op"]
     if op == "mvue":
-        return b.emit("MVUE", [b.value(node.args[0]), b.value(node.args[1])], domain=NM_DOMAIN,
-                      n=info["n"], m=info["m"], dim=info["dim"])[0]
+        return b.emit(
+            "MVUE",
+            [b.value(node.args[0]), b.value(node.args[1])],
+            domain=NM_DOMAIN,
+            n=info["n"],
+            m=info["m"],
+            dim=info["dim"],
+        )[0]
     if op == "greedy":
         return b.emit("Greedy", [b.value(node.args[0])], domain=NM_DOMAIN, n=info["n"], m=info["m"], dim=info["dim"])[0]
     if op == "luq":
-        return b.emit("LUQ", [b.value(node.args[0]), b.value(node.args[1])], domain=NM_DOMAIN,
-                      bits=info["bits"], levels=info["levels"])[0]
+        return b.emit(
+            "LUQ",
+            [b.value(node.args[0]), b.value(node.args[1])],
+            domain=NM_DOMAIN,
+            bits=info["bits"],
+            levels=info["levels"],
+        )[0]
     return b.emit("SAWB", [b.value(node.args[0])], domain=NM_DOMAIN, bits=info["bits"])[0]
 
 
 _HANDLERS: dict = {
-    aten.mm.default: _matmul, aten.bmm.default: _matmul, aten.addmm.default: _addmm,
-    aten.permute.default: _permute, aten.t.default: _t, aten.transpose.int: _transpose,
-    aten.view.default: _reshape, aten._unsafe_view.default: _reshape, aten.reshape.default: _reshape,
-    aten.expand.default: _expand, aten.clone.default: _identity, aten.alias.default: _identity,
+    aten.mm.default: _matmul,
+    aten.bmm.default: _matmul,
+    aten.addmm.default: _addmm,
+    aten.permute.default: _permute,
+    aten.t.default: _t,
+    aten.transpose.int: _transpose,
+    aten.view.default: _reshape,
+    aten._unsafe_view.default: _reshape,
+    aten.reshape.default: _reshape,
+    aten.expand.default: _expand,
+    aten.clone.default: _identity,
+    aten.alias.default: _identity,
     aten.detach.default: _identity,
-    aten.relu.default: _unary("Relu"), aten.neg.default: _unary("Neg"), aten.exp.default: _unary("Exp"),
-    aten.log.default: _unary("Log"), aten.erf.default: _unary("Erf"), aten.sqrt.default: _unary("Sqrt"),
-    aten.tanh.default: _unary("Tanh"), aten.sigmoid.default: _unary("Sigmoid"), aten.abs.default: _unary("Abs"),
-    aten.rsqrt.default: _rsqrt, aten.reciprocal.default: _unary("Reciprocal"),
-    aten.add.Tensor: _binary("Add"), aten.sub.Tensor: _binary("Sub"), aten.mul.Tensor: _binary("Mul"),
-    aten.div.Tensor: _binary("Div"), aten.add.Scalar: _binary("Add"), aten.mul.Scalar: _binary("Mul"),
-    aten.le.Scalar: _compare("LessOrEqual"), aten.lt.Scalar: _compare("Less"), aten.ge.Scalar: _compare("GreaterOrEqual"),
-    aten.gt.Scalar: _compare("Greater"), aten.eq.Scalar: _compare("Equal"), aten.ne.Scalar: _compare("Equal", True),
-    aten.le.Tensor: _compare("LessOrEqual"), aten.lt.Tensor: _compare("Less"), aten.ge.Tensor: _compare("GreaterOrEqual"),
-    aten.gt.Tensor: _compare("Greater"), aten.eq.Tensor: _compare("Equal"), aten.ne.Tensor: _compare("Equal", True),
+    aten.relu.default: _unary("Relu"),
+    aten.neg.default: _unary("Neg"),
+    aten.exp.default: _unary("Exp"),
+    aten.log.default: _unary("Log"),
+    aten.erf.default: _unary("Erf"),
+    aten.sqrt.default: _unary("Sqrt"),
+    aten.tanh.default: _unary("Tanh"),
+    aten.sigmoid.default: _unary("Sigmoid"),
+    aten.abs.default: _unary("Abs"),
+    aten.rsqrt.default: _rsqrt,
+    aten.reciprocal.default: _unary("Reciprocal"),
+    aten.add.Tensor: _binary("Add"),
+    aten.sub.Tensor: _binary("Sub"),
+    aten.mul.Tensor: _binary("Mul"),
+    aten.div.Tensor: _binary("Div"),
+    aten.add.Scalar: _binary("Add"),
+    aten.mul.Scalar: _binary("Mul"),
+    aten.le.Scalar: _compare("LessOrEqual"),
+    aten.lt.Scalar: _compare("Less"),
+    aten.ge.Scalar: _compare("GreaterOrEqual"),
+    aten.gt.Scalar: _compare("Greater"),
+    aten.eq.Scalar: _compare("Equal"),
+    aten.ne.Scalar: _compare("Equal", True),
+    aten.le.Tensor: _compare("LessOrEqual"),
+    aten.lt.Tensor: _compare("Less"),
+    aten.ge.Tensor: _compare("GreaterOrEqual"),
+    aten.gt.Tensor: _compare("Greater"),
+    aten.eq.Tensor: _compare("Equal"),
+    aten.ne.Tensor: _compare("Equal", True),
     aten.where.self: _where,
-    aten.sum.default: _reduce("ReduceSum"), aten.sum.dim_IntList: _reduce("ReduceSum"), aten.amax.default: _reduce("ReduceMax"),
-    aten.unsqueeze.default: _unsqueeze, aten.squeeze.dim: _squeeze, aten.squeeze.dims: _squeeze,
-    prims.convert_element_type.default: _convert, aten._to_copy.default: None,
-    aten.full.default: _full, aten.scalar_tensor.default: _scalar_tensor, aten.rand.default: _rand,
-    aten.gather.default: _gather, aten.scatter.value: _scatter_value, aten.scatter_add.default: _scatter_add,
-    aten.embedding.default: _embedding, aten.cat.default: _cat, aten.split.Tensor: _split,
-    aten.convolution.default: _conv, aten.threshold_backward.default: _threshold_backward,
-    prims.fma.default: _fma, aten._softmax.default: _softmax("Softmax"), aten._log_softmax.default: _softmax("LogSoftmax"),
+    aten.sum.default: _reduce("ReduceSum"),
+    aten.sum.dim_IntList: _reduce("ReduceSum"),
+    aten.amax.default: _reduce("ReduceMax"),
+    aten.unsqueeze.default: _unsqueeze,
+    aten.squeeze.dim: _squeeze,
+    aten.squeeze.dims: _squeeze,
+    prims.convert_element_type.default: _convert,
+    aten._to_copy.default: None,
+    aten.full.default: _full,
+    aten.scalar_tensor.default: _scalar_tensor,
+    aten.gather.default: _gather,
+    aten.scatter.value: _scatter_value,
+    aten.scatter_add.default: _scatter_add,
+    aten.embedding.default: _embedding,
+    aten.cat.default: _cat,
+    aten.split.Tensor: _split,
+    aten.convolution.default: _conv,
+    aten.threshold_backward.default: _threshold_backward,
+    prims.fma.default: _fma,
+    aten._softmax.default: _softmax("Softmax"),
+    aten._log_softmax.default: _softmax("LogSoftmax"),
     aten.gelu.default: _gelu,
-    torch.ops.nm.mvue.default: _nm, torch.ops.nm.greedy.default: _nm, torch.ops.nm.luq.default: _nm,
+    torch.ops.nm.mvue.default: _nm,
+    torch.ops.nm.greedy.default: _nm,
+    torch.ops.nm.luq.default: _nm,
     torch.ops.nm.sawb.default: _nm,
 }
 _HANDLERS = {k: v for k, v in _HANDLERS.items() if v is not None}
 for _op in (aten.bitwise_not.default, aten.logical_not.default):
     _HANDLERS[_op] = lambda b, node, out: b.emit("Not", [b.value(node.args[0])])[0] if out.dtype == torch.bool else None
 for _op in (aten.bitwise_and.Tensor, aten.logical_and.default):
-    _HANDLERS[_op] = lambda b, node, out: b.emit("And", [b.operand(a, torch.bool) for a in node.args])[0] if out.dtype == torch.bool else None
+    _HANDLERS[_op] = lambda b, node, out: (
+        b.emit("And", [b.operand(a, torch.bool) for a in node.args])[0] if out.dtype == torch.bool else None
+    )
 for _op in (aten.bitwise_or.Tensor, aten.logical_or.default):
-    _HANDLERS[_op] = lambda b, node, out: b.emit("Or", [b.operand(a, torch.bool) for a in node.args])[0] if out.dtype == torch.bool else None
+    _HANDLERS[_op] = lambda b, node, out: (
+        b.emit("Or", [b.operand(a, torch.bool) for a in node.args])[0] if out.dtype == torch.bool else None
+    )
 
 
-def to_onnx(gm: fx.GraphModule, name: str = "nmcompile", *, strip_stack_traces: bool = False,
-            model_props: Optional[dict] = None):
+def to_onnx(
+    gm: fx.GraphModule, name: str = "nmcompile", *, strip_stack_traces: bool = False, model_props: Optional[dict] = None
+):
     """The FX graph ``gm`` as an ``onnx.ModelProto`` (see the module docstring)."""
     return _OnnxBuilder(gm, strip_stack_traces).build(name, {"producer": "nmcompile", **(model_props or {})})
 
@@ -620,23 +730,37 @@ def model_explorer_graph(gm: fx.GraphModule, graph_id: str, records: Optional[di
         if info is not None:
             attrs += [{"key": f"nm.{k}", "value": str(v)} for k, v in info.items()]
             attrs.append({"key": "feeds", "value": {"type": "node_ids", "nodeIds": [u.name for u in node.users]}})
-            style = {"backgroundColor": NM_COLORS.get(info["op"], "#ffa94d"), "borderColor": "#e8590c",
-                     "hoveredBorderColor": "#d9480f"}
+            style = {
+                "backgroundColor": NM_COLORS.get(info["op"], "#ffa94d"),
+                "borderColor": "#e8590c",
+                "hoveredBorderColor": "#d9480f",
+            }
         elif "nm" in node.meta:
             attrs.append({"key": "nm.for", "value": str(node.meta["nm"].get("for", ""))})
             style = {"backgroundColor": NM_COLORS["rand"], "borderColor": "#868e96", "hoveredBorderColor": "#495057"}
         rec = records.get(node.name)
         if rec is not None:
-            attrs += [{"key": "gemm.role", "value": rec.role}, {"key": "gemm.shape", "value": "x".join(map(str, rec.shape))},
-                      {"key": "gemm.transforms", "value": ", ".join(rec.transforms) or f"skipped: {rec.skipped}"},
-                      {"key": "gemm.kernel", "value": rec.kernel + (f" ({rec.kernel_note})" if rec.kernel_note else "")}]
+            attrs += [
+                {"key": "gemm.role", "value": rec.role},
+                {"key": "gemm.shape", "value": "x".join(map(str, rec.shape))},
+                {"key": "gemm.transforms", "value": ", ".join(rec.transforms) or f"skipped: {rec.skipped}"},
+                {"key": "gemm.kernel", "value": rec.kernel + (f" ({rec.kernel_note})" if rec.kernel_note else "")},
+            ]
         if node.meta.get("stack_trace"):
             attrs.append({"key": "stack_trace", "value": node.meta["stack_trace"].strip()})
-        edges = [{"sourceNodeId": src.name, "sourceNodeOutputId": "0", "targetNodeInputId": str(i)}
-                 for i, src in enumerate(node.all_input_nodes)]
-        entry = {"id": node.name, "label": _target_name(node) if node.op == "call_function" else node.op,
-                 "namespace": _namespace(node), "subgraphIds": [], "attrs": attrs, "incomingEdges": edges,
-                 "outputsMetadata": [{"id": "0", "attrs": [{"key": "tensor_shape", "value": _shape_str(node)}]}]}
+        edges = [
+            {"sourceNodeId": src.name, "sourceNodeOutputId": "0", "targetNodeInputId": str(i)}
+            for i, src in enumerate(node.all_input_nodes)
+        ]
+        entry = {
+            "id": node.name,
+            "label": _target_name(node) if node.op == "call_function" else node.op,
+            "namespace": _namespace(node),
+            "subgraphIds": [],
+            "attrs": attrs,
+            "incomingEdges": edges,
+            "outputsMetadata": [{"id": "0", "attrs": [{"key": "tensor_shape", "value": _shape_str(node)}]}],
+        }
         if style:
             entry["style"] = style
         nodes.append(entry)
@@ -659,9 +783,18 @@ def node_data(graphs: dict) -> tuple[dict, dict]:
                     d[user.name] = {"value": info["density"]}
             if "bits" in info:
                 q[node.name] = {"value": info["bits"]}
-        density[graph_id] = {"results": d, "gradient": [{"stop": 0, "bgColor": "#e03131"}, {"stop": 1, "bgColor": "#f8f9fa"}]}
-        bits[graph_id] = {"results": q, "thresholds": [{"value": 4, "bgColor": "#7048e8"}, {"value": 8, "bgColor": "#b197fc"},
-                                                       {"value": 32, "bgColor": "#f8f9fa"}]}
+        density[graph_id] = {
+            "results": d,
+            "gradient": [{"stop": 0, "bgColor": "#e03131"}, {"stop": 1, "bgColor": "#f8f9fa"}],
+        }
+        bits[graph_id] = {
+            "results": q,
+            "thresholds": [
+                {"value": 4, "bgColor": "#7048e8"},
+                {"value": 8, "bgColor": "#b197fc"},
+                {"value": 32, "bgColor": "#f8f9fa"},
+            ],
+        }
     return density, bits
 
 
@@ -674,7 +807,11 @@ def to_dot(gm: fx.GraphModule, graph_id: str, records: Optional[dict] = None) ->
     """A Graphviz digraph; nm nodes filled by op (MVUE orange, greedy yellow, LUQ purple, SAWB blue,
     their uniforms grey), GEMMs bold, clustered by module."""
     records = records or {}
-    lines = [f"digraph {_dot_quote(graph_id)} {{", "  rankdir=TB;", '  node [shape=box, fontname="Helvetica", fontsize=10];']
+    lines = [
+        f"digraph {_dot_quote(graph_id)} {{",
+        "  rankdir=TB;",
+        '  node [shape=box, fontname="Helvetica", fontsize=10];',
+    ]
     clusters: dict = {}
     for node in gm.graph.nodes:
         label = f"{node.name}\n{_target_name(node)}"
@@ -690,11 +827,15 @@ def to_dot(gm: fx.GraphModule, graph_id: str, records: Optional[dict] = None) ->
             attrs.update(style="filled", fillcolor=NM_COLORS["rand"])
         rec = records.get(node.name)
         if rec is not None:
-            label += f"\n{rec.role} {'x'.join(map(str, rec.shape))}" + (f"\n{rec.kernel}" if rec.kernel != "dense" else "")
+            label += f"\n{rec.role} {'x'.join(map(str, rec.shape))}" + (
+                f"\n{rec.kernel}" if rec.kernel != "dense" else ""
+            )
             attrs["penwidth"] = "2.5"
         attrs["label"] = label
         body = ", ".join(f"{k}={_dot_quote(str(v))}" for k, v in attrs.items())
-        clusters.setdefault(module_path(node) if node.op == "call_function" else "", []).append(f"{_dot_quote(node.name)} [{body}];")
+        clusters.setdefault(module_path(node) if node.op == "call_function" else "", []).append(
+            f"{_dot_quote(node.name)} [{body}];"
+        )
     for i, (module, entries) in enumerate(clusters.items()):
         if module:
             lines.append(f"  subgraph cluster_{i} {{ label={_dot_quote(module)}; style=dashed;")

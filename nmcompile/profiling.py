@@ -77,7 +77,9 @@ def annotate_trace(path: str, ranges: dict) -> int:
         info = ranges.get(ev.get("name"))
         if info is not None and ev.get("ph") == "X":
             ev.setdefault("args", {}).update({k: info[k] for k in ARG_KEYS if k in info})
-            spans.append((ev.get("pid"), ev.get("tid"), float(ev["ts"]), float(ev["ts"]) + float(ev.get("dur", 0)), info))
+            spans.append(
+                (ev.get("pid"), ev.get("tid"), float(ev["ts"]), float(ev["ts"]) + float(ev.get("dur", 0)), info)
+            )
             changed += 1
     for ev in events:
         name = ev.get("name", "")
@@ -107,8 +109,13 @@ class TimeSummary:
         return max(self.total_us - self.nm_us - self.gemm_us, 0.0)
 
     def as_dict(self) -> dict:
-        return {"steps": self.steps, "total_us": self.total_us, "nm_us": self.nm_us, "gemm_us": self.gemm_us,
-                "other_us": self.other_us}
+        return {
+            "steps": self.steps,
+            "total_us": self.total_us,
+            "nm_us": self.nm_us,
+            "gemm_us": self.gemm_us,
+            "other_us": self.other_us,
+        }
 
 
 def summarize(path: str) -> TimeSummary:
@@ -128,8 +135,10 @@ def summarize(path: str) -> TimeSummary:
 
     def inside_nm(e) -> bool:
         ts = float(e["ts"])
-        return any(s["pid"] == e["pid"] and s["tid"] == e["tid"] and float(s["ts"]) <= ts <= float(s["ts"]) + float(s["dur"])
-                   for s in nm_spans)
+        return any(
+            s["pid"] == e["pid"] and s["tid"] == e["tid"] and float(s["ts"]) <= ts <= float(s["ts"]) + float(s["dur"])
+            for s in nm_spans
+        )
 
     gemm_events = [e for e in events if e.get("cat") == "cpu_op" and e.get("name") in GEMM_OPS]
     # count only outermost GEMM events (convolution wraps mkldnn_convolution, etc.)
@@ -144,8 +153,7 @@ def summarize(path: str) -> TimeSummary:
     return TimeSummary(len(steps), total, nm_total, gemm_total, per_op)
 
 
-def profile_run(model: torch.nn.Module, inputs: tuple, options: dict, steps: int, out_path: str,
-                progress=None) -> tuple:
+def profile_run(model: torch.nn.Module, inputs: tuple, options: dict, steps: int, out_path: str) -> tuple:
     """Compile, warm up (one step, outside the profiler), profile ``steps`` steps, write the trace.
 
     Returns (run, annotator or None, changed event count, TimeSummary)."""
@@ -177,8 +185,6 @@ def profile_run(model: torch.nn.Module, inputs: tuple, options: dict, steps: int
                 step(compiled, model, inputs)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            if progress is not None:
-                progress(i)
     prof.export_chrome_trace(out_path)
     changed = annotate_trace(out_path, annotator.ranges) if annotator is not None else 0
     return run, annotator, changed, summarize(out_path)

@@ -64,34 +64,26 @@ class Report:
     def from_json(cls, text: str) -> "Report":
         data = json.loads(text)
         if data.get("schema") not in _READS:
-            raise ValueError(f"unsupported report schema {data.get('schema')!r}; this version reads {', '.join(map(repr, _READS))}")
+            raise ValueError(
+                f"unsupported report schema {data.get('schema')!r}; this version reads {', '.join(map(repr, _READS))}"
+            )
         fields = {f.name for f in dataclasses.fields(GemmRecord)}
         gemms = [GemmRecord(**{k: v for k, v in g.items() if k in fields}) for g in data["gemms"]]
         for g in gemms:
             g.shape = tuple(g.shape)
         return cls(gemms, data["options"], data["torch"])
 
-    def table(self):
-        """A rich Table of the GEMMs."""
-        from rich.table import Table
-
-        t = Table(title=f"nm rewrites ({len(self.gemms)} GEMMs)")
-        for col in ("graph", "module", "role", "op", "M×N×K", "dtype", "transforms / skip reason", "kernel"):
-            t.add_column(col)
-        for g in self.gemms:
-            what = ", ".join(g.transforms) if g.transforms else f"[dim]{_unchanged(g)}[/dim]"
-            if g.notes:
-                what += f" [yellow]({'; '.join(g.notes)})[/yellow]"
-            t.add_row(str(g.graph), g.module or "<top>", g.role, g.op, "×".join(map(str, g.shape)), g.dtype, what,
-                      kernel_cell(g))
-        return t
-
     def __str__(self) -> str:
         lines = [f"nm report: {self.summary()['rewritten']} of {len(self.gemms)} GEMMs rewritten"]
         for g in self.gemms:
             what = ", ".join(g.transforms) if g.transforms else _unchanged(g)
-            kernel = f"  [{g.kernel}]" if g.kernel != "dense" else (f"  [dense: {g.kernel_note}]" if g.kernel_note else "")
-            lines.append(f"  [{g.graph}] {g.module or '<top>':30s} {g.role:5s} {g.op:5s} {'x'.join(map(str, g.shape)):>18s}  {what}{kernel}")
+            kernel = (
+                f"  [{g.kernel}]" if g.kernel != "dense" else (f"  [dense: {g.kernel_note}]" if g.kernel_note else "")
+            )
+            lines.append(
+                f"  [{g.graph}] {g.module or '<top>':30s} {g.role:5s} {g.op:5s} "
+                f"{'x'.join(map(str, g.shape)):>18s}  {what}{kernel}"
+            )
         return "\n".join(lines)
 
 
@@ -100,7 +92,9 @@ def kernel_cell(g: GemmRecord) -> str:
     from rich.markup import escape
 
     if g.kernel != "dense":
-        return f"[green]{escape(g.kernel)}[/green]" + (f" [dim]({escape(g.kernel_note)})[/dim]" if g.kernel_note else "")
+        return f"[green]{escape(g.kernel)}[/green]" + (
+            f" [dim]({escape(g.kernel_note)})[/dim]" if g.kernel_note else ""
+        )
     return "dense" + (f" [dim]({escape(g.kernel_note)})[/dim]" if g.kernel_note else "")
 
 

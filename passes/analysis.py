@@ -112,7 +112,9 @@ def _view_position(src, out, pos: int) -> Optional[int]:
 def is_fused_attention_backward(node: fx.Node) -> bool:
     """SDPA backward kernels (flash / efficient / cuDNN / CPU flash): GEMMs the pass cannot see."""
     name = getattr(node.target, "__name__", str(node.target))
-    return "backward" in name and ("scaled_dot_product" in name or name.startswith(("_flash_attention", "_efficient_attention")))
+    return "backward" in name and (
+        "scaled_dot_product" in name or name.startswith(("_flash_attention", "_efficient_attention"))
+    )
 
 
 def matmul_role(node: fx.Node, grad_is_left: bool, forward_partner: Optional[fx.Node]) -> tuple[Optional[str], str]:

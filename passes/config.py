@@ -25,7 +25,9 @@ def parse_pattern(pattern: Any, key: str = "sparsity") -> tuple[int, int]:
         n, m = int(match.group(1)), int(match.group(2))
         if 0 < n < m:
             return n, m
-    raise ValueError(f"{key}={pattern!r} is not a valid N:M pattern; use a string 'N:M' with 0 < N < M, e.g. '1:2', '2:4', '2:8'")
+    raise ValueError(
+        f"{key}={pattern!r} is not a valid N:M pattern; use a string 'N:M' with 0 < N < M, e.g. '1:2', '2:4', '2:8'"
+    )
 
 
 def _choice(key: str, value: Any, allowed: tuple) -> Any:

@@ -12,7 +12,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from .config import NMConfig
 from .rewrite import rewrite_joint_graph
 
-_SOURCES = sorted([*pathlib.Path(__file__).parent.glob("*.py"), *(pathlib.Path(__file__).parent.parent / "kernels").glob("*.py")])
+_SOURCES = sorted(
+    [*pathlib.Path(__file__).parent.glob("*.py"), *(pathlib.Path(__file__).parent.parent / "kernels").glob("*.py")]
+)
 _SOURCE_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()
 
 
@@ -34,8 +36,9 @@ class NMJointPass(CustomGraphPass):
 
     def __call__(self, graph: fx.Graph) -> None:
         self.calls += 1
-        self.records.extend(rewrite_joint_graph(graph, self.config, decompose=self.decompose,
-                                                graph_index=next(self._graphs)))
+        self.records.extend(
+            rewrite_joint_graph(graph, self.config, decompose=self.decompose, graph_index=next(self._graphs))
+        )
 
     def uuid(self) -> str:
         # Sources and options: Inductor's caches never serve code compiled under other options.

@@ -103,7 +103,11 @@ class _Plan:
 
 
 def _device(node: Optional[fx.Node]) -> Optional[torch.device]:
-    tensors = [t for t in torch.utils._pytree.tree_leaves(val(node) if node is not None else None) if isinstance(t, torch.Tensor)]
+    tensors = [
+        t
+        for t in torch.utils._pytree.tree_leaves(val(node) if node is not None else None)
+        if isinstance(t, torch.Tensor)
+    ]
     return tensors[0].device if tensors else None
 
 
@@ -168,8 +172,15 @@ class _Lowerer:
         if base not in self.sawb_codes:
             info = dict(base.meta.get("nm", {}), op="sawb_fp8")
             bits = base.args[1]
-            self.sawb_codes[base] = splice(self.graph, base.next, lambda x: torch.ops.nm.sawb_fp8.default(x, bits),
-                                           [base.args[0]], serves=base, info=info, decompositions=self.decompositions)
+            self.sawb_codes[base] = splice(
+                self.graph,
+                base.next,
+                lambda x: torch.ops.nm.sawb_fp8.default(x, bits),
+                [base.args[0]],
+                serves=base,
+                info=info,
+                decompositions=self.decompositions,
+            )
         return self.sawb_codes[base]
 
     def lower(self, node: fx.Node, rec: GemmRecord, plan: _Plan) -> None:
@@ -230,9 +241,15 @@ class _Lowerer:
         for base, (codes, scale) in self.sawb_codes.items():
             if base.users:
                 dtype = val(base).dtype
-                deq = splice(self.graph, scale.next, lambda c, s: dequantize(c, s, dtype), [codes, scale],
-                             serves=base, info=dict(base.meta.get("nm", {}), op="dequantize"),
-                             decompositions=self.decompositions)
+                deq = splice(
+                    self.graph,
+                    scale.next,
+                    lambda c, s: dequantize(c, s, dtype),
+                    [codes, scale],
+                    serves=base,
+                    info=dict(base.meta.get("nm", {}), op="dequantize"),
+                    decompositions=self.decompositions,
+                )
                 base.replace_all_uses_with(deq)
                 self.graph.erase_node(base)
 

@@ -62,9 +62,14 @@ class _Rewriter:
     # -- bookkeeping ----------------------------------------------------------------------------
     def _record(self, node: fx.Node, op: str, role: str, shape: tuple) -> GemmRecord:
         out = val(node)
-        dtype = out[0].dtype if isinstance(out, (tuple, list)) and out and out[0] is not None else getattr(out, "dtype", None)
-        rec = GemmRecord(self.graph_index, node.name, op, role, module_path(node), _shape(shape),
-                         str(dtype).replace("torch.", ""))
+        dtype = (
+            out[0].dtype
+            if isinstance(out, (tuple, list)) and out and out[0] is not None
+            else getattr(out, "dtype", None)
+        )
+        rec = GemmRecord(
+            self.graph_index, node.name, op, role, module_path(node), _shape(shape), str(dtype).replace("torch.", "")
+        )
         self.records.append(rec)
         return rec
 
@@ -102,8 +107,9 @@ class _Rewriter:
             while anchor.op == "placeholder":  # keep placeholders first
                 anchor = anchor.next
             info = {"op": "sawb", "bits": self.config.fwd_bits, "for": gemm.name, "module": module_path(gemm)}
-            self.quantized[base] = splice(self.graph, anchor, self._sawb_fn(), [base], serves=gemm,
-                                          info=info, decompositions=self.decompositions)
+            self.quantized[base] = splice(
+                self.graph, anchor, self._sawb_fn(), [base], serves=gemm, info=info, decompositions=self.decompositions
+            )
         return self._replay(chain, self.quantized[base], before=gemm)
 
     def _replay(self, chain: list, new_base: fx.Node, before: fx.Node) -> fx.Node:
@@ -141,8 +147,10 @@ class _Rewriter:
                     continue
                 if node in kept:
                     which = " and ".join(w for w, n in (("first", gemms[0]), ("last", gemms[-1])) if n is node)
-                    rec.skipped = (f"{which} forward GEMM of graph {self.graph_index} kept in high precision "
-                                   "(keep_first_last=True applies to every compiled graph)")
+                    rec.skipped = (
+                        f"{which} forward GEMM of graph {self.graph_index} kept in high precision "
+                        "(keep_first_last=True applies to every compiled graph)"
+                    )
                     continue
                 if not self._selected(rec):
                     continue
@@ -181,8 +189,15 @@ class _Rewriter:
 
     def _compress(self, operand: fx.Node, gemm: fx.Node, steps: list, role: str) -> fx.Node:
         info = {"op": "+".join(kind for kind, _ in steps), "role": role, "for": gemm.name, "module": module_path(gemm)}
-        return splice(self.graph, gemm, self._gradient_fn(steps), [operand], serves=gemm, info=info,
-                      decompositions=self.decompositions)
+        return splice(
+            self.graph,
+            gemm,
+            self._gradient_fn(steps),
+            [operand],
+            serves=gemm,
+            info=info,
+            decompositions=self.decompositions,
+        )
 
     def backward_matmul(self, node: fx.Node, grads: set, partners: dict) -> None:
         rec = self._record(node, MATMULS[node.target], "?", ("?",) * 3)
@@ -194,7 +209,9 @@ class _Rewriter:
                 return
             grad_left, grad_right = left in grads, right in grads
             if grad_left == grad_right:
-                rec.skipped = "both operands depend on the incoming gradient" if grad_left else "no operand is a gradient"
+                rec.skipped = (
+                    "both operands depend on the incoming gradient" if grad_left else "no operand is a gradient"
+                )
                 return
             partner = partners.get(node.meta.get("seq_nr"))
             role, how = matmul_role(node, grad_left, partner)
@@ -210,8 +227,9 @@ class _Rewriter:
                 rec.transforms.append(f"sawb{self.config.fwd_bits} {'W' if role == 'dgrad' else 'X'}")
             if self._selected(rec):
                 dim = val(grad).dim() - (1 if grad_left else 2)  # the reduction dim of the gradient operand
-                steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim,
-                                             "K (tokens)" if role == "wgrad" else "K (features)")
+                steps = self._gradient_steps(
+                    rec, role, val(grad).shape[dim], dim, "K (tokens)" if role == "wgrad" else "K (features)"
+                )
                 if steps:
                     changes.append((grad, self._compress(grad, node, steps, role)))
                 elif not rec.transforms and not rec.notes:
@@ -239,8 +257,9 @@ class _Rewriter:
                 if grad in grads and self._selected(rec):
                     # dgrad reduces over output channels (dim 1); wgrad over N·H·W: group along W.
                     dim = 1 if role == "dgrad" else val(grad).dim() - 1
-                    steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim,
-                                                 "C_out" if role == "dgrad" else "W (tokens)")
+                    steps = self._gradient_steps(
+                        rec, role, val(grad).shape[dim], dim, "C_out" if role == "dgrad" else "W (tokens)"
+                    )
                     if steps:
                         g = self._compress(grad, node, steps, role)
                 if g is grad and new_x is x and new_w is w:
@@ -307,17 +326,31 @@ def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, g
     partners = forward_partners(graph)
     rw = _Rewriter(graph, config, decompose, graph_index)
     nodes = [n for n in graph.nodes if n.op == "call_function"]
-    fwd = [n for n in nodes if (n.target in MATMULS or n.target is CONV_FWD) and n not in grads
-           and n.meta.get("partitioner_tag") != "is_backward"]
+    fwd = [
+        n
+        for n in nodes
+        if (n.target in MATMULS or n.target is CONV_FWD)
+        and n not in grads
+        and n.meta.get("partitioner_tag") != "is_backward"
+    ]
     rw.forward_gemms(fwd)
     for node in nodes:
         if node.target in MATMULS and node not in fwd:
             rw.backward_matmul(node, grads, partners)
         elif is_fused_attention_backward(node):
-            rw.records.append(GemmRecord(
-                graph_index, node.name, "sdpa", "?", module_path(node), ("?",) * 3, str(getattr(val(node.args[0]), "dtype", "?")).replace("torch.", ""),
-                skipped="fused attention kernel: its GEMMs are not visible to the pass (run attention under "
-                        "torch.nn.attention.sdpa_kernel(SDPBackend.MATH) to rewrite them)"))
+            rw.records.append(
+                GemmRecord(
+                    graph_index,
+                    node.name,
+                    "sdpa",
+                    "?",
+                    module_path(node),
+                    ("?",) * 3,
+                    str(getattr(val(node.args[0]), "dtype", "?")).replace("torch.", ""),
+                    skipped="fused attention kernel: its GEMMs are not visible to the pass (run attention under "
+                    "torch.nn.attention.sdpa_kernel(SDPBackend.MATH) to rewrite them)",
+                )
+            )
         elif node.target is CONV_BWD:
             rw.backward_conv(node, grads, partners)
     lower_gemms(graph, rw.records, config, rw.decompositions)

@@ -37,7 +37,11 @@ def merge_seed_draws(graph: fx.Graph) -> None:
         seeds = graph.call_function(torch.ops.nm.seeds.default, (sum(sizes), first.kwargs["device"]))
     seeds.meta.update(first.meta)
     seeds.meta["val"] = seeds_val
-    seeds.meta["nm"] = {"op": "seeds", "count": len(draws), "for": ",".join(str(n.meta["nm"].get("for", "")) for n in draws)}
+    seeds.meta["nm"] = {
+        "op": "seeds",
+        "count": len(draws),
+        "for": ",".join(str(n.meta["nm"].get("for", "")) for n in draws),
+    }
     offset = 0
     for draw, size in zip(draws, sizes):
         with graph.inserting_before(draw), fake.fake_mode:
@@ -46,7 +50,7 @@ def merge_seed_draws(graph: fx.Graph) -> None:
                 part.meta["val"] = seeds_val.select(0, offset)
             else:
                 part = graph.call_function(aten.slice.Tensor, (seeds, 0, offset, offset + size))
-                part.meta["val"] = seeds_val[offset: offset + size]
+                part.meta["val"] = seeds_val[offset : offset + size]
                 if len(draw.args[2]) != 1:
                     part = graph.call_function(aten.view.default, (part, list(draw.args[2])))
                     part.meta["val"] = draw.meta["val"]

@@ -11,8 +11,15 @@ from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
 # Metadata Inductor and the partitioner read, copied from the GEMM onto every node inserted for it.
-CARRIED_META = ("stack_trace", "nn_module_stack", "fwd_nn_module_stack", "fwd_source_fn_stack", "seq_nr", "partitioner_tag")
-RANDOM_OPS = {torch.ops.aten.rand.default, torch.ops.aten.rand_like.default, torch.ops.aten.randint.low}
+CARRIED_META = (
+    "stack_trace",
+    "nn_module_stack",
+    "fwd_nn_module_stack",
+    "fwd_source_fn_stack",
+    "seq_nr",
+    "partitioner_tag",
+)
+RANDOM_OPS = {torch.ops.aten.randint.low}  # the seed draws (kernels.random.draw_seed)
 
 
 @contextlib.contextmanager
@@ -39,8 +46,16 @@ def trace(fn: Callable, inputs: Sequence[fx.Node], decompositions: dict) -> fx.G
         return make_fx(fn, decompositions, tracing_mode="real")(*fakes)
 
 
-def splice(graph: fx.Graph, before: fx.Node, fn: Callable, inputs: Sequence[fx.Node], *,
-           serves: fx.Node, info: dict, decompositions: dict):
+def splice(
+    graph: fx.Graph,
+    before: fx.Node,
+    fn: Callable,
+    inputs: Sequence[fx.Node],
+    *,
+    serves: fx.Node,
+    info: dict,
+    decompositions: dict,
+):
     """Insert ``fn(*inputs)`` just before ``before``; returns the node holding its result (a tuple
     of nodes for a tuple of tensors).
 
@@ -69,5 +84,7 @@ def splice(graph: fx.Graph, before: fx.Node, fn: Callable, inputs: Sequence[fx.N
                 new.meta["partitioner_tag"] = "must_be_in_backward"
             new.meta["nm"] = dict(info)
             env[node] = new
-    assert isinstance(result, fx.Node) or all(isinstance(r, fx.Node) for r in result), "spliced functions return tensors"
+    assert isinstance(result, fx.Node) or all(isinstance(r, fx.Node) for r in result), (
+        "spliced functions return tensors"
+    )
     return result

@@ -279,17 +279,20 @@ def kernel_cell(row: dict) -> str:
 
 
 TABLES = {
-    "compile": (["inductor (s)", "nm (s)", "ratio nm / inductor"],
-                lambda r: [f"{r['inductor_s']:.1f}", f"{r['nm_s']:.1f}", f"**{r['ratio']:.2f}**"]),
-    "step": (["inductor (ms)", "nm (ms)", "ratio nm / inductor", "bwd kernels inductor → nm (fused / extern / fallback)"],
-             lambda r: [f"{r['inductor_ms']:.1f}", f"{r['nm_ms']:.1f}", f"**{r['ratio']:.2f}**", kernel_cell(r)]),
+    "compile": (
+        ["inductor (s)", "nm (s)", "ratio nm / inductor"],
+        lambda r: [f"{r['inductor_s']:.1f}", f"{r['nm_s']:.1f}", f"**{r['ratio']:.2f}**"],
+    ),
+    "step": (
+        ["inductor (ms)", "nm (ms)", "ratio nm / inductor", "bwd kernels inductor → nm (fused / extern / fallback)"],
+        lambda r: [f"{r['inductor_ms']:.1f}", f"{r['nm_ms']:.1f}", f"**{r['ratio']:.2f}**", kernel_cell(r)],
+    ),
 }
 
 
 def markdown_table(mode: str, rows: list[dict]) -> str:
     header, cells = TABLES[mode]
-    lines = ["| model | options | " + " | ".join(header) + " |",
-             "|---|---|" + "---:|" * 3 + "---|" * (len(header) - 3)]
+    lines = ["| model | options | " + " | ".join(header) + " |", "|---|---|" + "---:|" * 3 + "---|" * (len(header) - 3)]
     for r in rows:
         if r["mode"] == mode:
             lines.append(f"| {r['model']} | `{json.dumps(r['nm_options'])}` | " + " | ".join(cells(r)) + " |")
@@ -304,25 +307,47 @@ def package_version(name: str) -> Optional[str]:
 
 
 def meta_data(args, models: list[ModelSpec], skipped: list[str]) -> dict:
-    return {"torch": torch.__version__, "python": platform.python_version(),
-            "transformers": package_version("transformers"), "cpu": cpu_name(), "cpus": os.cpu_count(),
-            "threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat(timespec="seconds"), "mode": args.mode,
-            "steps": args.steps, "models": [m.key for m in models], "skipped": skipped,
-            "options": {label: OPTIONS[label] for label in args.options}}
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "transformers": package_version("transformers"),
+        "cpu": cpu_name(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "mode": args.mode,
+        "steps": args.steps,
+        "models": [m.key for m in models],
+        "skipped": skipped,
+        "options": {label: OPTIONS[label] for label in args.options},
+    }
 
 
 # ----------------------------------------------------------------------------- command line
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[1:]))
-    ap.add_argument("--mode", choices=["compile", "step", "all"], default="all",
-                    help="compile: cold compile time of the first step; step: step time; all: both (default)")
-    ap.add_argument("--models", type=_choices(MODELS), default=list(MODELS),
-                    help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
-    ap.add_argument("--options", type=_choices(OPTIONS), default=list(OPTIONS),
-                    help="comma-separated subset of the option sets " + ", ".join(f"'{k}'" for k in OPTIONS)
-                    + " (default: all)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
+    ap.add_argument(
+        "--mode",
+        choices=["compile", "step", "all"],
+        default="all",
+        help="compile: cold compile time of the first step; step: step time; all: both (default)",
+    )
+    ap.add_argument(
+        "--models",
+        type=_choices(MODELS),
+        default=list(MODELS),
+        help=f"comma-separated subset of {','.join(MODELS)} (default: all)",
+    )
+    ap.add_argument(
+        "--options",
+        type=_choices(OPTIONS),
+        default=list(OPTIONS),
+        help="comma-separated subset of the option sets " + ", ".join(f"'{k}'" for k in OPTIONS) + " (default: all)",
+    )
     ap.add_argument("--steps", type=int, default=30, help="timed steps per backend in --mode step (default 30)")
     ap.add_argument("--out", default=None, metavar="FILE.json", help="write all rows and meta data here")
     args = ap.parse_args(argv)
@@ -338,6 +363,7 @@ def _choices(allowed: dict) -> Callable[[str], list[str]]:
         if unknown or not keys:
             raise argparse.ArgumentTypeError(f"{unknown or text!r}: choose from {', '.join(allowed)}")
         return keys
+
     return parse
 
 
@@ -346,8 +372,7 @@ def available_models(keys: list[str]) -> tuple[list[ModelSpec], list[str]]:
     for key in keys:
         spec = MODELS[key]
         if spec.needs and importlib.util.find_spec(spec.needs) is None:
-            log(f"skipping {key}: it needs the '{spec.needs}' package (pip install {spec.needs}, "
-                "or the [test] extra)")
+            log(f"skipping {key}: it needs the '{spec.needs}' package (pip install {spec.needs}, or the [test] extra)")
             skipped.append(key)
         else:
             models.append(spec)
@@ -362,16 +387,22 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # says so once per compile
     startup = warm_up_process() if "compile" in modes else {}
     if startup:
-        log("process start-up (throwaway compile of a tiny function): "
-            + ", ".join(f"{name} {s:.1f} s" for name, s in startup.items()))
+        log(
+            "process start-up (throwaway compile of a tiny function): "
+            + ", ".join(f"{name} {s:.1f} s" for name, s in startup.items())
+        )
     rows = []
     for mode in modes:
         for spec in models:
-            rows += bench_compile(spec, args.options) if mode == "compile" else bench_step(spec, args.options, args.steps)
+            rows += (
+                bench_compile(spec, args.options) if mode == "compile" else bench_step(spec, args.options, args.steps)
+            )
     meta = meta_data(args, models, skipped) | {"startup_s": startup}
     for mode in modes:
-        print(f"\n{mode} — torch {meta['torch']}, Python {meta['python']}, transformers {meta['transformers']}, "
-              f"{meta['cpu']}, {meta['threads']} threads, {meta['date']}\n")
+        print(
+            f"\n{mode} — torch {meta['torch']}, Python {meta['python']}, transformers {meta['transformers']}, "
+            f"{meta['cpu']}, {meta['threads']} threads, {meta['date']}\n"
+        )
         print(markdown_table(mode, rows))
     if args.out:
         with open(args.out, "w") as fh:

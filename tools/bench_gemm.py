@@ -176,7 +176,8 @@ def run(shapes: list, device: torch.device, save: Callable[[list], None]) -> lis
             except Exception as err:  # noqa: BLE001
                 row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             rows.append(row)
-            print(f"  d={d} T={tokens} kernel {name:14s} {row.get('ms', float('nan')):9.3f} ms", file=sys.stderr, flush=True)
+            ms = row.get("ms", float("nan"))
+            print(f"  d={d} T={tokens} kernel {name:14s} {ms:9.3f} ms", file=sys.stderr, flush=True)
         del delta_sets
         _free(device)
         save(rows)
@@ -195,7 +196,7 @@ def tables(rows: list) -> str:
     out.append("| d | tokens | GEMM | M×N×K | dense ms | " + " | ".join(f"{n} ×" for n in gemm_names) + " |")
     out.append("|---|---|---|---|---|" + "---|" * len(gemm_names))
     keyed = {(r["d"], r["tokens"], r["role"], r["variant"]): r for r in rows}
-    for (d, tokens, role) in dict.fromkeys((r["d"], r["tokens"], r["role"]) for r in rows if r["role"] != "kernel"):
+    for d, tokens, role in dict.fromkeys((r["d"], r["tokens"], r["role"]) for r in rows if r["role"] != "kernel"):
         dense = keyed.get((d, tokens, role, "dense"), {})
         cells = []
         for name in gemm_names:
@@ -208,14 +209,16 @@ def tables(rows: list) -> str:
                 ratio = dense["ms"] / r["ms"]
                 target = _target(name, role, d, tokens)
                 cells.append(f"{ratio:.2f}" + (f" ({'✓' if ratio >= target else '✗'} ≥{target})" if target else ""))
-        out.append(f"| {d} | {tokens} | {role} | {dense.get('M')}×{dense.get('N')}×{dense.get('K')} | "
-                   f"{dense.get('ms', float('nan')):.3f} | " + " | ".join(cells) + " |")
+        out.append(
+            f"| {d} | {tokens} | {role} | {dense.get('M')}×{dense.get('N')}×{dense.get('K')} | "
+            f"{dense.get('ms', float('nan')):.3f} | " + " | ".join(cells) + " |"
+        )
     out.append("")
     kernel_names = [r["variant"] for r in rows if r["role"] == "kernel" and r["variant"] != "copy"]
     kernel_names = list(dict.fromkeys(kernel_names))
     out.append("| d | tokens | copy GB/s | " + " | ".join(f"{n} (of copy)" for n in kernel_names) + " |")
     out.append("|---|---|---|" + "---|" * len(kernel_names))
-    for (d, tokens) in dict.fromkeys((r["d"], r["tokens"]) for r in rows if r["role"] == "kernel"):
+    for d, tokens in dict.fromkeys((r["d"], r["tokens"]) for r in rows if r["role"] == "kernel"):
         copy = keyed.get((d, tokens, "kernel", "copy"), {})
         cells = []
         for name in kernel_names:
@@ -243,8 +246,12 @@ def meta(device: torch.device) -> dict:
     if device.type == "cuda":
         import triton
 
-        info.update(gpu=torch.cuda.get_device_name(device), capability=list(torch.cuda.get_device_capability(device)),
-                    triton=triton.__version__, cuda=torch.version.cuda)
+        info.update(
+            gpu=torch.cuda.get_device_name(device),
+            capability=list(torch.cuda.get_device_capability(device)),
+            triton=triton.__version__,
+            cuda=torch.version.cuda,
+        )
     return info
 
 

@@ -191,7 +191,8 @@ def main(argv: Optional[list] = None) -> int:
         speed = f"{base['step_ms'] / r['step_ms']:.2f}×" if base else "?"
         dloss = f"{r['loss_last20'] - base['loss_last20']:+.4f}" if base else "?"
         kern = ", ".join(f"{k} ×{v}" for k, v in sorted(r["kernels"].items())) or "-"
-        print(f"| {r['name']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | {speed} | {r['loss_last20']:.4f} | {dloss} | {kern} |")
+        print(f"| {r['name']} | {r['compile_s']:.1f} | {r['step_ms']:.1f} | {speed} | {r['loss_last20']:.4f} | "
+              f"{dloss} | {kern} |")
     for r in results:
         for note in r.get("fallbacks", []):
             print(f"  {r['name']}: dense where {note}")

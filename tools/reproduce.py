@@ -28,9 +28,9 @@ import torch
 
 import nmcompile
 from nmcompile.data import load_digits_split
-from nmcompile.demo import DigitsMLP, cosine_lr, environment, evaluate, steps_per_epoch, train
+from nmcompile.demo import DigitsMLP, cosine_lr, environment, steps_per_epoch, train
 from nmcompile.fnt import fnt_options, fnt_scheduler
-from nmcompile.kernels.reference import mvue_inclusion_probabilities, mvue_variance
+from nmcompile.kernels.reference import mvue_variance
 
 SPARSITY = [
     ("dense", {}),
@@ -177,8 +177,11 @@ def run(name, options, data, args, seed, model=None, label_seed=None, **kw):
     r = train(model, {**options, "inner": "aot_eager"}, data, seed=seed, batch_size=args.batch_size,
               record=False, **kw)
     r["curves"].pop("step_loss")
-    log(f"  seed {seed if label_seed is None else label_seed}  {name:<34} test acc {100 * r['test_acc']:6.2f}%  final loss {r['final_loss']:.4f}"
-        f"{'  DIVERGED' if r['diverged'] else ''}  ({time.perf_counter() - t0:.1f}s)")
+    log(
+        f"  seed {seed if label_seed is None else label_seed}  {name:<34} test acc {100 * r['test_acc']:6.2f}%  "
+        f"final loss {r['final_loss']:.4f}"
+        f"{'  DIVERGED' if r['diverged'] else ''}  ({time.perf_counter() - t0:.1f}s)"
+    )
     return r, model
 
 
@@ -193,8 +196,11 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--draws", type=int, default=30, help="Monte-Carlo draws per estimator (exp. 3)")
     parser.add_argument("--out", default="docs", help="where results.json and the PNGs go (default docs/)")
-    parser.add_argument("--tables-from", metavar="JSON", help="only print the tables (and redraw the plots into "
-                        "--out) from an earlier run's results.json")
+    parser.add_argument(
+        "--tables-from",
+        metavar="JSON",
+        help="only print the tables (and redraw the plots into --out) from an earlier run's results.json",
+    )
     args = parser.parse_args(argv)
     if args.tables_from:
         with open(args.tables_from) as f:
@@ -209,8 +215,10 @@ def main(argv=None) -> int:
     data = load_digits_split()
     spe = steps_per_epoch(data, args.batch_size)
     env = environment()
-    log(f"reproduce: seeds {args.seeds}, {args.epochs} epochs x {spe} steps, FNT {args.fnt_epochs} epochs, "
-        f"MLP 64-{args.hidden}x3-10, torch {env['torch']}, {env['cpu']}")
+    log(
+        f"reproduce: seeds {args.seeds}, {args.epochs} epochs x {spe} steps, FNT {args.fnt_epochs} epochs, "
+        f"MLP 64-{args.hidden}x3-10, torch {env['torch']}, {env['cpu']}"
+    )
     started = time.perf_counter()
     runs: dict = {}
     for seed in args.seeds:
@@ -225,14 +233,27 @@ def main(argv=None) -> int:
         total = args.epochs * spe
         lr_t = cosine_lr(args.lr, total)(total)
         T = args.fnt_epochs * spe
-        for name, opts in ((f"{RECIPE} + FNT {args.fnt_epochs}ep", fnt_options(dict(QUANT)[RECIPE])),
-                           (f"{RECIPE} + {args.fnt_epochs}ep more 4-bit", dict(QUANT)[RECIPE])):
+        for name, opts in (
+            (f"{RECIPE} + FNT {args.fnt_epochs}ep", fnt_options(dict(QUANT)[RECIPE])),
+            (f"{RECIPE} + {args.fnt_epochs}ep more 4-bit", dict(QUANT)[RECIPE]),
+        ):
             m = copy.deepcopy(model)
             opt = torch.optim.SGD(m.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
             sched = fnt_scheduler(opt, T, lr_start=lr_t, lr_base=args.lr)
             lrs = [sched.lr_lambdas[0](s) * args.lr for s in range(T + 1)]
-            r, _ = run(name, opts, data, args, seed + 1000, model=m, label_seed=seed, epochs=args.fnt_epochs, optimizer=opt,
-                       lr_fn=lambda s, lrs=lrs: lrs[s], eval_options=dict(QUANT)[RECIPE])
+            r, _ = run(
+                name,
+                opts,
+                data,
+                args,
+                seed + 1000,
+                model=m,
+                label_seed=seed,
+                epochs=args.fnt_epochs,
+                optimizer=opt,
+                lr_fn=lambda s, lrs=lrs: lrs[s],
+                eval_options=dict(QUANT)[RECIPE],
+            )
             runs.setdefault(name, []).append(r)
         log(f"  elapsed {time.perf_counter() - started:.0f}s")
 
@@ -241,10 +262,18 @@ def main(argv=None) -> int:
     for seed in args.seeds:
         torch.manual_seed(seed)
         model = DigitsMLP(args.hidden)
-        train(model, {"inner": "aot_eager"}, data, epochs=1, lr_fn=cosine_lr(args.lr, args.epochs * spe),
-              seed=seed, batch_size=args.batch_size, record=False)
+        train(
+            model,
+            {"inner": "aot_eager"},
+            data,
+            epochs=1,
+            lr_fn=cosine_lr(args.lr, args.epochs * spe),
+            seed=seed,
+            batch_size=args.batch_size,
+            record=False,
+        )
         gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(data.x_train), generator=gen)[:args.batch_size]
+        idx = torch.randperm(len(data.x_train), generator=gen)[: args.batch_size]
         for layer, (delta, act) in capture_gradients(model, data.x_train[idx], data.y_train[idx]).items():
             for est, v in variance_study(delta, act, args.draws, seed).items():
                 variance.setdefault(est, []).append(v)
@@ -252,20 +281,31 @@ def main(argv=None) -> int:
     # reference point: heavy-tailed synthetic groups (|x| log-normal, sigma 2), exact formulas only
     gen = torch.Generator().manual_seed(0)
     synth = torch.exp(2 * torch.randn(100000, 4, generator=gen, dtype=torch.float64)) * torch.sign(
-        torch.randn(100000, 4, generator=gen, dtype=torch.float64))
-    hu = synth ** 2 * (1 / hu_approx_probabilities(synth.abs()) - 1)
+        torch.randn(100000, 4, generator=gen, dtype=torch.float64)
+    )
+    hu = synth**2 * (1 / hu_approx_probabilities(synth.abs()) - 1)
     ratio = hu.sum(-1) / mvue_variance(synth, 2).sum(-1)
-    variance_synthetic = {"groups": 100000, "median_group_ratio_hu_over_mvue": ratio.median().item(),
-                          "max_group_ratio": ratio.max().item(),
-                          "total_ratio_hu_over_mvue": (hu.sum() / mvue_variance(synth, 2).sum()).item()}
-    log(f"synthetic log-normal groups: hu approx / mvue variance, median per group "
-        f"{variance_synthetic['median_group_ratio_hu_over_mvue']:.3f}, max {variance_synthetic['max_group_ratio']:.3f}")
+    variance_synthetic = {
+        "groups": 100000,
+        "median_group_ratio_hu_over_mvue": ratio.median().item(),
+        "max_group_ratio": ratio.max().item(),
+        "total_ratio_hu_over_mvue": (hu.sum() / mvue_variance(synth, 2).sum()).item(),
+    }
+    log(
+        f"synthetic log-normal groups: hu approx / mvue variance, median per group "
+        f"{variance_synthetic['median_group_ratio_hu_over_mvue']:.3f}, max {variance_synthetic['max_group_ratio']:.3f}"
+    )
     log(f"total {time.perf_counter() - started:.0f}s")
 
-    results = {"command": "python tools/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "args": vars(args), "environment": env, "runs": runs, "variance": variance,
-               "variance_synthetic": variance_synthetic,
-               "wall_s": time.perf_counter() - started}
+    results = {
+        "command": "python tools/reproduce.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "args": vars(args),
+        "environment": env,
+        "runs": runs,
+        "variance": variance,
+        "variance_synthetic": variance_synthetic,
+        "wall_s": time.perf_counter() - started,
+    }
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print_tables(results)
@@ -282,25 +322,38 @@ def ms(values, scale=1.0, fmt="{:.2f}"):
 
 def print_tables(results: dict) -> None:
     runs, var = results["runs"], results["variance"]
-    print("\n| method | test acc after epoch 1 (%) | after epoch 2 (%) | final test acc (%) | final, fp forward (%) "
-          "| train loss epoch 2 | final train loss | diverged |")
+    print(
+        "\n| method | test acc after epoch 1 (%) | after epoch 2 (%) | final test acc (%) | final, fp forward (%) "
+        "| train loss epoch 2 | final train loss | diverged |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, rs in runs.items():
         acc = [r["curves"]["epoch_test_acc"] for r in rs]
         loss = [r["curves"]["epoch_loss"] for r in rs]
         early = (lambda k: ms([a[k] for a in acc], 100)) if len(acc[0]) > 1 else (lambda k: "-")
         early_loss = ms([l_[1] for l_ in loss], 1, "{:.4f}") if len(loss[0]) > 1 else "-"
-        print(f"| {name} | {early(0)} | {early(1)} | {ms([r['test_acc'] for r in rs], 100)} | "
-              f"{ms([r['test_acc_fp'] for r in rs], 100)} | {early_loss} | "
-              f"{ms([r['final_loss'] for r in rs], 1, '{:.4f}')} | {sum(r['diverged'] for r in rs)}/{len(rs)} |")
-    print("\n| estimator | exact: Var or bias² / ‖δ‖² | Monte-Carlo E‖ŝ−δ‖² / ‖δ‖² | MC ‖Eŝ−δ‖² / ‖δ‖² | MC E‖dŴ−dW‖² / ‖dW‖² |")
+        print(
+            f"| {name} | {early(0)} | {early(1)} | {ms([r['test_acc'] for r in rs], 100)} | "
+            f"{ms([r['test_acc_fp'] for r in rs], 100)} | {early_loss} | "
+            f"{ms([r['final_loss'] for r in rs], 1, '{:.4f}')} | {sum(r['diverged'] for r in rs)}/{len(rs)} |"
+        )
+    print(
+        "\n| estimator | exact: Var or bias² / ‖δ‖² | Monte-Carlo E‖ŝ−δ‖² / ‖δ‖² | MC ‖Eŝ−δ‖² / ‖δ‖² "
+        "| MC E‖dŴ−dW‖² / ‖dW‖² |"
+    )
     print("|---|---|---|---|---|")
     for name, vs in var.items():
-        print(f"| {name} | {ms([v['exact_rel'] for v in vs], 1, '{:.4f}')} | {ms([v['mc_rel_mse'] for v in vs], 1, '{:.4f}')} | "
-              f"{ms([v['mc_rel_bias2'] for v in vs], 1, '{:.4f}')} | {ms([v['dw_rel_mse'] for v in vs], 1, '{:.4f}')} |")
+        print(
+            f"| {name} | {ms([v['exact_rel'] for v in vs], 1, '{:.4f}')} "
+            f"| {ms([v['mc_rel_mse'] for v in vs], 1, '{:.4f}')} | "
+            f"{ms([v['mc_rel_bias2'] for v in vs], 1, '{:.4f}')} | {ms([v['dw_rel_mse'] for v in vs], 1, '{:.4f}')} |"
+        )
     if "mvue 2:4" in var and "hu approx 2:4" in var:
         ratios = [h["exact_rel"] / m["exact_rel"] for h, m in zip(var["hu approx 2:4"], var["mvue 2:4"])]
-        print(f"\nhu approx / mvue 2:4 exact variance ratio: {ms(ratios, 1, '{:.3f}')} (min {min(ratios):.3f}, max {max(ratios):.3f})")
+        print(
+            f"\nhu approx / mvue 2:4 exact variance ratio: {ms(ratios, 1, '{:.3f}')} "
+            f"(min {min(ratios):.3f}, max {max(ratios):.3f})"
+        )
 
 
 def plot(results: dict, out: str) -> None:
@@ -311,8 +364,10 @@ def plot(results: dict, out: str) -> None:
 
     runs = results["runs"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
-    for ax, names, title in ((axes[0], [n for n, _ in SPARSITY], "gradient N:M sparsity (wgrad)"),
-                             (axes[1], ["dense"] + [n for n, _ in QUANT], "4-bit (LUQ / SMP / SAWB)")):
+    for ax, names, title in (
+        (axes[0], [n for n, _ in SPARSITY], "gradient N:M sparsity (wgrad)"),
+        (axes[1], ["dense"] + [n for n, _ in QUANT], "4-bit (LUQ / SMP / SAWB)"),
+    ):
         for name in names:
             curves = torch.tensor([r["curves"]["epoch_test_acc"] for r in runs[name]]) * 100
             mean, std = curves.mean(0), curves.std(0) if len(curves) > 1 else torch.zeros(curves.shape[1])
@@ -335,8 +390,11 @@ def plot(results: dict, out: str) -> None:
     colors = ["tab:red" if n.startswith("greedy") else "tab:blue" for n in names]
     ax.bar(range(len(names)), vals, color=colors)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set(ylabel="Var (unbiased) or bias² (greedy, red) / ‖δ‖²", yscale="log",
-           title="error of the pruned / quantized neural gradient (groups along tokens)")
+    ax.set(
+        ylabel="Var (unbiased) or bias² (greedy, red) / ‖δ‖²",
+        yscale="log",
+        title="error of the pruned / quantized neural gradient (groups along tokens)",
+    )
     ax.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "reproduce_variance.png"), dpi=110)

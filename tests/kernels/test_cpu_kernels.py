@@ -58,7 +58,10 @@ def test_pruning_kernels_give_the_bits_of_the_torch_math(dtype, n, m):
             assert same(y, mvue_math(x, u, n, m, dim)), (name, dim)
             assert y.stride() == torch.empty_like(x).stride(), "output keeps x's layout (as the fake kernel says)"
             seed = torch.tensor(2**61 + 12345)
-            assert same(torch.ops.nm.mvue(x, seed, n, m, dim), mvue_math(x, uniform(seed, shape, "cpu"), n, m, dim)), (name, dim)
+            assert same(torch.ops.nm.mvue(x, seed, n, m, dim), mvue_math(x, uniform(seed, shape, "cpu"), n, m, dim)), (
+                name,
+                dim,
+            )
             assert same(torch.ops.nm.greedy(x, n, m, dim), greedy_math(x, n, m, dim)), (name, dim)
 
 
@@ -108,9 +111,17 @@ def test_sawb_stays_finite_where_fp32_moments_overflow():
 def test_torch_math_fallback_gives_the_same_bits(monkeypatch):
     x = torch.randn(64, 48).t()
     seed, seeds = torch.tensor(99), torch.tensor([3, 4])
-    fast = [torch.ops.nm.mvue(x, seed, 2, 4, 1), torch.ops.nm.greedy(x, 2, 4, 0), torch.ops.nm.luq(x, seeds, 4, "strict")]
+    fast = [
+        torch.ops.nm.mvue(x, seed, 2, 4, 1),
+        torch.ops.nm.greedy(x, 2, 4, 0),
+        torch.ops.nm.luq(x, seeds, 4, "strict"),
+    ]
     monkeypatch.setattr(ops, "_on_cpu_kernels", lambda *a: False)
-    slow = [torch.ops.nm.mvue(x, seed, 2, 4, 1), torch.ops.nm.greedy(x, 2, 4, 0), torch.ops.nm.luq(x, seeds, 4, "strict")]
+    slow = [
+        torch.ops.nm.mvue(x, seed, 2, 4, 1),
+        torch.ops.nm.greedy(x, 2, 4, 0),
+        torch.ops.nm.luq(x, seeds, 4, "strict"),
+    ]
     for a, b in zip(fast, slow):
         assert same(a, b) and a.stride() == b.stride()
 

@@ -40,12 +40,20 @@ def test_prune_kernel_gives_the_bits_of_the_torch_math(dtype, n, m):
             assert same(y.cpu(), torch.ops.nm.mvue(x, u, n, m, dim)), (name, dim)
             assert y.stride() == torch.empty_like(x).stride(), name
             seed = torch.tensor(2**61 + 12345)
-            assert same(cuda.prune(on(x), on(seed), n, m, dim, mvue=True).cpu(), torch.ops.nm.mvue(x, seed, n, m, dim)), (name, dim)
-            assert same(cuda.prune(on(x), None, n, m, dim, mvue=False).cpu(), torch.ops.nm.greedy(x, n, m, dim)), (name, dim)
+            assert same(
+                cuda.prune(on(x), on(seed), n, m, dim, mvue=True).cpu(), torch.ops.nm.mvue(x, seed, n, m, dim)
+            ), (name, dim)
+            assert same(cuda.prune(on(x), None, n, m, dim, mvue=False).cpu(), torch.ops.nm.greedy(x, n, m, dim)), (
+                name,
+                dim,
+            )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bits,levels,samples", [(4, "strict", 1), (4, "reference", 2), (5, "strict", 1), (2, "strict", 1), (6, "reference", 1)])
+@pytest.mark.parametrize(
+    "bits,levels,samples",
+    [(4, "strict", 1), (4, "reference", 2), (5, "strict", 1), (2, "strict", 1), (6, "reference", 1)],
+)
 def test_luq_kernel_gives_the_bits_of_the_torch_math(dtype, bits, levels, samples):
     top = luq_levels(bits, levels) - 1
     for name, x, _ in layouts(dtype, seed=bits):

@@ -47,7 +47,10 @@ def test_sawb_codes_times_scale_are_the_sawb_output_bit_for_bit(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("bits,levels", [(4, "strict"), (4, "reference"), (5, "strict"), (5, "reference"), (6, "strict"), (6, "reference"), (2, "strict")])
+@pytest.mark.parametrize(
+    "bits,levels",
+    [(4, "strict"), (4, "reference"), (5, "strict"), (5, "reference"), (6, "strict"), (6, "reference"), (2, "strict")],
+)
 def test_luq_codes_times_scale_are_the_luq_output_bit_for_bit(dtype, bits, levels):
     g = torch.Generator().manual_seed(bits)
     x = (torch.randn(96, 40, generator=g) * torch.rand(96, 1, generator=g) * 4).to(dtype)
@@ -143,8 +146,9 @@ def test_sparse24_mm_in_fp8_equals_fp8_mm():
     a, _ = torch.ops.nm.luq_fp8(pruned_24((32, 64), g), torch.tensor([9]), 4, "strict")
     b = random_codes((64, 24), g)
     sa, sb = torch.tensor(0.5), torch.tensor(0.125)
-    assert torch.equal(torch.ops.nm.sparse24_mm(a, b, sa, sb, torch.bfloat16),
-                       torch.ops.nm.fp8_mm(a, sa, b, sb, None, torch.bfloat16))
+    assert torch.equal(
+        torch.ops.nm.sparse24_mm(a, b, sa, sb, torch.bfloat16), torch.ops.nm.fp8_mm(a, sa, b, sb, None, torch.bfloat16)
+    )
 
 
 def test_sparse24_mm_names_the_group_that_breaks_the_structure():
@@ -159,7 +163,9 @@ def test_sparse24_mm_names_the_group_that_breaks_the_structure():
         torch.ops.nm.sparse24_mm(torch.zeros(4, 6), torch.zeros(6, 4), None, None, torch.float32)
     neg_zero = torch.full((2, 4), -0.0)
     neg_zero[:, :2] = 1.0  # -0 is a zero
-    torch.ops.nm.sparse24_mm(neg_zero.to(E4M3), torch.zeros(4, 2, dtype=E4M3), torch.tensor(1.0), torch.tensor(1.0), torch.float32)
+    torch.ops.nm.sparse24_mm(
+        neg_zero.to(E4M3), torch.zeros(4, 2, dtype=E4M3), torch.tensor(1.0), torch.tensor(1.0), torch.float32
+    )
 
 
 def test_gemm_ops_pass_opcheck():
@@ -168,8 +174,12 @@ def test_gemm_ops_pass_opcheck():
     one = torch.tensor(1.0)
     # opcheck's schema test does arithmetic on every tensor argument, which float8 lacks on CPU
     no_schema = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    torch.library.opcheck(torch.ops.nm.fp8_mm.default, (a, one, b, one, torch.randn(16), torch.float32), test_utils=no_schema)
-    torch.library.opcheck(torch.ops.nm.sparse24_mm.default, (pruned_24((16, 32), g), torch.randn(32, 8), None, None, torch.float32))
+    torch.library.opcheck(
+        torch.ops.nm.fp8_mm.default, (a, one, b, one, torch.randn(16), torch.float32), test_utils=no_schema
+    )
+    torch.library.opcheck(
+        torch.ops.nm.sparse24_mm.default, (pruned_24((16, 32), g), torch.randn(32, 8), None, None, torch.float32)
+    )
     torch.library.opcheck(torch.ops.nm.sawb_fp8.default, (torch.randn(6, 8), 4))
     torch.library.opcheck(torch.ops.nm.luq_fp8.default, (torch.randn(6, 8), torch.tensor([3]), 4, "strict"))
 
@@ -212,7 +222,7 @@ def test_gemm_ops_on_cuda_match_cpu():
     if gemm.cusparselt_version() is not None and cap >= (8, 0):
         p = pruned_24((m, k), g, torch.bfloat16)
         d = torch.randn(k, n, generator=g).bfloat16()
-        ref = (p.float() @ d.float())
+        ref = p.float() @ d.float()
         out = torch.ops.nm.sparse24_mm(p.cuda(), d.cuda(), None, None, torch.bfloat16).cpu().float()
         assert ((out - ref).abs() <= gamma(k) * (p.float().abs() @ d.float().abs()) + 2**-8 * ref.abs()).all()
 

@@ -117,7 +117,10 @@ def test_a_user_joint_pass_still_runs_before_ours():
 
     from nmcompile.backend import recording
 
-    with torch._inductor.config.patch(joint_custom_pre_pass=Theirs(), force_disable_caches=True), recording() as records:
+    with (
+        torch._inductor.config.patch(joint_custom_pre_pass=Theirs(), force_disable_caches=True),
+        recording() as records,
+    ):
         model = torch.nn.Linear(8, 4)
         torch.compile(model, backend="nm", options={"sparsity": "2:4"})(torch.randn(8, 8)).sum().backward()
     assert calls == [0] and records and records[-1].transforms  # theirs ran (first), ours too

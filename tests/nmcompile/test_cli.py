@@ -137,7 +137,8 @@ def check_model_explorer(collection: dict) -> None:
         for node in graph["nodes"]:
             assert {"id", "label", "namespace", "attrs", "incomingEdges", "outputsMetadata"} <= set(node)
             for edge in node["incomingEdges"]:
-                assert edge["sourceNodeId"] in ids and set(edge) == {"sourceNodeId", "sourceNodeOutputId", "targetNodeInputId"}
+                assert edge["sourceNodeId"] in ids
+                assert set(edge) == {"sourceNodeId", "sourceNodeOutputId", "targetNodeInputId"}
             for attr in node["attrs"]:
                 assert set(attr) == {"key", "value"}
         styled = [n for n in graph["nodes"] if n["label"] == "nm.mvue"]
@@ -159,15 +160,28 @@ def test_profile_builtin_trace_has_annotated_nm_events(tmp_path):
     # 3 wgrad GEMMs, 2 steps
     assert len(ranges) == 6 and len(ops) == 6
     for e in ranges + ops:
-        assert e["args"]["role"] == "wgrad" and e["args"]["pattern"] == "2:4" and e["args"]["module"] in ("fc1", "fc2", "head")
+        assert (
+            e["args"]["role"] == "wgrad"
+            and e["args"]["pattern"] == "2:4"
+            and e["args"]["module"] in ("fc1", "fc2", "head")
+        )
     assert {e["args"]["module"] for e in ops} == {"fc1", "fc2", "head"}
 
 
 def test_profile_factory_rich_summary_and_torch_trace(tmp_path, factory_file):
     trace = tmp_path / "t.json"
     logs = tmp_path / "torch_trace"
-    result = run_cli("profile", f"{factory_file}:make", "--steps", "1", "-o", str(trace), "--options",
-                     '{"sparsity": "1:2", "gemms": ["wgrad", "dgrad"]}', env={"TORCH_TRACE": str(logs)})
+    result = run_cli(
+        "profile",
+        f"{factory_file}:make",
+        "--steps",
+        "1",
+        "-o",
+        str(trace),
+        "--options",
+        '{"sparsity": "1:2", "gemms": ["wgrad", "dgrad"]}',
+        env={"TORCH_TRACE": str(logs)},
+    )
     assert result.returncode == 0, result.stderr
     assert "nm ops" in result.stdout and "GEMMs" in result.stdout and "everything else" in result.stdout
     events = json.loads(trace.read_text())["traceEvents"]
@@ -180,17 +194,20 @@ def test_profile_factory_rich_summary_and_torch_trace(tmp_path, factory_file):
 
 
 # -- errors: one line, non-zero, no traceback (in-process: fast) -----------------------------------
-@pytest.mark.parametrize("argv, words", [
-    (["inspect", "no_such_dir/model.py:make"], "does not exist"),
-    (["inspect", "{factory}:nope"], "has no factory 'nope'"),
-    (["inspect", "{factory}:not_a_pair"], "must return (model, example_inputs)"),
-    (["inspect", "resnet9000"], "unknown target 'resnet9000'"),
-    (["inspect", "mlp", "--options", "{sparsity: 2:4"], "--options is not valid JSON"),
-    (["inspect", "mlp", "--options", "[1, 2]"], "must be a JSON object"),
-    (["inspect", "mlp", "--options", '{"sparsity": "3:2"}'], "sparsity='3:2' is not a valid N:M pattern"),
-    (["export", "mlp", "-f", "json", "-o", "missing_dir/x.json"], "output directory"),
-    (["profile", "mlp", "--steps", "0"], "--steps must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["inspect", "no_such_dir/model.py:make"], "does not exist"),
+        (["inspect", "{factory}:nope"], "has no factory 'nope'"),
+        (["inspect", "{factory}:not_a_pair"], "must return (model, example_inputs)"),
+        (["inspect", "resnet9000"], "unknown target 'resnet9000'"),
+        (["inspect", "mlp", "--options", "{sparsity: 2:4"], "--options is not valid JSON"),
+        (["inspect", "mlp", "--options", "[1, 2]"], "must be a JSON object"),
+        (["inspect", "mlp", "--options", '{"sparsity": "3:2"}'], "sparsity='3:2' is not a valid N:M pattern"),
+        (["export", "mlp", "-f", "json", "-o", "missing_dir/x.json"], "output directory"),
+        (["profile", "mlp", "--steps", "0"], "--steps must be at least 1"),
+    ],
+)
 def test_errors_are_one_line(argv, words, capsys, factory_file):
     argv = [a.replace("{factory}", factory_file) for a in argv]
     assert main(argv) == 1
@@ -230,10 +247,14 @@ def captured_mlp():
 
 
 def test_native_graphs_export_to_model_explorer_and_dot_but_onnx_says_why_not(tmp_path):
-    options = '{"sparsity": "2:4", "gemms": ["wgrad", "dgrad"], "quant": "luq", "fwd_quant": "sawb", "lowering": "native"}'
+    options = (
+        '{"sparsity": "2:4", "gemms": ["wgrad", "dgrad"], "quant": "luq", "fwd_quant": "sawb", "lowering": "native"}'
+    )
     result = run_cli("export", "mlp", "--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--options", options)
     assert result.returncode != 0 and "float8 codes" in result.stderr and '"lowering": "emulate"' in result.stderr
-    result = run_cli("export", "mlp", "--format", "model-explorer", "-o", str(tmp_path / "me.json"), "--options", options)
+    result = run_cli(
+        "export", "mlp", "--format", "model-explorer", "-o", str(tmp_path / "me.json"), "--options", options
+    )
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "me.json").read_text()
     assert "nm.fp8_mm" in text and "nm.sparse24_mm" in text and '"gemm.kernel"' in text
@@ -256,8 +277,11 @@ def test_onnx_matches_the_fx_graph_numerically(captured_mlp):
     feeds = {}
     for node in placeholders:
         v = node.meta["val"]
-        feeds[node.name] = torch.randint(0, v.shape[0] if v.dim() else 8, tuple(v.shape)) if not v.is_floating_point() \
+        feeds[node.name] = (
+            torch.randint(0, v.shape[0] if v.dim() else 8, tuple(v.shape))
+            if not v.is_floating_point()
             else torch.randn(tuple(v.shape))
+        )
         if not v.is_floating_point() and v.dim() == 1:  # class labels (the mlp target has 8 classes)
             feeds[node.name] = torch.randint(0, 8, tuple(v.shape))
     assert any(not n.meta["val"].is_floating_point() for n in placeholders), "the labels are an input"
@@ -318,7 +342,15 @@ def test_annotate_trace_matches_ops_to_their_range(tmp_path):
         {"ph": "X", "cat": "cpu_op", "name": "nm::luq", "pid": 1, "tid": 1, "ts": 11, "dur": 18},
         {"ph": "X", "cat": "cpu_op", "name": "nm::luq", "pid": 1, "tid": 2, "ts": 11, "dur": 18},  # other thread
         {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 1, "tid": 1, "ts": 40, "dur": 30},
-        {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 1, "tid": 1, "ts": 12, "dur": 5},  # inside nm: not a GEMM
+        {
+            "ph": "X",
+            "cat": "cpu_op",
+            "name": "aten::mm",
+            "pid": 1,
+            "tid": 1,
+            "ts": 12,
+            "dur": 5,
+        },  # inside nm: not a GEMM
     ]
     path = tmp_path / "t.json"
     path.write_text(json.dumps({"traceEvents": events}))

@@ -76,7 +76,13 @@ def test_fnt_options_switch_off_gradient_transforms_and_keep_forward():
              "bits": 4, "levels": "reference", "fwd_quant": "sawb", "fwd_bits": 4, "exclude": "head",
              "keep_first_last": False, "inner": "aot_eager"}
     out = fnt_options(train)
-    assert out == {"fwd_quant": "sawb", "fwd_bits": 4, "exclude": "head", "keep_first_last": False, "inner": "aot_eager"}
+    assert out == {
+        "fwd_quant": "sawb",
+        "fwd_bits": 4,
+        "exclude": "head",
+        "keep_first_last": False,
+        "inner": "aot_eager",
+    }
     cfg, rest = nmcompile.NMConfig.from_options(out)
     assert cfg.sparsity is None and cfg.quant is None and cfg.fwd_quant == "sawb" and rest == {}
     assert train["quant"] == "luq"  # input not modified
@@ -94,8 +100,9 @@ def test_fnt_options_reject_bad_carried_values():
 
 def test_fnt_phase_compiles_with_quantized_forward_and_plain_backward():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(),
-                                torch.nn.Linear(32, 8))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8)
+    )
     x = torch.randn(16, 16)
     opts = fnt_options({"sparsity": "2:4", "quant": "luq", "fwd_quant": "sawb", "inner": "aot_eager"})
     report = nmcompile.explain(model, x, **opts)

@@ -15,7 +15,6 @@ import copy
 import json
 import pytest
 import torch
-import torch.nn as nn
 from torch._inductor.utils import run_and_get_code
 
 import nmcompile

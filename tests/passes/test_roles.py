@@ -49,15 +49,20 @@ def test_transformer_layer_roles_including_attention_bmm():
     assert len(bmms) == 4 and sorted(g.role for g in bmms) == ["dgrad", "dgrad", "wgrad", "wgrad"]
     assert all(g.module == "layer.self_attn" and g.transforms for g in bmms)
     linears = {(g.module, g.role) for g in r.backward if g.op == "mm"}
-    assert linears == {(m, role) for m in ("layer.linear1", "layer.linear2", "layer.self_attn") for role in ("dgrad", "wgrad")}
+    assert linears == {
+        (m, role) for m in ("layer.linear1", "layer.linear2", "layer.self_attn") for role in ("dgrad", "wgrad")
+    }
     assert all(not g.skipped for g in r.backward)
 
 
 def test_attention_roles_by_layout_agree_with_roles_by_size():
     """With T == head_dim sizes cannot tell dgrad from wgrad; the layout walk must agree with the
     size rule used when T != head_dim."""
+
     def attention_roles(tokens):
-        r = nmcompile.explain(Encoder(d=32, heads=4), torch.randn(2, tokens, 32, requires_grad=True), sparsity="2:4", **AOT)
+        r = nmcompile.explain(
+            Encoder(d=32, heads=4), torch.randn(2, tokens, 32, requires_grad=True), sparsity="2:4", **AOT
+        )
         return [g.role for g in r.backward if g.op == "bmm"]
 
     by_size = attention_roles(12)  # head_dim = 8: sizes decide
@@ -106,10 +111,16 @@ def test_report_json_round_trip():
 def test_backward_of_a_high_precision_gemm_never_sees_quantized_operands():
     """h feeds fc2 (quantized) and head (last GEMM, kept in high precision): head's weight gradient
     must use the original h, fc2's the quantized one."""
+
     class Fork(nn.Module):
         def __init__(self):
             super().__init__()
-            self.fc1, self.fc2, self.fc3, self.head = nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 4)
+            self.fc1, self.fc2, self.fc3, self.head = (
+                nn.Linear(16, 16),
+                nn.Linear(16, 16),
+                nn.Linear(16, 16),
+                nn.Linear(16, 4),
+            )
 
         def forward(self, x):
             h = torch.relu(self.fc1(x))
@@ -123,6 +134,7 @@ def test_backward_of_a_high_precision_gemm_never_sees_quantized_operands():
 def test_keep_first_last_applies_to_every_compiled_graph_and_says_so():
     """With a graph break each Dynamo graph keeps its own first and last forward GEMM (documented),
     and every kept GEMM's record says which one it is and of which graph."""
+
     class Broken(nn.Module):
         def __init__(self):
             super().__init__()
@@ -136,5 +148,9 @@ def test_keep_first_last_applies_to_every_compiled_graph_and_says_so():
     r = nmcompile.explain(Broken(), torch.randn(8, 16), fwd_quant="sawb", **AOT)
     kept = {g.module: g.skipped for g in r.forward if g.skipped}
     assert set(kept) == {"a", "b", "c", "d"}
-    assert kept["a"].startswith("first forward GEMM of graph 0") and kept["b"].startswith("last forward GEMM of graph 0")
-    assert kept["c"].startswith("first forward GEMM of graph 1") and kept["d"].startswith("last forward GEMM of graph 1")
+    assert kept["a"].startswith("first forward GEMM of graph 0") and kept["b"].startswith(
+        "last forward GEMM of graph 0"
+    )
+    assert kept["c"].startswith("first forward GEMM of graph 1") and kept["d"].startswith(
+        "last forward GEMM of graph 1"
+    )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 import nmcompile
@@ -41,7 +40,9 @@ def step(model, x, options):
     compiled_model, eager_model = copy.deepcopy(model), copy.deepcopy(model)
     torch._dynamo.reset()
     with nmcompile.backend.recording() as records:
-        torch.compile(compiled_model, backend="nm", options={"inner": "aot_eager", **options})(x).pow(2).mean().backward()
+        torch.compile(compiled_model, backend="nm", options={"inner": "aot_eager", **options})(x).pow(
+            2
+        ).mean().backward()
     eager_model(x).pow(2).mean().backward()
     grads = {n: p.grad for n, p in compiled_model.named_parameters()}
     return list(records), grads, {n: p.grad for n, p in eager_model.named_parameters()}
@@ -116,13 +117,23 @@ def test_a_convolution_failing_between_its_two_roles_is_left_whole(monkeypatch):
 
 def test_a_failing_native_lowering_leaves_the_emulated_gemm(monkeypatch):
     model, x = mlp()
-    options = {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"], "quant": "luq", "fwd_quant": "sawb",
-               "keep_first_last": False, "lowering": "native"}
+    options = {
+        "sparsity": "2:4",
+        "gemms": ["wgrad", "dgrad"],
+        "quant": "luq",
+        "fwd_quant": "sawb",
+        "keep_first_last": False,
+        "lowering": "native",
+    }
     _, emulated, _ = step(model, x, {**options, "lowering": "emulate"})
     # the third GEMM splice of the lowering raises (float8 codes of its SAWB operand already inserted)
     fail_on(monkeypatch, lowering, "splice", 3, when=lambda *a, **k: k["info"].get("op") == "gemm")
     records, grads, _ = step(model, x, options)
-    bad = [r for r in records if r.kernel_note and r.kernel_note.startswith("native lowering failed (RuntimeError: injected")]
+    bad = [
+        r
+        for r in records
+        if r.kernel_note and r.kernel_note.startswith("native lowering failed (RuntimeError: injected")
+    ]
     assert len(bad) == 1 and bad[0].kernel == "dense"
     assert sum(r.kernel != "dense" for r in records) == len([r for r in records if r.transforms]) - 1
     assert_within_accumulation_bound(list(grads.values()), list(emulated.values()), depth=6, k_max=64)
