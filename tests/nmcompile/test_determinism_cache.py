@@ -31,13 +31,16 @@ SCRIPT = textwrap.dedent(
     x = torch.eye(16)[:12]
     G = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))
     grads = []
-    for seed in (0, 0, 1):
-        lin.zero_grad(set_to_none=True)
-        torch.manual_seed(seed)
-        (compiled(x) * G).sum().backward()
-        grads.append(lin.weight.grad[:, :12].tolist())
+    from nmcompile.backend import recording
+    with recording() as records:  # complete whether Inductor's caches hit or not
+        for seed in (0, 0, 1):
+            lin.zero_grad(set_to_none=True)
+            torch.manual_seed(seed)
+            (compiled(x) * G).sum().backward()
+            grads.append(lin.weight.grad[:, :12].tolist())
     print("RESULT" + json.dumps({
         "grads": grads,
+        "records": [[r.graph, r.module, r.role, r.transforms, r.skipped] for r in records],
         "G": G.t().tolist(),
         "fx_hit": counters["inductor"]["fxgraph_cache_hit"],
         "fx_miss": counters["inductor"]["fxgraph_cache_miss"],
@@ -93,6 +96,9 @@ def test_fx_graph_cache_never_serves_other_options(tmp_path):
     assert again["fx_miss"] == 0
     for a, b in zip(first["grads"], again["grads"]):
         assert torch.equal(a, b), "same seed, same options: gradients must match across processes"
+    # the report survives the cache hit: the same records as the process that compiled
+    assert first["records"] and any(r[3] for r in first["records"])
+    assert again["records"] == first["records"]
 
     # within a process: same seed -> identical gradients, another seed -> other draws
     for res in (first, other, again):
