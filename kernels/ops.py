@@ -21,7 +21,7 @@ from . import cpu, cuda
 from .fp8 import luq_codes, luq_format, sawb_codes
 from .grouping import uniform_shape
 from .luq import luq_levels, luq_math, luq_noise_shape
-from .random import draw_seed, uniform
+from .random import draw_seed, seeds_for, uniform
 from .sawb import SAWB_COEFFICIENTS, sawb_math, scale_bits
 from .sparsity import greedy_math, mvue_math
 
@@ -286,3 +286,15 @@ def _sawb_backward(ctx, grad):
 
 
 sawb.register_autograd(_sawb_backward)
+
+
+# -- the ops with their seeds: the one place that draws and applies (functional API and graph pass)
+def mvue_drawn(x: Tensor, n: int, m: int, dim: int) -> Tensor:
+    """``nm.mvue`` with a fresh seed from torch's generator."""
+    return torch.ops.nm.mvue.default(x, seeds_for(uniform_shape(x.shape, m, dim), x.device), n, m, dim)
+
+
+def luq_drawn(x: Tensor, bits: int, levels: str, samples: int) -> Tensor:
+    """``nm.luq`` averaging ``samples`` draws, with fresh seeds from torch's generator."""
+    u = seeds_for(luq_noise_shape(x.shape, samples), x.device, (samples,))
+    return torch.ops.nm.luq.default(x, u, bits, levels)

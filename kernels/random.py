@@ -27,6 +27,17 @@ def draw_seed(device: torch.device, shape: tuple = ()) -> torch.Tensor:
     return torch.randint(0, 2**62, shape, device=device, dtype=torch.int64)
 
 
+def seeds_for(shape, device: torch.device, seeds: tuple = ()) -> torch.Tensor:
+    """Seeds (``draw_seed(device, seeds)``) for an op whose uniforms have ``shape``. Nothing to sample
+    (a size known to be 0): empty float uniforms instead and no draw, so the generator stays in step
+    with code where the op does nothing."""
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    if any(statically_known_true(s == 0) for s in shape):
+        return torch.zeros(tuple(shape), device=device)
+    return draw_seed(device, seeds)
+
+
 def uniform(seed: torch.Tensor, shape, device: torch.device) -> torch.Tensor:
     """float32 uniforms in [0, 1) (24 random bits each) for every index of ``shape``."""
     count = 1

@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 
 import nmcompile.kernels  # noqa: F401  (registers torch.ops.nm.*)
-from nmcompile.kernels.grouping import uniform_shape
-from nmcompile.kernels.luq import LEVEL_KINDS, luq_noise_shape
-from nmcompile.kernels.random import draw_seed
+from nmcompile.kernels.luq import LEVEL_KINDS
+from nmcompile.kernels.ops import luq_drawn, mvue_drawn
 from nmcompile.kernels.sawb import SAWB_COEFFICIENTS
 from nmcompile.passes.config import LUQ_BITS, _choice, _int_in, parse_pattern
 
@@ -22,22 +21,13 @@ def _check_float(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"nmcompile.{name} needs a floating-point tensor, got dtype {x.dtype}")
 
 
-def _uniforms(shape: tuple, device: torch.device, seeds: tuple = ()) -> torch.Tensor:
-    """Seeds for the ops' own uniforms of ``shape``. Nothing to sample (e.g. fewer than M elements
-    along dim): draw no seed, as the graph pass inserts no op there; the generator then stays in
-    step with compiled code."""
-    if any(s == 0 for s in shape):
-        return torch.zeros(shape, device=device)
-    return draw_seed(device, seeds)
-
-
 def mvue(x: torch.Tensor, pattern: str = "2:4", dim: int = -1) -> torch.Tensor:
     """Minimum-variance unbiased N:M pruning along ``dim``: E[mvue(x)] = x, ≤ N nonzeros per group
     of M. A trailing remainder (size not divisible by M) is returned dense."""
     _check_float(x, "mvue")
     n, m = parse_pattern(pattern, "pattern")
     dim = _check_dim(x, dim)
-    return torch.ops.nm.mvue(x, _uniforms(uniform_shape(x.shape, m, dim), x.device), n, m, dim)
+    return mvue_drawn(x, n, m, dim)
 
 
 def greedy(x: torch.Tensor, pattern: str = "2:4", dim: int = -1) -> torch.Tensor:
@@ -54,8 +44,7 @@ def luq(x: torch.Tensor, bits: int = 4, samples: int = 1, levels: str = "strict"
     _int_in("bits", bits, LUQ_BITS)
     _int_in("samples", samples, range(1, 65))
     _choice("levels", levels, LEVEL_KINDS)
-    u = _uniforms(luq_noise_shape(x.shape, samples), x.device, (samples,))
-    return torch.ops.nm.luq(x, u, bits, levels)
+    return luq_drawn(x, bits, levels, samples)
 
 
 def sawb(x: torch.Tensor, bits: int = 4) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from nmcompile.kernels.random import draw_seed
+from nmcompile.kernels.ops import luq_drawn, mvue_drawn
 from .analysis import (
     CONV_BWD, CONV_FWD, MATMULS, forward_partners, is_fused_attention_backward, is_tangent, layout_chain,
     matmul_operands, matmul_role, module_path, size_str, tangent_descendants, val,
@@ -45,12 +45,11 @@ class _Rewriter:
         def compress(x):
             for kind, args in steps:
                 if kind == "mvue":
-                    x = torch.ops.nm.mvue.default(x, draw_seed(x.device), *args)
+                    x = mvue_drawn(x, *args)
                 elif kind == "greedy":
                     x = torch.ops.nm.greedy.default(x, *args)
                 elif kind == "luq":
-                    bits, levels, smp = args
-                    x = torch.ops.nm.luq.default(x, draw_seed(x.device, (smp,)), bits, levels)
+                    x = luq_drawn(x, *args)
             return x
 
         return compress
