@@ -209,22 +209,29 @@ def test_native_support_on_cpu_and_cuda(monkeypatch):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gemm_ops_on_cuda_match_cpu():
+def test_fp8_mm_on_cuda_matches_cpu():
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 GEMMs need CUDA capability >= 8.9")
+    g = torch.Generator().manual_seed(6)
+    a, b = random_codes((256, 512), g), random_codes((512, 128), g)
+    sa, sb = torch.tensor(0.25), torch.tensor(0.5)
+    cpu_out = torch.ops.nm.fp8_mm(a, sa, b, sb, None, torch.bfloat16)
+    cuda_out = torch.ops.nm.fp8_mm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), None, torch.bfloat16)
+    torch.testing.assert_close(cuda_out.cpu(), cpu_out, rtol=2**-8, atol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse24_mm_on_cuda_is_the_product_of_the_pruned_operand():
+    if gemm.cusparselt_version() is None or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("2:4 GEMMs need cuSPARSELt and CUDA capability >= 8.0")
     g = torch.Generator().manual_seed(6)
     m, k, n = 256, 512, 128
-    a, b = random_codes((m, k), g), random_codes((k, n), g)
-    sa, sb = torch.tensor(0.25), torch.tensor(0.5)
-    cap = torch.cuda.get_device_capability()
-    if cap >= (8, 9):
-        cpu_out = torch.ops.nm.fp8_mm(a, sa, b, sb, None, torch.bfloat16)
-        cuda_out = torch.ops.nm.fp8_mm(a.cuda(), sa.cuda(), b.cuda(), sb.cuda(), None, torch.bfloat16)
-        torch.testing.assert_close(cuda_out.cpu(), cpu_out, rtol=2**-8, atol=0)
-    if gemm.cusparselt_version() is not None and cap >= (8, 0):
-        p = pruned_24((m, k), g, torch.bfloat16)
-        d = torch.randn(k, n, generator=g).bfloat16()
-        ref = p.float() @ d.float()
-        out = torch.ops.nm.sparse24_mm(p.cuda(), d.cuda(), None, None, torch.bfloat16).cpu().float()
-        assert ((out - ref).abs() <= gamma(k) * (p.float().abs() @ d.float().abs()) + 2**-8 * ref.abs()).all()
+    p = pruned_24((m, k), g, torch.bfloat16)
+    d = torch.randn(k, n, generator=g).bfloat16()
+    ref = p.float() @ d.float()
+    out = torch.ops.nm.sparse24_mm(p.cuda(), d.cuda(), None, None, torch.bfloat16).cpu().float()
+    assert ((out - ref).abs() <= gamma(k) * (p.float().abs() @ d.float().abs()) + 2**-8 * ref.abs()).all()
 
 
 def test_a_failing_native_kernel_falls_back_to_the_same_result_with_one_warning():

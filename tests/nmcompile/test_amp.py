@@ -56,29 +56,36 @@ def test_bf16_autocast_wgrad_is_pruned_bf16_gradient():
     assert rec.dtype == "bfloat16" and rec.transforms
 
 
-@pytest.mark.parametrize("inner", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
-def test_bf16_autocast_training_step_matches_eager_reference(inner):
-    """Two compiled bf16-autocast steps with LUQ on both backward GEMMs stay finite, change the
-    weights, and (fallback_random) match the same steps run with inner='aot_eager'."""
-    results = []
-    for backend_inner in (inner, "aot_eager"):
-        torch._dynamo.reset()
-        model = mlp()
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
-        compiled = torch.compile(model, backend="nm", options={"quant": "luq", "sparsity": "2:4",
-                                                                 "inner": backend_inner})
-        x = torch.randn(T, K, generator=torch.Generator().manual_seed(2))
-        torch.manual_seed(11)
-        for _ in range(2):
-            opt.zero_grad()
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = compiled(x).float().pow(2).mean()
-            loss.backward()
-            assert all(torch.isfinite(p.grad).all() for p in model.parameters())
-            opt.step()
-        results.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)  # Inductor's bf16 rounding differs
+def bf16_steps(options: dict) -> list:
+    """The weight updates of two compiled bf16-autocast SGD steps (same data, same seeds)."""
+    torch._dynamo.reset()
+    model = mlp()
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled = torch.compile(model, backend="nm", options=options)
+    x = torch.randn(T, K, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(11)
+    for _ in range(2):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = compiled(x).float().pow(2).mean()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+    return [p.detach() - p0 for p, p0 in zip(model.parameters(), start)]
+
+
+def test_bf16_autocast_training_step_under_inductor_matches_aot_eager():
+    """Two bf16-autocast steps with LUQ and 2:4 on the backward GEMMs: Inductor's updates equal the
+    same steps run eagerly (inner='aot_eager', same draws) up to bf16 rounding, far closer than the
+    updates of dense training are to them (the control that makes the comparison mean something)."""
+    nm = {"quant": "luq", "sparsity": "2:4"}
+    inductor, eager = bf16_steps({**nm, "inner": "inductor"}), bf16_steps({**nm, "inner": "aot_eager"})
+    dense = bf16_steps({"inner": "aot_eager"})
+    for a, b, d in zip(inductor, eager, dense):
+        assert b.norm() > 0, "the weights moved"
+        gap, control = (a - b).norm() / b.norm(), (d - b).norm() / b.norm()
+        assert gap < 0.05 and control > 4 * gap, (float(gap), float(control))
 
 
 def scaler_step(model, compiled, scaler, opt, x, G):

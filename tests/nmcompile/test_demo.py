@@ -29,11 +29,14 @@ def test_method_list_covers_the_issue():
     assert opts["mvue 2:4 + luq4"] == {"sparsity": "2:4", "quant": "luq"}
 
 
-@pytest.mark.parametrize("argv", [["--hidden", "30"], ["--batch-size", "30"], ["--epochs", "0"],
-                                  ["--methods", "dense,nope"]])
-def test_bad_arguments_fail_before_training(argv, tmp_path):
-    with pytest.raises(SystemExit):
-        demo.main(parse("--quick", "--out", str(tmp_path), *argv))
+@pytest.mark.parametrize("argv,message", [(["--hidden", "30"], "--hidden=30 must be a positive multiple of 4"),
+                                          (["--batch-size", "30"], "--batch-size=30 must be a positive multiple of 4"),
+                                          (["--epochs", "0"], "--epochs=0 must be >= 1"),
+                                          (["--methods", "dense,nope"], "unknown method 'nope'")])
+def test_bad_arguments_fail_before_training(argv, message, tmp_path):
+    args = parse("--quick", "--out", str(tmp_path), *argv)  # parses: the refusal is the demo's own
+    with pytest.raises(SystemExit, match=message):
+        demo.main(args)
     assert not (tmp_path / "results.json").exists()
 
 
@@ -56,8 +59,9 @@ def quick_run(tmp_path_factory):
 def test_quick_demo_runs_every_method(quick_run):
     status, stdout, out = quick_run
     assert status == 0
-    for name in METHOD_NAMES:  # a table row per method
-        assert any(line.strip("│┃ ").startswith(name) for line in stdout.splitlines()), (name, stdout)
+    first_cells = {line.strip("│┃ ").split("│")[0].strip() for line in stdout.splitlines()}
+    for name in METHOD_NAMES:  # a table row per method (first cell exactly: names are prefixes of others)
+        assert name in first_cells, (name, stdout)
     for header in ("test acc", "final loss", "wall s", "sparse bwd", "4-bit bwd"):
         assert header in stdout
 

@@ -143,4 +143,5 @@ def test_low_precision_ops_close_to_float64(cls, dtype):
     assert (K.rmatmat(X.to(dtype)).double() - K64.rmatmat(X)).norm() / scale < tol
     H = K.from_inner(X.to(dtype))
     assert H.flat.dtype == dtype and torch.isfinite(H.flat).all()
-    assert math.isclose(float(H.average_trace()), float(K64.from_inner(X).average_trace()), rel_tol=tol * 10)
+    trace_tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert math.isclose(float(H.average_trace()), float(K64.from_inner(X).average_trace()), rel_tol=trace_tol)

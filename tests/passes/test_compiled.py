@@ -146,14 +146,23 @@ def test_inference_graphs_are_untouched():
 
 
 def test_two_option_sets_never_share_compiled_code():
-    """Same model, same inputs, two option sets in one process: each compile runs the pass with its
-    own options and the 1:2 run's pruned gradient has 1:2 structure."""
-    model, x = nn.Linear(8, 4, bias=False), torch.randn(16, 8)
-    seen = {}
+    """Same model, same inputs, two option sets in one process: each compile runs with its own
+    options, and the gradient itself shows it. With x = I the weight gradient is the pruned incoming
+    gradient Gᵀ, grouped along tokens: 1:2 keeps one of every pair, 2:4 keeps two of every four."""
+    model = nn.Linear(16, 4, bias=False)
+    x, G = torch.eye(16), torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
+    seen, grads = {}, {}
     for pattern in ("2:4", "1:2"):
         with recording() as records:
             f = torch.compile(model, backend="nm", options={"sparsity": pattern})
             model.zero_grad()
-            f(x).sum().backward()
+            (f(x) * G).sum().backward()
         seen[pattern] = records[-1].transforms
+        grads[pattern] = model.weight.grad.clone()
     assert seen == {"2:4": ["mvue 2:4 along K (tokens)"], "1:2": ["mvue 1:2 along K (tokens)"]}
+    pairs = (grads["1:2"].reshape(4, 8, 2) != 0).sum(-1)
+    assert pairs.max() == 1, "1:2 code ran for the 1:2 compile"
+    quads = (grads["2:4"].reshape(4, 4, 4) != 0).sum(-1)
+    assert quads.max() == 2 and (grads["2:4"].reshape(4, 8, 2) != 0).sum(-1).max() == 2, "2:4 code, not 1:2"
+
+

@@ -92,10 +92,14 @@ def test_include_exclude_and_keep_first_last():
 
 def test_remainder_and_tiny_gemms_are_reported():
     r = nmcompile.explain(MLP((32, 16, 8, 4)), torch.randn(10, 32), sparsity="2:4", **AOT)
-    for g in (g for g in r.backward if g.role == "wgrad"):
+    wgrads = [g for g in r.backward if g.role == "wgrad"]
+    assert len(wgrads) == 3
+    for g in wgrads:
         assert g.transforms and "last 2 stay dense" in g.notes[0]
     r = nmcompile.explain(MLP((32, 16, 8, 4)), torch.randn(3, 32), sparsity="2:4", **AOT)
-    for g in (g for g in r.backward if g.role == "wgrad"):
+    wgrads = [g for g in r.backward if g.role == "wgrad"]
+    assert len(wgrads) == 3
+    for g in wgrads:
         assert not g.transforms and "reduction size 3 < M=4" in g.notes[0]
 
 

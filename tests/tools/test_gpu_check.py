@@ -25,6 +25,7 @@ def test_gpu_check_runs_end_to_end_without_a_gpu(tmp_path):
     train = json.loads((out / "bench_train.json").read_text())
     native = [r for r in train["results"] if r["name"] != "inductor"]
     assert native and all("error" not in r for r in train["results"])
-    assert all(k != "dense" for r in native for k in r["kernels"]), "smoke runs lowering='native' on CPU"
-    assert "skipped" in (out / "cuda_tests.log").read_text() or "deselected" in (out / "cuda_tests.log").read_text()
+    assert all(r["kernels"] and "dense" not in r["kernels"] for r in native), "smoke runs lowering='native' on CPU"
+    log = (out / "cuda_tests.log").read_text()
+    assert "skipped" in log and " passed" in log and "failed" not in log, log[-2000:]
     assert "== done in" in proc.stdout
