@@ -131,6 +131,7 @@ def graph_code(gm, annotate: bool = True) -> tuple[str, set]:
     """The graph's readable code; every line defining an inserted node is marked, and each nm op is
     preceded by a ``# <-- nm: <op> <pattern> <role> <module>`` line. Returns (code, 1-based marked lines)."""
     from nmcompile.export import is_inserted, nm_attrs
+    from nmcompile.passes.records import NodeInfo
 
     inserted = {}
     for node in gm.graph.nodes:
@@ -139,12 +140,11 @@ def graph_code(gm, annotate: bool = True) -> tuple[str, set]:
             if info is not None:
                 inserted[node.name] = f"nm: {info['op']} {info['pattern']} {info['role']} {info['module'] or '<top>'}"
             else:
-                meta = node.meta.get("nm", {})
-                if meta.get("op") in (None, "seeds"):
-                    inserted[node.name] = f"nm: uniforms for {meta.get('for', '?')}"
+                meta = NodeInfo.read(node)
+                if meta is None or meta.op == "seeds" or meta.op.startswith(("mvue", "greedy", "luq")):
+                    inserted[node.name] = f"nm: uniforms for {meta.gemm if meta else '?'}"
                 else:  # lowering="native": float8 codes and the FP8 / 2:4 GEMMs
-                    what = meta.get("kernel") or meta.get("op")
-                    inserted[node.name] = f"nm: {what} {meta.get('role', 'fwd')} {meta.get('module') or '<top>'}"
+                    inserted[node.name] = f"nm: {meta.kernel or meta.op} {meta.role or 'fwd'} {meta.module or '<top>'}"
     code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
     lines, marked = [], set()
     pattern = re.compile(r'^\s*(\w+)(?:\s*:\s*"[^"]*")?\s*=')

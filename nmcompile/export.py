@@ -18,6 +18,7 @@ import torch._inductor.decomposition  # noqa: F401  (defines prims.fma, which th
 import torch.fx as fx
 
 from nmcompile.passes.analysis import module_path
+from nmcompile.passes.records import NodeInfo
 
 NM_DOMAIN = "com.nmcompile"
 ATEN_DOMAIN = "com.nmcompile.aten"
@@ -45,9 +46,9 @@ def nm_attrs(node: fx.Node) -> Optional[dict]:
     op = nm_op_name(node)
     if op is None:
         return None
-    info = dict(node.meta.get("nm") or {})
-    out = {"op": op, "role": info.get("role", "fwd" if op == "sawb" else "?"),
-           "module": info.get("module", module_path(node)), "gemm": info.get("for", "")}
+    info = NodeInfo.read(node)
+    out = {"op": op, "role": (info.role if info else "") or ("fwd" if op == "sawb" else "?"),
+           "module": info.module if info else module_path(node), "gemm": info.gemm if info else ""}
     args = list(node.args)
     if op == "mvue":
         n, m, dim = args[2:5]
@@ -64,7 +65,7 @@ def nm_attrs(node: fx.Node) -> Optional[dict]:
 
 def is_inserted(node: fx.Node) -> bool:
     """Inserted by the nm pass (the nm ops and the uniforms drawn for them)."""
-    return "nm" in node.meta or nm_op_name(node) is not None
+    return NodeInfo.read(node) is not None or nm_op_name(node) is not None
 
 
 def _target_name(node: fx.Node) -> str:
@@ -195,8 +196,8 @@ class _OnnxBuilder:
             for key in ("op", "role", "module", "gemm", "pattern", "bits", "levels"):
                 if key in info:
                     props[f"nm.{key}"] = str(info[key])
-        elif "nm" in node.meta:
-            props["nm.for"] = str(node.meta["nm"].get("for", ""))
+        elif NodeInfo.read(node) is not None:
+            props["nm.for"] = NodeInfo.read(node).gemm
         for key, value in props.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
@@ -735,8 +736,8 @@ def model_explorer_graph(gm: fx.GraphModule, graph_id: str, records: Optional[di
                 "borderColor": "#e8590c",
                 "hoveredBorderColor": "#d9480f",
             }
-        elif "nm" in node.meta:
-            attrs.append({"key": "nm.for", "value": str(node.meta["nm"].get("for", ""))})
+        elif NodeInfo.read(node) is not None:
+            attrs.append({"key": "nm.for", "value": NodeInfo.read(node).gemm})
             style = {"backgroundColor": NM_COLORS["rand"], "borderColor": "#868e96", "hoveredBorderColor": "#495057"}
         rec = records.get(node.name)
         if rec is not None:
@@ -823,7 +824,7 @@ def to_dot(gm: fx.GraphModule, graph_id: str, records: Optional[dict] = None) ->
         if info is not None:
             label += f"\n{info['op']} {info['pattern']} {info['role']} {info['module']}"
             attrs.update(style="filled", fillcolor=NM_COLORS.get(info["op"], "#ffa94d"))
-        elif "nm" in node.meta:
+        elif NodeInfo.read(node) is not None:
             attrs.update(style="filled", fillcolor=NM_COLORS["rand"])
         rec = records.get(node.name)
         if rec is not None:

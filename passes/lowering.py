@@ -26,7 +26,7 @@ from nmcompile.kernels.gemm import cusparselt_version, native_support
 from nmcompile.kernels.luq import luq_levels
 from .analysis import layout_chain, module_path, val
 from .config import NMConfig
-from .records import GemmRecord
+from .records import GemmRecord, NodeInfo
 from .splice import atomic, splice
 
 aten = torch.ops.aten
@@ -170,7 +170,7 @@ class _Lowerer:
 
     def _codes_of_sawb(self, base: fx.Node) -> tuple:
         if base not in self.sawb_codes:
-            info = dict(base.meta.get("nm", {}), op="sawb_fp8")
+            info = dataclasses.replace(NodeInfo.read(base), op="sawb_fp8")
             bits = base.args[1]
             self.sawb_codes[base] = splice(
                 self.graph,
@@ -229,7 +229,7 @@ class _Lowerer:
                 return torch.ops.nm.sparse24_mm.default(a, b, sa, sb, out_dtype)
             return torch.ops.nm.fp8_mm.default(a, sa, b, sb, xs[bias] if bias is not None else None, out_dtype)
 
-        info = {"op": "gemm", "kernel": rec.kernel, "role": rec.role, "for": node.name, "module": module_path(node)}
+        info = NodeInfo("gemm", node.name, module_path(node), rec.role, kernel=rec.kernel)
         new = splice(self.graph, node, gemm, inputs, serves=node, info=info, decompositions=self.decompositions)
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
@@ -247,7 +247,7 @@ class _Lowerer:
                     lambda c, s: dequantize(c, s, dtype),
                     [codes, scale],
                     serves=base,
-                    info=dict(base.meta.get("nm", {}), op="dequantize"),
+                    info=dataclasses.replace(NodeInfo.read(base), op="dequantize"),
                     decompositions=self.decompositions,
                 )
                 base.replace_all_uses_with(deq)

@@ -5,6 +5,29 @@ import dataclasses
 from typing import Optional
 
 
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """What a node the pass inserted carries (``node.meta["nm"]``): written by the rewrite, the seed
+    merge and the lowering; read by the CLI, the exports and the profiler."""
+
+    op: str  # "mvue", "luq", "mvue+luq", ... (gradient compression), "sawb", "seeds", "gemm",
+    #          "sawb_fp8", "dequantize"
+    gemm: str = ""  # the GEMM node it serves (for seeds: the GEMMs whose draws were merged, comma-separated)
+    module: str = ""  # that GEMM's module
+    role: str = ""  # fwd | dgrad | wgrad ("" where it serves several)
+    bits: Optional[int] = None  # SAWB bit width
+    kernel: str = ""  # the native GEMM's kernel
+    count: Optional[int] = None  # seeds: how many draws were merged
+
+    def write(self, node) -> None:
+        node.meta["nm"] = self
+
+    @staticmethod
+    def read(node) -> Optional["NodeInfo"]:
+        info = node.meta.get("nm")
+        return info if isinstance(info, NodeInfo) else None
+
+
 @dataclasses.dataclass
 class GemmRecord:
     graph: int  # index of the joint graph in this compile (Dynamo may produce several)

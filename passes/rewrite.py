@@ -17,7 +17,7 @@ from .analysis import (
 )
 from .config import NMConfig
 from .lowering import lower_gemms
-from .records import GemmRecord
+from .records import GemmRecord, NodeInfo
 from .seeds import merge_seed_draws
 from .splice import atomic, splice
 
@@ -105,7 +105,7 @@ class _Rewriter:
             anchor = base.next
             while anchor.op == "placeholder":  # keep placeholders first
                 anchor = anchor.next
-            info = {"op": "sawb", "bits": self.config.fwd_bits, "for": gemm.name, "module": module_path(gemm)}
+            info = NodeInfo("sawb", gemm.name, module_path(gemm), "fwd", bits=self.config.fwd_bits)
             self.quantized[base] = splice(
                 self.graph, anchor, self._sawb_fn(), [base], serves=gemm, info=info, decompositions=self.decompositions
             )
@@ -187,7 +187,7 @@ class _Rewriter:
         return "no gradient transform configured"
 
     def _compress(self, operand: fx.Node, gemm: fx.Node, steps: list, role: str) -> fx.Node:
-        info = {"op": "+".join(kind for kind, _ in steps), "role": role, "for": gemm.name, "module": module_path(gemm)}
+        info = NodeInfo("+".join(kind for kind, _ in steps), gemm.name, module_path(gemm), role)
         return splice(
             self.graph,
             gemm,

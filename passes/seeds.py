@@ -14,12 +14,14 @@ import math
 import torch
 import torch.fx as fx
 
+from .records import NodeInfo
+
 aten = torch.ops.aten
 
 
 def _is_seed_draw(node: fx.Node) -> bool:
     """A ``draw_seed`` the pass inserted: ``randint(0, 2**62, shape)`` of int64."""
-    return (node.op == "call_function" and node.target is aten.randint.low and "nm" in node.meta
+    return (node.op == "call_function" and node.target is aten.randint.low and NodeInfo.read(node) is not None
             and tuple(node.args[:2]) == (0, 2**62) and node.kwargs.get("dtype", torch.int64) == torch.int64)
 
 
@@ -37,11 +39,7 @@ def merge_seed_draws(graph: fx.Graph) -> None:
         seeds = graph.call_function(torch.ops.nm.seeds.default, (sum(sizes), first.kwargs["device"]))
     seeds.meta.update(first.meta)
     seeds.meta["val"] = seeds_val
-    seeds.meta["nm"] = {
-        "op": "seeds",
-        "count": len(draws),
-        "for": ",".join(str(n.meta["nm"].get("for", "")) for n in draws),
-    }
+    NodeInfo("seeds", ",".join(NodeInfo.read(n).gemm for n in draws), count=len(draws)).write(seeds)
     offset = 0
     for draw, size in zip(draws, sizes):
         with graph.inserting_before(draw), fake.fake_mode:

@@ -10,6 +10,8 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from .records import NodeInfo
+
 # Metadata Inductor and the partitioner read, copied from the GEMM onto every node inserted for it.
 CARRIED_META = (
     "stack_trace",
@@ -53,7 +55,7 @@ def splice(
     inputs: Sequence[fx.Node],
     *,
     serves: fx.Node,
-    info: dict,
+    info: NodeInfo,
     decompositions: dict,
 ):
     """Insert ``fn(*inputs)`` just before ``before``; returns the node holding its result (a tuple
@@ -82,7 +84,7 @@ def splice(
                     new.meta[key] = serves.meta[key]
             if backward and node.target in RANDOM_OPS:
                 new.meta["partitioner_tag"] = "must_be_in_backward"
-            new.meta["nm"] = dict(info)
+            info.write(new)
             env[node] = new
     assert isinstance(result, fx.Node) or all(isinstance(r, fx.Node) for r in result), (
         "spliced functions return tensors"
