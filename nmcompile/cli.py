@@ -46,87 +46,6 @@ def _status(err_console, text: str):
         yield
 
 
-# -- the tensor-core speedup a GEMM could get --------------------------------------------------
-# Peak dense/sparse tensor-core throughput ratios of an H100 SXM (TFLOPS, without / with 2:4
-# sparsity): BF16 989 / 1979, FP8 1979 / 3958. A GEMM whose one operand is 2:4-sparse along K can run
-# on sparse tensor cores (2x the math); a GEMM whose *both* operands are 4-bit (LUQ levels / α and
-# SAWB integers are exact in float8_e4m3fn) can run as an FP8 GEMM (2x bf16). Both: 4x. These are
-# upper bounds on the math rate, not end-to-end speedups.
-def tensor_core_speedup(rec) -> tuple[float, str]:
-    t = rec.transforms
-    sparse = any(re.match(r"(mvue|greedy) 2:4\b", x) for x in t)
-    if rec.role == "fwd":
-        low_bit = any(x.startswith("sawb") and "W,X" in x for x in t)
-    else:
-        grad_low = any(x.startswith("luq") for x in t)
-        other_low = any(x.startswith("sawb") for x in t)
-        low_bit = grad_low and other_low
-    speed = (2.0 if sparse else 1.0) * (2.0 if low_bit else 1.0)
-    why = " + ".join(w for w, on in (("2:4 sparse TC", sparse), ("FP8 TC", low_bit)) if on)
-    return speed, why or "dense bf16"
-
-
-def _weighted_speedup(records) -> Optional[float]:
-    total = sum(r.flops or 0 for r in records)
-    if not total:
-        return None
-    return total / sum((r.flops or 0) / tensor_core_speedup(r)[0] for r in records)
-
-
-def _flops(n: Optional[int]) -> str:
-    if n is None:
-        return "?"
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
-
-
-def gemm_table(report, title: str):
-    from rich.table import Table
-
-    from nmcompile.report import kernel_cell
-
-    table = Table(title=title, title_justify="left")
-    for col, kw in (("g", {"justify": "right"}), ("module", {}), ("role", {}), ("op", {}),
-                    ("M×N×K", {"justify": "right"}), ("FLOPs", {"justify": "right"}),
-                    ("transforms / skip reason", {}), ("kernel", {}), ("TC speedup", {"justify": "right"})):
-        table.add_column(col, **kw)
-    for r in report.gemms:
-        if r.transforms:
-            what = ", ".join(r.transforms)
-        else:
-            what = f"[dim]skipped: {r.skipped or 'nothing to do'}[/dim]"
-        if r.notes:
-            what += f" [yellow]({'; '.join(r.notes)})[/yellow]"
-        speed, why = tensor_core_speedup(r)
-        role_style = {"fwd": "cyan", "dgrad": "green", "wgrad": "magenta"}.get(r.role, "red")
-        table.add_row(str(r.graph), r.module or "<top>", f"[{role_style}]{r.role}[/{role_style}]", r.op,
-                      "×".join(map(str, r.shape)), _flops(r.flops), what, kernel_cell(r),
-                      f"{speed:g}×" + (f" [dim]{why}[/dim]" if speed > 1 else ""))
-    overall = _weighted_speedup(report.gemms)
-    if overall is not None:
-        table.add_section()
-        table.add_row("", "[bold]all GEMMs[/bold]", "", "", "", _flops(sum(r.flops or 0 for r in report.gemms)),
-                      "FLOP-weighted (Amdahl) over every GEMM", "", f"[bold]{overall:.2f}×[/bold]")
-    return table
-
-
-def module_tree(report, label: str):
-    from rich.tree import Tree
-
-    root = Tree(f"[bold]{label}[/bold]")
-    branches: dict = {(): root}
-    for r in report.gemms:
-        parts = tuple(p for p in (r.module or "").split(".") if p)
-        for i in range(1, len(parts) + 1):
-            if parts[:i] not in branches:
-                branches[parts[:i]] = branches[parts[:i - 1]].add(f"[bold]{parts[i - 1]}[/bold]")
-        what = ", ".join(r.transforms) if r.transforms else f"[dim]skipped: {r.skipped or 'nothing to do'}[/dim]"
-        branches[parts].add(f"{r.role} {r.op} {'×'.join(map(str, r.shape))}: {what}")
-    return root
-
-
 def graph_code(gm, annotate: bool = True) -> tuple[str, set]:
     """The graph's readable code; every line defining an inserted node is marked, and each nm op is
     preceded by a ``# <-- nm: <op> <pattern> <role> <module>`` line. Returns (code, 1-based marked lines)."""
@@ -205,6 +124,7 @@ def cmd_inspect(args) -> int:
     from rich.syntax import Syntax
 
     from nmcompile.passes import NMConfig
+    from nmcompile.report import gemm_table, module_tree
 
     s = report.summary()
     config = NMConfig.from_options(run.options)[0]

@@ -1,11 +1,9 @@
-"""Export the rewritten graphs: ONNX (nm ops in a custom domain), Model Explorer JSON (+ node-data
-overlays), Graphviz DOT, and the report JSON.
+"""The FX graph as ONNX, built directly with ``onnx.helper``.
 
-The ONNX graph is built directly from the FX graph with ``onnx.helper``: the aten ops of these
-training graphs map to standard ONNX ops where the semantics match exactly, the nm ops become
-``com.nmcompile`` nodes (MVUE, Greedy, LUQ, SAWB with their attributes), and anything else becomes
-an opaque ``com.nmcompile.aten`` node named after the aten op (its non-tensor arguments kept as
-attributes). The result passes ``onnx.checker.check_model(model, full_check=True)``.
+The aten ops of these training graphs map to standard ONNX ops where the semantics match exactly, the
+nm ops become ``com.nmcompile`` nodes (MVUE, Greedy, LUQ, SAWB with their attributes), and anything
+else becomes an opaque ``com.nmcompile.aten`` node named after the aten op (its non-tensor arguments
+kept as attributes). The result passes ``onnx.checker.check_model(model, full_check=True)``.
 """
 from __future__ import annotations
 
@@ -20,82 +18,13 @@ import torch.fx as fx
 from nmcompile.passes.analysis import module_path
 from nmcompile.passes.records import NodeInfo
 
+from .nodes import _target_name, _tensor, nm_attrs
+
 NM_DOMAIN = "com.nmcompile"
 ATEN_DOMAIN = "com.nmcompile.aten"
 ONNX_OPSET = 20
 aten = torch.ops.aten
 prims = torch.ops.prims
-
-NM_OPS = {"mvue", "greedy", "luq", "sawb"}
-NM_COLORS = {"mvue": "#ffa94d", "greedy": "#ffd43b", "luq": "#b197fc", "sawb": "#74c0fc", "rand": "#dee2e6"}
-
-
-# -- what an inserted node is ------------------------------------------------------------------
-def nm_op_name(node: fx.Node) -> Optional[str]:
-    """``mvue``/``greedy``/``luq``/``sawb`` for a ``torch.ops.nm.*`` call, else None."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return None
-    if node.target.namespace != "nm" or node.target._opname not in NM_OPS:
-        return None  # e.g. nm.seeds, the seed buffer of a graph lowered for Inductor
-    return node.target._opname
-
-
-def nm_attrs(node: fx.Node) -> Optional[dict]:
-    """What an nm op node does: op, pattern, n/m/dim or bits/levels, role, module, the GEMM it serves,
-    and ``density`` (fraction kept) for the pruning ops. None for other nodes."""
-    op = nm_op_name(node)
-    if op is None:
-        return None
-    info = NodeInfo.read(node)
-    out = {"op": op, "role": (info.role if info else "") or ("fwd" if op == "sawb" else "?"),
-           "module": info.module if info else module_path(node), "gemm": info.gemm if info else ""}
-    args = list(node.args)
-    if op == "mvue":
-        n, m, dim = args[2:5]
-    elif op == "greedy":
-        n, m, dim = args[1:4]
-    if op in ("mvue", "greedy"):
-        out.update(n=int(n), m=int(m), dim=int(dim), pattern=f"{n}:{m}", density=int(n) / int(m))
-    elif op == "luq":
-        out.update(bits=int(args[2]), levels=str(args[3]), pattern=f"luq{args[2]}")
-    else:
-        out.update(bits=int(args[1]), pattern=f"sawb{args[1]}")
-    return out
-
-
-def is_inserted(node: fx.Node) -> bool:
-    """Inserted by the nm pass (the nm ops and the uniforms drawn for them)."""
-    return NodeInfo.read(node) is not None or nm_op_name(node) is not None
-
-
-def _target_name(node: fx.Node) -> str:
-    if node.op != "call_function":
-        return node.op
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return f"{target.namespace}.{target._opname}" + (
-            "" if target._overloadname == "default" else f".{target._overloadname}"
-        )
-    return getattr(target, "__name__", str(target))
-
-
-def _tensor(node) -> Optional[torch.Tensor]:
-    v = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return v if isinstance(v, torch.Tensor) else None
-
-
-def _shape_str(node: fx.Node) -> str:
-    v = node.meta.get("val")
-    if isinstance(v, torch.Tensor):
-        return f"{str(v.dtype).replace('torch.', '')}[{', '.join(str(s) for s in v.shape)}]"
-    if isinstance(v, (tuple, list)):
-        return (
-            "("
-            + ", ".join(f"[{', '.join(map(str, t.shape))}]" if isinstance(t, torch.Tensor) else "None" for t in v)
-            + ")"
-        )
-    return ""
-
 
 # -- ONNX --------------------------------------------------------------------------------------
 def _onnx_dtype(dtype: torch.dtype) -> int:
@@ -710,142 +639,3 @@ def onnx_op_counts(model) -> dict:
     return counts
 
 
-# -- Model Explorer ----------------------------------------------------------------------------
-def _namespace(node: fx.Node) -> str:
-    if node.op == "placeholder":
-        return "inputs"
-    if node.op == "output":
-        return "outputs"
-    return module_path(node).replace(".", "/")
-
-
-def model_explorer_graph(gm: fx.GraphModule, graph_id: str, records: Optional[dict] = None) -> dict:
-    """One Model Explorer ``Graph``: node id = FX node name, namespace = module path ('/'-joined),
-    edges from the FX inputs, the output shape as ``tensor_shape``, nm nodes styled and annotated."""
-    records = records or {}
-    nodes = []
-    for node in gm.graph.nodes:
-        attrs = [{"key": "target", "value": _target_name(node)}]
-        info = nm_attrs(node)
-        style = None
-        if info is not None:
-            attrs += [{"key": f"nm.{k}", "value": str(v)} for k, v in info.items()]
-            attrs.append({"key": "feeds", "value": {"type": "node_ids", "nodeIds": [u.name for u in node.users]}})
-            style = {
-                "backgroundColor": NM_COLORS.get(info["op"], "#ffa94d"),
-                "borderColor": "#e8590c",
-                "hoveredBorderColor": "#d9480f",
-            }
-        elif NodeInfo.read(node) is not None:
-            attrs.append({"key": "nm.for", "value": NodeInfo.read(node).gemm})
-            style = {"backgroundColor": NM_COLORS["rand"], "borderColor": "#868e96", "hoveredBorderColor": "#495057"}
-        rec = records.get(node.name)
-        if rec is not None:
-            attrs += [
-                {"key": "gemm.role", "value": rec.role},
-                {"key": "gemm.shape", "value": "x".join(map(str, rec.shape))},
-                {"key": "gemm.transforms", "value": ", ".join(rec.transforms) or f"skipped: {rec.skipped}"},
-                {"key": "gemm.kernel", "value": rec.kernel + (f" ({rec.kernel_note})" if rec.kernel_note else "")},
-            ]
-        if node.meta.get("stack_trace"):
-            attrs.append({"key": "stack_trace", "value": node.meta["stack_trace"].strip()})
-        edges = [
-            {"sourceNodeId": src.name, "sourceNodeOutputId": "0", "targetNodeInputId": str(i)}
-            for i, src in enumerate(node.all_input_nodes)
-        ]
-        entry = {
-            "id": node.name,
-            "label": _target_name(node) if node.op == "call_function" else node.op,
-            "namespace": _namespace(node),
-            "subgraphIds": [],
-            "attrs": attrs,
-            "incomingEdges": edges,
-            "outputsMetadata": [{"id": "0", "attrs": [{"key": "tensor_shape", "value": _shape_str(node)}]}],
-        }
-        if style:
-            entry["style"] = style
-        nodes.append(entry)
-    return {"id": graph_id, "nodes": nodes}
-
-
-def node_data(graphs: dict) -> tuple[dict, dict]:
-    """Node-data overlays keyed by graph id: ``density`` (fraction kept by N:M pruning, on the nm
-    nodes and on the GEMMs they feed) and ``bits`` (LUQ / SAWB bit width)."""
-    density, bits = {}, {}
-    for graph_id, gm in graphs.items():
-        d, q = {}, {}
-        for node in gm.graph.nodes:
-            info = nm_attrs(node)
-            if info is None:
-                continue
-            if "density" in info:
-                d[node.name] = {"value": info["density"]}
-                for user in node.users:
-                    d[user.name] = {"value": info["density"]}
-            if "bits" in info:
-                q[node.name] = {"value": info["bits"]}
-        density[graph_id] = {
-            "results": d,
-            "gradient": [{"stop": 0, "bgColor": "#e03131"}, {"stop": 1, "bgColor": "#f8f9fa"}],
-        }
-        bits[graph_id] = {
-            "results": q,
-            "thresholds": [
-                {"value": 4, "bgColor": "#7048e8"},
-                {"value": 8, "bgColor": "#b197fc"},
-                {"value": 32, "bgColor": "#f8f9fa"},
-            ],
-        }
-    return density, bits
-
-
-# -- Graphviz DOT ------------------------------------------------------------------------------
-def _dot_quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
-
-
-def to_dot(gm: fx.GraphModule, graph_id: str, records: Optional[dict] = None) -> str:
-    """A Graphviz digraph; nm nodes filled by op (MVUE orange, greedy yellow, LUQ purple, SAWB blue,
-    their uniforms grey), GEMMs bold, clustered by module."""
-    records = records or {}
-    lines = [
-        f"digraph {_dot_quote(graph_id)} {{",
-        "  rankdir=TB;",
-        '  node [shape=box, fontname="Helvetica", fontsize=10];',
-    ]
-    clusters: dict = {}
-    for node in gm.graph.nodes:
-        label = f"{node.name}\n{_target_name(node)}"
-        shape = _shape_str(node)
-        if shape:
-            label += f"\n{shape}"
-        attrs = {}
-        info = nm_attrs(node)
-        if info is not None:
-            label += f"\n{info['op']} {info['pattern']} {info['role']} {info['module']}"
-            attrs.update(style="filled", fillcolor=NM_COLORS.get(info["op"], "#ffa94d"))
-        elif NodeInfo.read(node) is not None:
-            attrs.update(style="filled", fillcolor=NM_COLORS["rand"])
-        rec = records.get(node.name)
-        if rec is not None:
-            label += f"\n{rec.role} {'x'.join(map(str, rec.shape))}" + (
-                f"\n{rec.kernel}" if rec.kernel != "dense" else ""
-            )
-            attrs["penwidth"] = "2.5"
-        attrs["label"] = label
-        body = ", ".join(f"{k}={_dot_quote(str(v))}" for k, v in attrs.items())
-        clusters.setdefault(module_path(node) if node.op == "call_function" else "", []).append(
-            f"{_dot_quote(node.name)} [{body}];"
-        )
-    for i, (module, entries) in enumerate(clusters.items()):
-        if module:
-            lines.append(f"  subgraph cluster_{i} {{ label={_dot_quote(module)}; style=dashed;")
-            lines += [f"    {e}" for e in entries]
-            lines.append("  }")
-        else:
-            lines += [f"  {e}" for e in entries]
-    for node in gm.graph.nodes:
-        for src in node.all_input_nodes:
-            lines.append(f"  {_dot_quote(src.name)} -> {_dot_quote(node.name)};")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
