@@ -442,6 +442,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _torch_tracebacks_quiet():
+    """Torch >= 2.14 logs a traceback at ERROR level when a model fails under fake tensors; the CLI's
+    errors are one line unless --debug, so those loggers stay quiet meanwhile."""
+    import logging
+
+    loggers = [logging.getLogger("torch._subclasses.fake_tensor")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def main(argv: Optional[list] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -453,7 +470,8 @@ def main(argv: Optional[list] = None) -> int:
     from nmcompile.targets import CLIError
 
     try:
-        return int(args.func(args) or 0)
+        with contextlib.nullcontext() if debug else _torch_tracebacks_quiet():
+            return int(args.func(args) or 0)
     except CLIError as e:
         if debug:
             traceback.print_exc()
