@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .grouping import contiguous_strides, flat_plan, group_plan, prepare, uniform_shape
+from .grouping import grouped_layout, prepare, sampled_layout
 
 SOURCE = pathlib.Path(__file__).with_name("nm_cpu.cpp")
 FLAGS = ["-O2", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17",
@@ -160,12 +160,9 @@ def _prune(x, u, n, m, dim, mvue):
     src, out = prepare(x)
     if x.numel() == 0:
         return out
-    u_shape = uniform_shape(x.shape, m, dim)
-    seeded = u is not None and not u.is_floating_point()
-    if u is not None and not seeded:
+    if u is not None and u.is_floating_point():
         u = u.float()
-    u_stride = contiguous_strides(u_shape) if (u is None or seeded) else u.stride()
-    plan = group_plan(tuple(src.shape), src.stride(), dim, m, tuple(u_shape), tuple(u_stride))
+    plan, seeded = grouped_layout(src, u, m, dim)
     if plan is None:  # a layout whose inner dims do not nest: compute contiguously, copy back
         return out.copy_(_prune(x.contiguous(), u.contiguous() if u is not None and not seeded else u, n, m, dim, mvue))
     outer, k, inner, u_outer, u_group, u_inner = plan
@@ -184,14 +181,10 @@ def luq(x: torch.Tensor, u: torch.Tensor, top: int) -> torch.Tensor:
     src, out = prepare(x)
     if x.numel() == 0:
         return out
-    seeded = not u.is_floating_point()
-    if seeded:
-        seeds, u_stride, u_sample, samples = u.contiguous(), contiguous_strides(x.shape), 0, u.numel()
-        u = None
-    else:
+    if u.is_floating_point():
         u = u.float()
-        seeds, u_stride, u_sample, samples = None, u.stride()[1:], u.stride(0), u.shape[0]
-    outer, inner, u_outer, u_inner = flat_plan(tuple(src.shape), src.stride(), tuple(u_stride))
+    outer, inner, u_outer, u_inner, u_sample, samples, seeded = sampled_layout(src, u)
+    seeds, u = (u.contiguous(), None) if seeded else (None, u)
     library().nm_luq(DTYPES[x.dtype], _ptr(src), _ptr(out), outer, inner, top, samples, _ptr(u), _ptr(seeds),
                      _ptr(u_outer), u_sample, u_inner, _threads())
     return out

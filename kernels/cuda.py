@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .grouping import contiguous_strides, flat_plan, group_plan, prepare, uniform_shape
+from .grouping import grouped_layout, prepare, sampled_layout
 from .sawb import SAWB_COEFFICIENTS, round_significand, scale_bits
 
 try:
@@ -357,10 +357,7 @@ def prune(x: torch.Tensor, u: Optional[torch.Tensor], n: int, m: int, dim: int, 
     src, out = prepare(x)
     if x.numel() == 0:
         return out
-    u_shape = uniform_shape(x.shape, m, dim)
-    seeded = u is not None and not u.is_floating_point()
-    u_stride = contiguous_strides(u_shape) if (u is None or seeded) else u.stride()
-    plan = group_plan(tuple(src.shape), src.stride(), dim % x.dim(), m, tuple(u_shape), tuple(u_stride))
+    plan, seeded = grouped_layout(src, u, m, dim)
     if plan is None:  # inner dims that do not nest: compute contiguously, copy back
         return out.copy_(prune(x.contiguous(), u.contiguous() if u is not None and not seeded else u, n, m, dim, mvue))
     outer, k, inner, u_outer, u_group, u_inner = plan
@@ -413,12 +410,7 @@ def luq(x: torch.Tensor, u: torch.Tensor, top: int, codes: Optional[torch.dtype]
         out = torch.empty_like(src, dtype=torch.uint8)
     if x.numel() == 0:
         return out if codes is None else (out.view(codes), torch.ones((), device=x.device))
-    seeded = not u.is_floating_point()
-    if seeded:
-        u_stride, u_sample, samples = contiguous_strides(x.shape), 0, u.numel()
-    else:
-        u_stride, u_sample, samples = u.stride()[1:], u.stride(0), u.shape[0]
-    outer, inner, u_outer, u_inner = flat_plan(tuple(src.shape), src.stride(), tuple(u_stride))
+    outer, inner, u_outer, u_inner, u_sample, samples, seeded = sampled_layout(src, u)
     amax = _stats(src)[0].float()
     largest = {None: 0, torch.float8_e4m3fn: 8, torch.float8_e5m2: 15}[codes]
     dummy = torch.zeros(1, device=x.device)

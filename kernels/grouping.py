@@ -156,3 +156,26 @@ def prepare(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if not is_dense(x) or x.stride() != out.stride():
         x = torch.empty_like(out).copy_(x)
     return x, out
+
+
+def grouped_layout(src: torch.Tensor, u, m: int, dim: int):
+    """``group_plan`` for a kernel pruning ``src`` (dense, the op's output strides) by ``m`` along
+    ``dim``; ``u``: float uniforms of ``uniform_shape`` (any strides), an int64 seed, or None.
+    Returns (plan or None, seeded)."""
+    u_shape = uniform_shape(src.shape, m, dim)
+    seeded = u is not None and not u.is_floating_point()
+    u_stride = contiguous_strides(u_shape) if (u is None or seeded) else u.stride()
+    return group_plan(tuple(src.shape), src.stride(), dim % src.dim(), m, tuple(u_shape), tuple(u_stride)), seeded
+
+
+def sampled_layout(src: torch.Tensor, u: torch.Tensor):
+    """``flat_plan`` for a per-element kernel over ``src`` with uniforms ``u`` ``(samples, *shape)`` of
+    any strides, or int64 seeds ``(samples,)``. Returns (outer, inner, u_outer, u_inner, u_sample,
+    samples, seeded)."""
+    seeded = not u.is_floating_point()
+    if seeded:
+        u_stride, u_sample, samples = contiguous_strides(src.shape), 0, u.numel()
+    else:
+        u_stride, u_sample, samples = u.stride()[1:], u.stride(0), u.shape[0]
+    outer, inner, u_outer, u_inner = flat_plan(tuple(src.shape), src.stride(), tuple(u_stride))
+    return outer, inner, u_outer, u_inner, u_sample, samples, seeded

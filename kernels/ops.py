@@ -51,8 +51,12 @@ def _on_cpu_kernels(x: Tensor, m: int = 2) -> bool:
     return x.dtype in cpu.DTYPES and m <= 256 and cpu.available()
 
 
-def _on_cuda_kernels(x: Tensor, m: int = 2) -> bool:
-    return x.dtype in cpu.DTYPES and cuda.available() and cuda.prune_supported(m)
+def _triton(x: Tensor, kernel, portable, op: str, m: int = 2) -> Tensor:
+    """On CUDA: the Triton kernel where one covers ``x`` (and, should it fail, the portable math with
+    one warning), else the portable math."""
+    if x.dtype in cpu.DTYPES and cuda.available() and cuda.prune_supported(m):
+        return cuda.or_reference(kernel, portable, f"nm.{op}'s Triton kernel")
+    return portable()
 
 
 def _mvue_torch(x: Tensor, u: Tensor, n: int, m: int, dim: int) -> Tensor:
@@ -77,13 +81,7 @@ def _(x, u, n, m, dim):
 @mvue.register_kernel("cuda")
 def _(x, u, n, m, dim):
     _check_uniforms(x, u, uniform_shape(x.shape, m, dim), "mvue", ())
-    if _on_cuda_kernels(x, m):
-        return cuda.or_reference(
-            lambda: cuda.prune(x, u, n, m, dim, mvue=True),
-            lambda: _mvue_torch(x, u, n, m, dim),
-            "nm.mvue's Triton kernel",
-        )
-    return _mvue_torch(x, u, n, m, dim)
+    return _triton(x, lambda: cuda.prune(x, u, n, m, dim, mvue=True), lambda: _mvue_torch(x, u, n, m, dim), "mvue", m)
 
 
 @mvue.register_fake
@@ -104,13 +102,8 @@ def _(x, n, m, dim):
 
 @greedy.register_kernel("cuda")
 def _(x, n, m, dim):
-    if _on_cuda_kernels(x, m):
-        return cuda.or_reference(
-            lambda: cuda.prune(x, None, n, m, dim, mvue=False),
-            lambda: _like(x, greedy_math(x, n, m, dim)),
-            "nm.greedy's Triton kernel",
-        )
-    return _like(x, greedy_math(x, n, m, dim))
+    return _triton(x, lambda: cuda.prune(x, None, n, m, dim, mvue=False), lambda: _like(x, greedy_math(x, n, m, dim)),
+                   "greedy", m)
 
 
 @greedy.register_fake
@@ -150,13 +143,8 @@ def _(x, u, bits, levels):
 @luq.register_kernel("cuda")
 def _(x, u, bits, levels):
     _check_luq(x, u)
-    if _on_cuda_kernels(x):
-        return cuda.or_reference(
-            lambda: cuda.luq(x, u, luq_levels(bits, levels) - 1),
-            lambda: _luq_torch(x, u, bits, levels),
-            "nm.luq's Triton kernel",
-        )
-    return _luq_torch(x, u, bits, levels)
+    top = luq_levels(bits, levels) - 1
+    return _triton(x, lambda: cuda.luq(x, u, top), lambda: _luq_torch(x, u, bits, levels), "luq")
 
 
 @luq.register_fake
@@ -188,11 +176,7 @@ def _(x, bits):
 
 @sawb.register_kernel("cuda")
 def _(x, bits):
-    if _on_cuda_kernels(x):
-        return cuda.or_reference(
-            lambda: cuda.sawb(x, bits)[0], lambda: _sawb_torch(x, bits)[0], "nm.sawb's Triton kernel"
-        )
-    return _sawb_torch(x, bits)[0]
+    return _triton(x, lambda: cuda.sawb(x, bits)[0], lambda: _sawb_torch(x, bits)[0], "sawb")
 
 
 @sawb.register_fake
@@ -221,13 +205,7 @@ def _(x, bits):
 
 @sawb_fp8.register_kernel("cuda")
 def _(x, bits):
-    if _on_cuda_kernels(x):
-        return cuda.or_reference(
-            lambda: cuda.sawb(x, bits, codes=True),
-            lambda: sawb_codes(*_sawb_torch(x, bits)),
-            "nm.sawb_fp8's Triton kernel",
-        )
-    return sawb_codes(*_sawb_torch(x, bits))
+    return _triton(x, lambda: cuda.sawb(x, bits, codes=True), lambda: sawb_codes(*_sawb_torch(x, bits)), "sawb_fp8")
 
 
 @sawb_fp8.register_fake
@@ -253,13 +231,8 @@ def luq_fp8(x: Tensor, u: Tensor, bits: int, levels: str) -> tuple[Tensor, Tenso
 @luq_fp8.register_kernel("cuda")
 def _(x, u, bits, levels):
     top = _luq_top(x, u, bits, levels)
-    if _on_cuda_kernels(x):
-        return cuda.or_reference(
-            lambda: cuda.luq(x, u, top, codes=luq_format(top, 1)[0]),
-            lambda: luq_codes(_luq_torch(x, u, bits, levels), top),
-            "nm.luq_fp8's Triton kernel",
-        )
-    return luq_codes(luq(x, u, bits, levels), top)
+    return _triton(x, lambda: cuda.luq(x, u, top, codes=luq_format(top, 1)[0]),
+                   lambda: luq_codes(_luq_torch(x, u, bits, levels), top), "luq_fp8")
 
 
 @luq_fp8.register_fake
