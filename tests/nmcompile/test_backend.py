@@ -103,10 +103,9 @@ def test_explain_backpropagates_loss_attribute_or_sum_of_outputs():
         nmcompile.explain(torch.nn.Identity(), torch.randn(3), inner="aot_eager")
 
 
-def test_a_user_joint_pass_still_runs_before_ours():
+def users_pass(calls: list):
+    """A user's own joint pass: records how many nm nodes it sees (0: it ran before ours)."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
-
-    calls = []
 
     class Theirs(CustomGraphPass):
         def __call__(self, graph):
@@ -115,10 +114,15 @@ def test_a_user_joint_pass_still_runs_before_ours():
         def uuid(self):
             return "theirs-v1"
 
+    return Theirs()
+
+
+def test_a_user_joint_pass_still_runs_before_ours():
     from nmcompile.backend import recording
 
+    calls = []
     with (
-        torch._inductor.config.patch(joint_custom_pre_pass=Theirs(), force_disable_caches=True),
+        torch._inductor.config.patch(joint_custom_pre_pass=users_pass(calls), force_disable_caches=True),
         recording() as records,
     ):
         model = torch.nn.Linear(8, 4)
@@ -156,19 +160,9 @@ def test_records_and_captured_graphs_share_one_numbering():
 
 
 def test_the_cli_capture_runs_a_user_joint_pass_too():
-    from torch._inductor.custom_graph_pass import CustomGraphPass
-
     from nmcompile.targets import run_captured
 
     calls = []
-
-    class Theirs(CustomGraphPass):
-        def __call__(self, graph):
-            calls.append(sum(1 for n in graph.nodes if "nm" in n.meta))
-
-        def uuid(self):
-            return "theirs-v1"
-
-    with torch._inductor.config.patch(joint_custom_pre_pass=Theirs()):
+    with torch._inductor.config.patch(joint_custom_pre_pass=users_pass(calls)):
         run = run_captured(torch.nn.Linear(8, 4), (torch.randn(8, 8),), {"sparsity": "2:4"})
     assert calls == [0] and run.records[-1].transforms  # theirs ran (first), then ours
