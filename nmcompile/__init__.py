@@ -6,10 +6,12 @@ __version__ = "0.1.0"
 
 from nmcompile.explain import explain
 from nmcompile.functional import greedy, luq, mvue, sawb
+from nmcompile.noise import NoiseMonitor, NoiseReport, noise_report
 from nmcompile.report import Report
 from nmcompile.passes import NMConfig
 
-__all__ = ["NMConfig", "Report", "explain", "greedy", "luq", "mvue", "sawb", "SINGD", "__version__"]
+__all__ = ["NMConfig", "NoiseMonitor", "NoiseReport", "Report", "explain", "greedy", "luq", "mvue", "noise_report", "sawb",
+           "SINGD", "__version__"]
 
 
 def __getattr__(name: str):

@@ -86,13 +86,14 @@ def aot_eager(
     joint_pass: NMJointPass,
     *,
     on_joint: Optional[Callable[[torch.fx.GraphModule, str], None]] = None,
-    on_graph: Optional[Callable[[torch.fx.GraphModule, str], None]] = None,
+    on_graph: Optional[Callable[[torch.fx.GraphModule, str], Optional[Callable]]] = None,
 ):
     """AOTAutograd with Inductor's decompositions, the user's joint pass and ours applied to the joint
     graph before partitioning (as under Inductor), and eager execution of the resulting graphs.
 
     ``on_joint(joint, "before" | "after")`` sees the joint graph around the passes, ``on_graph(graph,
-    "forward" | "backward")`` each partitioned graph before it runs (the CLI keeps and wraps them)."""
+    "forward" | "backward")`` each partitioned graph before it runs (the CLI keeps and wraps them); when it
+    returns a callable, that runs instead of ``graph.forward`` (the noise monitor interprets the backward)."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
     import torch._inductor.lowering  # noqa: F401  (some decompositions, e.g. max_pool2d's, read it)
@@ -111,9 +112,8 @@ def aot_eager(
 
     def compiler(kind: str):
         def run_eagerly(graph: torch.fx.GraphModule, _inputs):
-            if on_graph is not None:
-                on_graph(graph, kind)
-            return make_boxed_func(graph.forward)
+            runner = on_graph(graph, kind) if on_graph is not None else None
+            return make_boxed_func(runner if runner is not None else graph.forward)
 
         return run_eagerly
 

@@ -1,6 +1,7 @@
 """The ``nmcompile`` command line (also ``python -m nmcompile``).
 
     nmcompile inspect TARGET [--options JSON] [--graph joint|forward|backward|joint-before|none] [--json]
+                             [--noise [--draws K]]
     nmcompile export  TARGET --format onnx|model-explorer|dot|json -o PATH [--graph ...] [--strip-stack-traces]
     nmcompile profile TARGET [--steps N] [-o trace.json] [--json]
     nmcompile demo [...]                  (the digits demo, see ``nmcompile demo --help``)
@@ -113,7 +114,33 @@ def _capture(args, err):
     return run
 
 
+def _inspect_noise(args) -> int:
+    from nmcompile.noise import NoiseMonitor
+    from nmcompile.targets import CLIError
+
+    out, err = _consoles()
+    if args.draws < 2:
+        raise CLIError(f"--draws must be at least 2 (the variance needs two independent draws), got {args.draws}")
+    model, inputs, options = _prepare(args, err)
+    with _status(err, f"measuring the gradient noise of {args.target} ({args.draws} draws per GEMM) …"):
+        try:
+            report = NoiseMonitor(model, options, draws=args.draws).measure(*inputs)
+        except ValueError as e:
+            raise CLIError(str(e)) from e
+    if args.json:
+        sys.stdout.write(report.to_json() + "\n")
+        return 0
+    out.print(report.table(f"{args.target}: gradient noise per rewritten backward GEMM, {json.dumps(options)}"))
+    out.print("[dim]‖G‖²: the exact GEMM output; compression var: E‖Ĝ−EĜ‖² from independent draws; bias²: "
+              "‖EĜ−G‖² (greedy); minibatch var: from the two halves of the batch (update GEMMs); stall ratio: "
+              "(‖G‖² − minibatch var)/(3·compression var), below 1 training stalls (Chmiel et al. 2025). "
+              "One batch: noisy estimates, see docs/cli.md[/dim]")
+    return 0
+
+
 def cmd_inspect(args) -> int:
+    if args.noise:
+        return _inspect_noise(args)
     out, err = _consoles()
     run = _capture(args, err)
     report = run.report
@@ -391,7 +418,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="graph to print as code: the joint graph after the rewrite (default), the partitioned "
         "forward/backward, the joint graph before the rewrite, or none",
     )
-    p.add_argument("--json", action="store_true", help="print only the report JSON (schema nmcompile.report/2)")
+    p.add_argument("--json", action="store_true", help="print only the report JSON (schema nmcompile.report/2; "
+                   "with --noise nmcompile.noise/1)")
+    p.add_argument("--noise", action="store_true", help="measure, on the example inputs, the variance the gradient "
+                   "compression adds to each rewritten backward GEMM, next to ‖G‖² and the minibatch noise")
+    p.add_argument("--draws", type=int, default=2, help="independent draws per GEMM for --noise (default 2)")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser(

@@ -69,6 +69,23 @@ def test_inspect_builtin_json_is_only_the_versioned_report():
     assert data["summary"]["sparse_flop_share"] > 0
 
 
+def test_inspect_noise_table_and_json(factory_file):
+    result = run_cli("inspect", "mlp", "--noise", "--options", '{"sparsity": "2:4", "gemms": ["wgrad", "dgrad"]}')
+    assert result.returncode == 0, result.stderr
+    assert "gradient noise per rewritten backward GEMM" in result.stdout and "stall ratio" in result.stdout
+    assert result.stdout.count("mvue 2:4 along K") == 5  # 3 wgrad + 2 dgrad rows
+    result = run_cli("inspect", f"{factory_file}:make", "--noise", "--json", "--draws", "3")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["schema"] == "nmcompile.noise/1" and data["draws"] == 3
+    (g,) = [g for g in data["gemms"] if g["module"] == "2"]  # wgrad of the last layer (default options)
+    assert g["role"] == "wgrad" and g["signal"] > 0 and g["compression_noise"] > 0 and g["minibatch_noise"] > 0
+    bad = run_cli("inspect", "mlp", "--noise", "--draws", "1")
+    assert bad.returncode == 1 and "--draws must be at least 2" in bad.stderr
+    bad = run_cli("inspect", "mlp", "--noise", "--options", '{"fwd_quant": "sawb"}')
+    assert bad.returncode == 1 and "no backward GEMM with a compressed gradient" in bad.stderr
+
+
 def test_inspect_factory_file_human_output(factory_file):
     result = run_cli("inspect", f"{factory_file}:make", "--graph", "backward")
     assert result.returncode == 0, result.stderr
