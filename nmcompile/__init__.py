@@ -10,8 +10,8 @@ from nmcompile.noise import NoiseMonitor, NoiseReport, noise_report
 from nmcompile.report import Report
 from nmcompile.passes import NMConfig
 
-__all__ = ["NMConfig", "NoiseMonitor", "NoiseReport", "Report", "explain", "greedy", "luq", "mvue", "noise_report", "sawb",
-           "SINGD", "__version__"]
+__all__ = ["NMConfig", "NoiseMonitor", "NoiseReport", "Report", "explain", "greedy", "luq", "mvue", "noise_report",
+           "sawb", "SINGD", "__version__"]
 
 
 def __getattr__(name: str):

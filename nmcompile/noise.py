@@ -235,8 +235,8 @@ class _Measuring(fx.Interpreter):
             minibatch, note = _minibatch_noise(node, new, kwargs, exact, pick)
         else:
             note = "a dgrad output is per sample: its minibatch noise shows in the update GEMMs upstream"
-        return GemmNoise(self.graph_index, node.name, rec.module, rec.role, list(rec.transforms), _sq(exact), noise, error,
-                         bias, minibatch, note)
+        return GemmNoise(self.graph_index, node.name, rec.module, rec.role, list(rec.transforms), _sq(exact), noise,
+                         error, bias, minibatch, note)
 
     def _redraw(self, plan: _Plan) -> torch.Tensor:
         values: dict = {}
