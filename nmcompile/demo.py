@@ -1,14 +1,16 @@
 """``nmcompile demo``: train one small model on bundled data under every gradient recipe and compare.
 
-The same MLP, the same seed and the same batches are trained with: dense, MVUE 2:4 and 1:2 on the
-update (wgrad) GEMMs, greedy 2:4 (the biased baseline), LUQ 4-bit gradients with SMP 2 and SAWB 4-bit
-forward, and MVUE 2:4 followed by LUQ 4-bit. Data: scikit-learn's bundled 8x8 digits (no download).
-Output: a rich progress bar per run (stderr), a rich table (stdout), ``curves.png`` and
-``results.json`` in ``--out``.
+The same MLP, the same seeds and the same batches are trained with: dense, MVUE 2:4 and 1:2 on the
+update (wgrad) GEMMs, greedy 2:4 (the biased baseline), MVUE and greedy 2:4 on both backward GEMMs
+(wgrad+dgrad: where greedy's bias compounds through the layers), LUQ 4-bit gradients with SMP 2 and
+SAWB 4-bit forward, and MVUE 2:4 followed by LUQ 4-bit; each for several seeds. After the first seed's
+run, the gradient-noise monitor measures each recipe's gradient error on one batch: its variance and its
+bias. Data: scikit-learn's bundled 8x8 digits (no download). Output: a rich progress bar per run
+(stderr), a rich table (stdout, mean ± std over seeds), ``curves.png`` and ``results.json`` in ``--out``.
 
-``--quick`` trains a narrower MLP (hidden 64) for 2 epochs and compiles with ``inner="aot_eager"``
-(the same rewritten graphs run eagerly, no C++ code generation); the default trains hidden 128 for 10
-epochs through Inductor.
+``--quick`` trains a narrower MLP (hidden 64) for 2 epochs, one seed, and compiles with
+``inner="aot_eager"`` (the same rewritten graphs run eagerly, no C++ code generation); the default
+trains hidden 128 for 10 epochs, seeds 0 1 2, through Inductor.
 """
 from __future__ import annotations
 
@@ -33,12 +35,14 @@ METHODS: list[tuple[str, dict]] = [
     ("mvue 2:4", {"sparsity": "2:4"}),
     ("mvue 1:2", {"sparsity": "1:2"}),
     ("greedy 2:4", {"sparsity": "2:4", "method": "greedy"}),
+    ("mvue 2:4 wgrad+dgrad", {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"]}),
+    ("greedy 2:4 wgrad+dgrad", {"sparsity": "2:4", "method": "greedy", "gemms": ["wgrad", "dgrad"]}),
     ("luq4 smp2 + sawb4", {"quant": "luq", "smp": 2, "fwd_quant": "sawb"}),
     ("mvue 2:4 + luq4", {"sparsity": "2:4", "quant": "luq"}),
 ]
 
-QUICK = {"epochs": 2, "hidden": 64, "inner": "aot_eager"}
-DEFAULT = {"epochs": 10, "hidden": 128, "inner": "inductor"}
+QUICK = {"epochs": 2, "hidden": 64, "inner": "aot_eager", "seeds": [0]}
+DEFAULT = {"epochs": 10, "hidden": 128, "inner": "inductor", "seeds": [0, 1, 2]}
 
 
 class DigitsMLP(torch.nn.Module):
@@ -205,8 +209,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _values(run: dict, key: str) -> list:
+    return [r[key] for r in run["seeds"]]
+
+
+def _pm(values: list, scale: float = 1.0, digits: int = 2) -> str:
+    """``mean ± std`` over seeds (just the value for one seed)."""
+    t = torch.tensor([scale * float(v) for v in values], dtype=torch.float64)
+    if len(values) == 1:
+        return f"{t.item():.{digits}f}"
+    return f"{t.mean().item():.{digits}f} ± {t.std().item():.{digits}f}"
+
+
 def plot_curves(runs: dict, path: str, title: str) -> None:
-    """Training loss (per epoch) and test accuracy curves of every run in one PNG."""
+    """Training loss and test accuracy per epoch of every method (mean over seeds, ± std shaded) in one PNG."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -214,10 +230,14 @@ def plot_curves(runs: dict, path: str, title: str) -> None:
 
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, run in runs.items():
-        c = run["curves"]
-        epochs = range(1, len(c["epoch_loss"]) + 1)
-        ax_loss.plot(epochs, c["epoch_loss"], marker=".", label=name)
-        ax_acc.plot(epochs, [100 * a for a in c["epoch_test_acc"]], marker=".", label=name)
+        for ax, key, scale in ((ax_loss, "epoch_loss", 1.0), (ax_acc, "epoch_test_acc", 100.0)):
+            curves = torch.tensor([[scale * v for v in r["curves"][key]] for r in run["seeds"]], dtype=torch.float64)
+            epochs = list(range(1, curves.shape[1] + 1))
+            mean = curves.mean(0)
+            (line,) = ax.plot(epochs, mean, marker=".", label=name, ls="--" if "wgrad+dgrad" in name else "-")
+            if curves.shape[0] > 1:
+                std = curves.std(0)
+                ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.12)
     ax_loss.set(xlabel="epoch", ylabel="mean training loss", yscale="log", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
     ax_acc.legend(fontsize=8)
@@ -233,30 +253,53 @@ def results_table(runs: dict, title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    for col in ("method", "test acc", "final loss", "wall s", "sparse bwd", "4-bit bwd"):
+    for col in ("method", "test acc", "after epoch 2", "final loss", "grad var", "grad bias²", "wall s",
+                "sparse bwd", "4-bit bwd"):
         table.add_column(col, justify="left" if col == "method" else "right", no_wrap=True)
+    seeds = len(next(iter(runs.values()))["seeds"]) if runs else 0
     table.caption = (
-        "wall s: training incl. compile; sparse / 4-bit bwd: share of backward-GEMM FLOPs whose "
-        "gradient operand is N:M-sparse / LUQ 4-bit (nmcompile.explain summary)"
+        (f"test acc, after epoch 2, final loss: mean ± std over {seeds} seeds. " if seeds > 1 else "")
+        + "grad var / grad bias²: the error of the compressed backward GEMMs' outputs, relative to their exact "
+        "‖G‖², on one batch after the first seed's run (nmcompile.NoiseMonitor): MVUE and LUQ are all variance, "
+        "greedy all bias. wall s: training incl. compile, all seeds. sparse / 4-bit bwd: share of backward-GEMM "
+        "FLOPs whose gradient operand is N:M-sparse / LUQ 4-bit"
     )
     for name, r in runs.items():
-        acc = f"{100 * r['test_acc']:.2f}%" + (" (diverged)" if r["diverged"] else "")
+        diverged = sum(_values(r, "diverged"))
+        early = [c["curves"]["epoch_test_acc"][1] for c in r["seeds"] if len(c["curves"]["epoch_test_acc"]) > 1]
+        noise = r.get("noise") or {}
+        signal = noise.get("signal") or 0.0
         table.add_row(
             name,
-            acc,
-            f"{r['final_loss']:.4f}",
-            f"{r['wall_s']:.1f}",
-            f"{100 * r['sparse_flop_share']:.0f}%",
-            f"{100 * r['luq_flop_share']:.0f}%",
+            _pm(_values(r, "test_acc"), 100) + "%" + (f" ({diverged} diverged)" if diverged else ""),
+            _pm(early, 100) + "%" if len(early) == len(r["seeds"]) else "–",
+            _pm(_values(r, "final_loss"), digits=4),
+            f"{noise['compression_noise'] / signal:.3f}" if signal else "–",
+            f"{max(noise['compression_bias'], 0.0) / signal:.3f}" if signal else "–",
+            f"{sum(_values(r, 'wall_s')):.1f}",
+            f"{100 * r['seeds'][0]['sparse_flop_share']:.0f}%",
+            f"{100 * r['seeds'][0]['luq_flop_share']:.0f}%",
         )
     return table
+
+
+def gradient_noise(model: DigitsMLP, options: dict, data: Split, batch_size: int) -> Optional[dict]:
+    """The noise monitor's totals over the compressed backward GEMMs on the first ``batch_size`` training
+    examples; None for a recipe that compresses no gradient."""
+    from nmcompile.noise import NoiseMonitor
+
+    if not (options.get("sparsity") or options.get("quant")):
+        return None
+    report = NoiseMonitor(model, options, draws=4).measure(data.x_train[:batch_size], data.y_train[:batch_size])
+    return report.summary()["total"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help=f"fast sanity run: hidden {QUICK['hidden']}, {QUICK['epochs']} epochs, inner=aot_eager (under a minute)",
+        help=f"fast sanity run: hidden {QUICK['hidden']}, {QUICK['epochs']} epochs, one seed, inner=aot_eager "
+        "(under a minute)",
     )
     parser.add_argument(
         "--out", default="nm-demo", help="directory for curves.png and results.json (default: ./nm-demo)"
@@ -266,7 +309,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--inner", choices=("inductor", "aot_eager"), default=None, help="override the backend's inner compiler"
     )
-    parser.add_argument("--seed", type=int, default=0, help="torch seed, reset before every run (default 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                        help="torch seeds, each reset before its runs (default 0 1 2; --quick: 0)")
     parser.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (cosine decay; default 0.1)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size, a multiple of 4 (default 64)")
     parser.add_argument(
@@ -284,10 +328,12 @@ def _validate(args: argparse.Namespace) -> None:
         )
     if args.epochs < 1:
         raise SystemExit(f"--epochs={args.epochs} must be >= 1")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed")
 
 
 def run_demo(args: argparse.Namespace) -> dict:
-    """Run every method; returns the results dict that is also written to results.json."""
+    """Run every method for every seed; returns the results dict that is also written to results.json."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -295,6 +341,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     args.epochs = args.epochs if args.epochs is not None else preset["epochs"]
     args.hidden = args.hidden if args.hidden is not None else preset["hidden"]
     args.inner = args.inner or preset["inner"]
+    args.seeds = args.seeds if args.seeds is not None else list(preset["seeds"])
     _validate(args)
     methods = METHODS
     if args.methods:
@@ -320,50 +367,50 @@ def run_demo(args: argparse.Namespace) -> dict:
     spe = steps_per_epoch(data, args.batch_size)
     total = args.epochs * spe
     out = Console()
+    if not out.is_terminal:  # piped or captured: the table's full width, not 80 columns of wrapped cells
+        out = Console(width=max(out.width, 170))
+    seeds = " ".join(map(str, args.seeds))
     err.print(
         f"[bold]nmcompile demo[/bold]: digits MLP 64-{args.hidden}x3-10, {args.epochs} epochs x {spe} steps, "
-        f"batch {args.batch_size}, seed {args.seed}, inner={args.inner}, torch {torch.__version__}"
+        f"batch {args.batch_size}, seeds {seeds}, inner={args.inner}, torch {torch.__version__}"
     )
     runs: dict = {}
     for name, opts in methods:
         options = {**opts, "inner": args.inner}
-        torch.manual_seed(args.seed)  # same initial weights for every method
-        model = DigitsMLP(args.hidden)
-        with Progress(
-            TextColumn("{task.description:<18}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            console=err,
-        ) as bar:
-            task = bar.add_task(name, total=total, loss="  -   ")
+        runs[name] = {"options": options, "seeds": [], "noise": None}
+        for seed in args.seeds:
+            torch.manual_seed(seed)  # same initial weights for every method
+            model = DigitsMLP(args.hidden)
+            with Progress(
+                TextColumn("{task.description:<30}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TimeElapsedColumn(),
+                console=err,
+            ) as bar:
+                task = bar.add_task(f"{name} (seed {seed})", total=total, loss="  -   ")
 
-            def on_step(step: int, loss: float) -> None:
-                bar.update(task, advance=1, **({"loss": f"{loss:.4f}"} if step % 5 == 0 else {}))
+                def on_step(step: int, loss: float) -> None:
+                    bar.update(task, advance=1, **({"loss": f"{loss:.4f}"} if step % 5 == 0 else {}))
 
-            runs[name] = train(
-                model,
-                options,
-                data,
-                epochs=args.epochs,
-                lr_fn=cosine_lr(args.lr, total),
-                seed=args.seed,
-                batch_size=args.batch_size,
-                on_step=on_step,
-            )
+                run = train(model, options, data, epochs=args.epochs, lr_fn=cosine_lr(args.lr, total), seed=seed,
+                            batch_size=args.batch_size, on_step=on_step)
+            runs[name]["seeds"].append({"seed": seed, **run})
+            if seed == args.seeds[0]:
+                runs[name]["noise"] = gradient_noise(model, opts, data, args.batch_size)
     title = (
-        f"nmcompile demo: digits, MLP 64-{args.hidden}x3-10, {args.epochs} epochs, seed {args.seed}, inner={args.inner}"
+        f"nmcompile demo: digits, MLP 64-{args.hidden}x3-10, {args.epochs} epochs, seeds {seeds}, inner={args.inner}"
     )
     out.print(results_table(runs, title))
     results = {
-        "schema": "nmcompile.demo/1",
+        "schema": "nmcompile.demo/2",
         "config": {
             "quick": bool(args.quick),
             "epochs": args.epochs,
             "hidden": args.hidden,
             "inner": args.inner,
-            "seed": args.seed,
+            "seeds": args.seeds,
             "lr": args.lr,
             "batch_size": args.batch_size,
             "steps_per_epoch": spe,

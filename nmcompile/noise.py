@@ -99,6 +99,7 @@ class NoiseReport:
             signal = sum(g.signal for g in rows)
             noise = sum(g.compression_noise for g in rows)
             error = sum(g.compression_error for g in rows)
+            bias = sum(g.compression_bias for g in rows)
             with_mb = [g for g in rows if g.minibatch_noise is not None]
             mb = sum(g.minibatch_noise for g in with_mb) if with_mb else None
             mb_noise = sum(g.compression_noise for g in with_mb)
@@ -107,6 +108,7 @@ class NoiseReport:
                 "signal": signal,
                 "compression_noise": noise,
                 "compression_error": error,
+                "compression_bias": bias,
                 "minibatch_noise": mb,
                 "noise_to_signal": noise / signal if signal > 0 else None,
                 "noise_to_minibatch": mb_noise / mb if mb else None,

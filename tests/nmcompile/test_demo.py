@@ -16,7 +16,7 @@ def parse(*argv):
 
 def test_defaults():
     args = parse()
-    assert args.out == "nm-demo" and not args.quick and args.seed == 0
+    assert args.out == "nm-demo" and not args.quick and args.seeds is None  # the preset's: 0 1 2, --quick 0
 
 
 def test_method_list_covers_the_issue():
@@ -25,6 +25,9 @@ def test_method_list_covers_the_issue():
     assert opts["mvue 2:4"] == {"sparsity": "2:4"}
     assert opts["mvue 1:2"] == {"sparsity": "1:2"}
     assert opts["greedy 2:4"]["method"] == "greedy"
+    assert opts["mvue 2:4 wgrad+dgrad"] == {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"]}
+    assert opts["greedy 2:4 wgrad+dgrad"] == {"sparsity": "2:4", "method": "greedy", "gemms": ["wgrad", "dgrad"]}
+    assert demo.DEFAULT["seeds"] == [0, 1, 2]
     assert opts["luq4 smp2 + sawb4"] == {"quant": "luq", "smp": 2, "fwd_quant": "sawb"}
     assert opts["mvue 2:4 + luq4"] == {"sparsity": "2:4", "quant": "luq"}
 
@@ -32,7 +35,8 @@ def test_method_list_covers_the_issue():
 @pytest.mark.parametrize("argv,message", [(["--hidden", "30"], "--hidden=30 must be a positive multiple of 4"),
                                           (["--batch-size", "30"], "--batch-size=30 must be a positive multiple of 4"),
                                           (["--epochs", "0"], "--epochs=0 must be >= 1"),
-                                          (["--methods", "dense,nope"], "unknown method 'nope'")])
+                                          (["--methods", "dense,nope"], "unknown method 'nope'"),
+                                          (["--seeds", "1", "1"], "--seeds 1 1 repeats a seed")])
 def test_bad_arguments_fail_before_training(argv, message, tmp_path):
     args = parse("--quick", "--out", str(tmp_path), *argv)  # parses: the refusal is the demo's own
     with pytest.raises(SystemExit, match=message):
@@ -50,7 +54,7 @@ def quick_run(tmp_path_factory):
     buf = io.StringIO()
     capture.setattr(sys, "stdout", buf)
     try:
-        status = demo.main(parse("--quick", "--epochs", "1", "--hidden", "32", "--out", str(out)))
+        status = demo.main(parse("--quick", "--epochs", "2", "--hidden", "32", "--seeds", "0", "1", "--out", str(out)))
     finally:
         capture.undo()
     return status, buf.getvalue(), out
@@ -62,8 +66,10 @@ def test_quick_demo_runs_every_method(quick_run):
     first_cells = {line.strip("│┃ ").split("│")[0].strip() for line in stdout.splitlines()}
     for name in METHOD_NAMES:  # a table row per method (first cell exactly: names are prefixes of others)
         assert name in first_cells, (name, stdout)
-    for header in ("test acc", "final loss", "wall s", "sparse bwd", "4-bit bwd"):
+    for header in ("test acc", "after epoch 2", "final loss", "grad var", "grad bias²", "wall s", "sparse bwd",
+                   "4-bit bwd"):
         assert header in stdout
+    assert "mean ± std over 2 seeds" in stdout and stdout.count(" ± ") >= 3 * len(METHOD_NAMES)
 
 
 def test_quick_demo_writes_a_valid_png(quick_run):
@@ -80,13 +86,15 @@ def test_quick_demo_writes_a_valid_png(quick_run):
 def test_quick_demo_results_json(quick_run):
     _, _, out = quick_run
     results = json.loads((out / "results.json").read_text())
-    assert results["schema"] == "nmcompile.demo/1"
+    assert results["schema"] == "nmcompile.demo/2"
     assert results["config"]["quick"] is True and results["config"]["inner"] == "aot_eager"
-    runs = results["runs"]
-    assert list(runs) == METHOD_NAMES
+    assert results["config"]["seeds"] == [0, 1]
+    assert list(results["runs"]) == METHOD_NAMES
+    assert all([r["seed"] for r in m["seeds"]] == [0, 1] for m in results["runs"].values())
+    runs = {name: m["seeds"][0] for name, m in results["runs"].items()}
     spe = results["config"]["steps_per_epoch"]
     for name, r in runs.items():
-        assert r["steps"] == spe and len(r["curves"]["step_loss"]) == spe
+        assert r["steps"] == 2 * spe and len(r["curves"]["step_loss"]) == 2 * spe
         assert math.isfinite(r["final_loss"]) and 0.0 <= r["test_acc"] <= 1.0
         assert r["wall_s"] > 0
         assert r["options"]["inner"] == "aot_eager"
@@ -98,7 +106,7 @@ def test_quick_demo_results_json(quick_run):
 
 def test_quick_demo_flop_shares_match_the_methods(quick_run):
     _, _, out = quick_run
-    runs = json.loads((out / "results.json").read_text())["runs"]
+    runs = {name: m["seeds"][0] for name, m in json.loads((out / "results.json").read_text())["runs"].items()}
     assert runs["dense"]["sparse_flop_share"] == 0 and runs["dense"]["luq_flop_share"] == 0
     for name in ("mvue 2:4", "mvue 1:2", "greedy 2:4"):
         assert 0 < runs[name]["sparse_flop_share"] <= 1 and runs[name]["luq_flop_share"] == 0
@@ -112,7 +120,7 @@ def test_quick_demo_runs_differ_only_by_method(quick_run):
     """Seed reset per run: same initial weights and same first batch, so the first loss (computed
     before any gradient transform acts) is identical for every method with a high-precision forward."""
     _, _, out = quick_run
-    runs = json.loads((out / "results.json").read_text())["runs"]
+    runs = {name: m["seeds"][0] for name, m in json.loads((out / "results.json").read_text())["runs"].items()}
     first = {name: r["curves"]["step_loss"][0] for name, r in runs.items()}
     for name in METHOD_NAMES:
         if "fwd_quant" not in runs[name]["options"]:
@@ -122,6 +130,22 @@ def test_quick_demo_runs_differ_only_by_method(quick_run):
     assert first["luq4 smp2 + sawb4"] == pytest.approx(first["dense"], rel=0.2)
     # and the gradient transforms do change the trajectory
     assert runs["greedy 2:4"]["curves"]["step_loss"][1:] != runs["dense"]["curves"]["step_loss"][1:]
+
+
+def test_quick_demo_seeds_differ_and_the_noise_separates_variance_from_bias(quick_run):
+    _, _, out = quick_run
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    first, second = runs["dense"]["seeds"]
+    assert first["curves"]["step_loss"][0] != second["curves"]["step_loss"][0]  # other weights, other batches
+    assert runs["dense"]["noise"] is None and runs["luq4 smp2 + sawb4"]["noise"]["compression_noise"] > 0
+    for name in ("greedy 2:4", "greedy 2:4 wgrad+dgrad"):  # deterministic: all of the error is bias
+        noise = runs[name]["noise"]
+        assert noise["compression_noise"] == 0 and noise["compression_bias"] > 0
+        assert noise["compression_bias"] == pytest.approx(noise["compression_error"])
+    for name in ("mvue 2:4", "mvue 2:4 wgrad+dgrad"):  # unbiased: the error is the variance, up to sampling
+        noise = runs[name]["noise"]
+        assert noise["compression_noise"] > 0
+        assert abs(noise["compression_bias"]) < noise["compression_noise"]
 
 
 def _pretend_missing(monkeypatch, name):

@@ -1,0 +1,445 @@
+"""A byte-level GPT on Python's own standard-library sources, trained with each compression recipe.
+
+    python tools/reproduce_lm.py                     # 3 seeds, every recipe: the numbers in docs/results.md §4
+    python tools/reproduce_lm.py --quick             # smoke test: 1 seed, 3 recipes, 12 steps (CI)
+    python tools/reproduce_lm.py --tables-from docs/results_lm.json   # re-print tables, redraw plots
+
+Model: 2 blocks, d=128, 4 heads, context 128 bytes, causal attention through
+``F.scaled_dot_product_attention`` under the math SDPA backend, so its GEMMs are rewritten too. Data: the
+``.py`` files of the running Python's standard library (tests excluded), split into train and validation by
+file (a stable hash of the path). Every run: AdamW, warm-up then cosine LR, ``torch.compile(backend="nm",
+options={..., "inner": "aot_eager"})`` (the same rewritten graphs as with Inductor, run eagerly: Inductor's
+compile time would dominate on a CPU). Within a seed, runs differ only by the backend options.
+
+Validation bits per byte are measured with the forward the model trained with (the compiled graph, so a
+SAWB-4 forward is scored quantized) and, for those, also with a float forward. The gradient-noise monitor
+(``nmcompile.NoiseMonitor``) measures each recipe every ``--noise-every`` steps on the training batch
+(for the seeds in ``--noise-seeds``) without changing the run.
+Writes results_lm.json, reproduce_lm_bpb.png and reproduce_lm_noise.png to --out; tables to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import pathlib
+import statistics
+import sys
+import sysconfig
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import nmcompile
+from nmcompile.demo import environment
+from nmcompile.fnt import fnt_options, fnt_scheduler
+
+RECIPES = [
+    ("dense", {}),
+    ("mvue 1:2", {"sparsity": "1:2"}),
+    ("mvue 2:4", {"sparsity": "2:4"}),
+    ("mvue 2:4 wgrad+dgrad", {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"]}),
+    ("greedy 2:4", {"sparsity": "2:4", "method": "greedy"}),
+    ("greedy 2:4 wgrad+dgrad", {"sparsity": "2:4", "method": "greedy", "gemms": ["wgrad", "dgrad"]}),
+    ("luq4", {"quant": "luq"}),
+    ("luq4 smp2", {"quant": "luq", "smp": 2}),
+    ("luq4 + sawb4", {"quant": "luq", "fwd_quant": "sawb"}),
+    ("mvue 2:4 + luq4", {"sparsity": "2:4", "quant": "luq"}),
+]
+FNT_OF = "luq4 + sawb4"  # the recipe whose last --fnt-fraction of steps is also run as FNT
+FNT_NAME = "luq4 + sawb4, FNT last 10%"
+QUICK = ["dense", "mvue 2:4", "luq4 + sawb4"]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- data
+def stdlib_corpus(val_every: int = 10) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(train bytes, validation bytes, description): every stdlib ``.py`` outside test packages and
+    site-packages, in sorted order; a file is validation when a stable hash of its path is 0 mod ``val_every``."""
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idle_test"}
+    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+    train, val, digest = [], [], hashlib.sha256()
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        data = path.read_bytes()
+        digest.update(rel.encode() + b"\0" + data)
+        (val if int(hashlib.sha256(rel.encode()).hexdigest(), 16) % val_every == 0 else train).append(data)
+    join = b"\n\n".join
+    meta = {"root": str(root), "files": len(files), "validation_files": len(val), "sha256": digest.hexdigest()}
+    t, v = torch.frombuffer(bytearray(join(train)), dtype=torch.uint8), torch.frombuffer(bytearray(join(val)),
+                                                                                         dtype=torch.uint8)
+    meta.update(train_bytes=len(t), validation_bytes=len(v))
+    return t.long(), v.long(), meta
+
+
+def windows(data: torch.Tensor, starts: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = starts.unsqueeze(1) + torch.arange(block + 1)
+    chunk = data[idx]
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+# ----------------------------------------------------------------------------- model
+class Attention(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int):
+        super().__init__()
+        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), Attention(d, heads), nn.LayerNorm(d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.ln1(x))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class ByteGPT(nn.Module):
+    """Returns the mean next-byte cross-entropy (nats) of ``idx`` against ``targets``."""
+
+    def __init__(self, d: int, layers: int, heads: int, block: int):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(256, d), nn.Embedding(block, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 256, bias=False)
+
+    def forward(self, idx, targets):
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
+        for block in self.blocks:
+            x = block(x)
+        return F.cross_entropy(self.head(self.ln(x)).flatten(0, 1), targets.flatten())
+
+
+# ----------------------------------------------------------------------------- training
+def lr_at(step: int, args) -> float:
+    warm = max(1, int(args.warmup * args.steps))
+    if step < warm:
+        return args.lr * (step + 1) / warm
+    frac = (step - warm) / max(1, args.steps - warm)
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def bits_per_byte(model_fn, val_batches) -> float:
+    """Mean cross-entropy over the validation batches, in bits. ``model_fn`` runs with grad enabled so a
+    compiled model runs its training graph (with its quantized forward); nothing is backpropagated."""
+    total = 0.0
+    for x, y in val_batches:
+        with torch.enable_grad():
+            total += float(model_fn(x, y).detach())
+    return total / len(val_batches) / math.log(2)
+
+
+def train_run(name: str, options: dict, seed: int, data: dict, args, fnt: bool = False) -> dict:
+    """One run of ``name``; with ``fnt`` also the FNT branch from the checkpoint at 1 − fnt_fraction."""
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    model = ByteGPT(args.d, args.layers, args.heads, args.block)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_at(0, args), betas=(0.9, 0.95), weight_decay=0.1)
+    opts = {**options, "inner": "aot_eager"}
+    compiled = torch.compile(model, backend="nm", options=opts)
+    monitor = None
+    if seed in args.noise_seeds and (options.get("sparsity") or options.get("quant")):
+        monitor = nmcompile.NoiseMonitor(model, options, every=args.noise_every, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    train = data["train"]
+    branch_at = args.steps - int(round(args.fnt_fraction * args.steps)) if fnt else None
+    out = {"curve": [], "train_loss": [], "noise": [], "diverged": False}
+    checkpoint = None
+    start = time.perf_counter()
+    for step in range(args.steps):
+        if step == branch_at:
+            checkpoint = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
+                          torch.random.get_rng_state(), gen.get_state(), lr_at(step, args))
+        if step % args.eval_every == 0:
+            out["curve"].append([step, bits_per_byte(compiled, data["val_small"])])
+        x, y = windows(train, torch.randint(0, len(train) - args.block - 1, (args.batch,), generator=gen), args.block)
+        if monitor is not None and step % args.noise_every == 0:
+            report = monitor.measure(x, y, step=step)
+            out["noise"].append({"step": step, "summary": report.summary(),
+                                 "gemms": [g.as_dict() for g in report.gemms]})
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, args)
+        loss = compiled(x, y)
+        if not torch.isfinite(loss):
+            out["diverged"] = True
+            break
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0:
+            out["train_loss"].append([step, float(loss.detach())])
+    out["curve"].append([args.steps, bits_per_byte(compiled, data["val_small"])])
+    out["final_bpb"] = bits_per_byte(compiled, data["val"])
+    if options.get("fwd_quant"):
+        out["final_bpb_fp_forward"] = bits_per_byte(model, data["val"])
+    out["wall_s"] = time.perf_counter() - start
+    if checkpoint is not None:
+        out["fnt"] = fnt_branch(model, opts, checkpoint, branch_at, data, args)
+    return out
+
+
+def fnt_branch(model, options, checkpoint, branch_at, data, args) -> dict:
+    """From the checkpoint: the remaining steps as FNT (backward in high precision, forward still SAWB-4),
+    LR along the LUQ paper's Eq. 17 from the LR there (LR_T) to the base LR and down to 0."""
+    state, opt_state, rng, gen_state, lr_t = checkpoint
+    torch._dynamo.reset()
+    model.load_state_dict(state)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr_t, betas=(0.9, 0.95), weight_decay=0.1)
+    opt.load_state_dict(opt_state)
+    total = args.steps - branch_at
+    sched = fnt_scheduler(opt, total=total, lr_start=lr_t, lr_base=args.lr)
+    compiled = torch.compile(model, backend="nm", options=fnt_options(options))
+    torch.random.set_rng_state(rng)
+    gen = torch.Generator()
+    gen.set_state(gen_state)
+    for _ in range(total):
+        x, y = windows(data["train"], torch.randint(0, len(data["train"]) - args.block - 1, (args.batch,),
+                                                    generator=gen), args.block)
+        compiled(x, y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    return {"final_bpb": bits_per_byte(compiled, data["val"]),
+            "final_bpb_fp_forward": bits_per_byte(model, data["val"]), "steps": total}
+
+
+# ----------------------------------------------------------------------------- reporting
+def mean_std(values: list) -> tuple[float, float]:
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def fmt(values: list, digits: int = 3) -> str:
+    m, s = mean_std(values)
+    return "–" if math.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def rows(results: dict) -> list:
+    """(name, per-seed final bpb, per-seed fp-forward bpb, per-seed bpb at the middle of training, diverged)."""
+    out = []
+    for name, runs in results["runs"].items():
+        seeds = list(runs.values())
+        mid = [r["curve"][len(r["curve"]) // 2][1] for r in seeds]
+        out.append((name, [r["final_bpb"] for r in seeds], [r.get("final_bpb_fp_forward") for r in seeds], mid,
+                    sum(r["diverged"] for r in seeds)))
+        if any("fnt" in r for r in seeds):
+            fnt = [r["fnt"] for r in seeds if "fnt" in r]
+            out.append((FNT_NAME, [f["final_bpb"] for f in fnt], [f["final_bpb_fp_forward"] for f in fnt], [], 0))
+    return out
+
+
+def noise_summary(results: dict) -> dict:
+    """Per recipe: the mean over measurements (seed runs with the monitor) of the total ratios per role."""
+    out = {}
+    for name, runs in results["runs"].items():
+        points = [p for r in runs.values() for p in r.get("noise", [])]
+        if not points:
+            continue
+        entry = {}
+        for role in ("wgrad", "dgrad"):
+            for key in ("noise_to_signal", "noise_to_minibatch"):
+                vals = [p["summary"][role][key] for p in points if role in p["summary"]
+                        and p["summary"][role][key] is not None]
+                if vals:
+                    entry[f"{role}_{key}"] = statistics.fmean(vals)
+            ratios = [_stall(p, role) for p in points if role in p["summary"]]
+            ratios = [r for r in ratios if r is not None]
+            if ratios:
+                entry[f"{role}_stall_ratio"] = statistics.median(ratios)
+        out[name] = entry
+    return out
+
+
+def _stall(point: dict, role: str):
+    s = point["summary"][role]
+    if s["minibatch_noise"] is None or not s["compression_noise"]:
+        return None
+    return (s["signal"] - s["minibatch_noise"]) / (3 * s["compression_noise"])
+
+
+def print_tables(results: dict) -> None:
+    dense = results["runs"].get("dense")
+    dense_final = [r["final_bpb"] for r in dense.values()] if dense else []
+    log("\n| recipe | val bits/byte, final | Δ vs dense (same seed) | val bpb at mid-training | float forward | "
+        "diverged |")
+    log("|---|---|---|---|---|---|")
+    for name, final, fp, mid, div in rows(results):
+        delta = [f - d for f, d in zip(final, dense_final)] if dense_final and len(final) == len(dense_final) else []
+        fp = [v for v in fp if v is not None]
+        log(f"| {name} | {fmt(final)} | {fmt(delta) if name != 'dense' else '–'} | {fmt(mid)} | "
+            f"{fmt(fp) if fp else '–'} | {div}/{len(final)} |")
+    noise = noise_summary(results)
+    if noise:
+        log("\n| recipe | wgrad var/‖G‖² | wgrad var/minibatch var | wgrad stall ratio (median) | dgrad var/‖G‖² |")
+        log("|---|---|---|---|---|")
+        for name, e in noise.items():
+            cells = [e.get(k) for k in ("wgrad_noise_to_signal", "wgrad_noise_to_minibatch", "wgrad_stall_ratio",
+                                        "dgrad_noise_to_signal")]
+            log(f"| {name} | " + " | ".join("–" if c is None else f"{c:.3g}" for c in cells) + " |")
+
+
+def plot(results: dict, out: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    groups = [["dense", "mvue 1:2", "mvue 2:4", "mvue 2:4 wgrad+dgrad", "greedy 2:4", "greedy 2:4 wgrad+dgrad"],
+              ["dense", "luq4", "luq4 smp2", "luq4 + sawb4", "mvue 2:4 + luq4"]]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, names, title in zip(axes, groups, ("gradient sparsity", "4-bit")):
+        for name in names:
+            if name not in runs:
+                continue
+            curves = [r["curve"] for r in runs[name].values() if not r["diverged"]]
+            steps = [s for s, _ in curves[0]]
+            vals = torch.tensor([[v for _, v in c] for c in curves])
+            m = vals.mean(0)
+            s = vals.std(0) if len(curves) > 1 else torch.zeros_like(m)
+            ax.plot(steps, m, label=name, lw=1.5, ls="--" if name == "dense" else "-")
+            ax.fill_between(steps, m - s, m + s, alpha=0.15)
+        ax.set_title(f"{title}: validation bits/byte (mean ± std over seeds)")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("bits per byte")
+    lo = min(min(v for _, v in r["curve"]) for rs in runs.values() for r in rs.values() if not r["diverged"])
+    axes[0].set_ylim(lo - 0.1, lo + 1.5)
+    fig.tight_layout()
+    fig.savefig(out / "reproduce_lm_bpb.png", dpi=90)
+    plt.close(fig)
+
+    noise = {n: [p for r in rs.values() for p in r.get("noise", [])] for n, rs in runs.items()}
+    noise = {n: p for n, p in noise.items() if p}
+    if not noise:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, points in noise.items():
+        points = [p for p in points if "wgrad" in p["summary"] and p["summary"]["wgrad"]["noise_to_minibatch"]]
+        if points:
+            axes[0].plot([p["step"] for p in points], [p["summary"]["wgrad"]["noise_to_minibatch"] for p in points],
+                         marker="o", ms=3, label=name)
+    axes[0].set_yscale("log")
+    axes[0].set_title("update GEMMs: compression variance / minibatch variance")
+    axes[0].set_xlabel("step")
+    axes[0].grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    summary = noise_summary(results)
+    dense = {seed: r["final_bpb"] for seed, r in runs.get("dense", {}).items()}
+    for name, e in summary.items():
+        ratio = e.get("wgrad_noise_to_minibatch")
+        deltas = [r["final_bpb"] - dense[s] for s, r in runs[name].items() if s in dense]
+        if ratio is None or not deltas:
+            continue
+        m, s = mean_std(deltas)
+        axes[1].errorbar([ratio], [m], yerr=[s], fmt="o", capsize=3)
+        axes[1].annotate(name, (ratio, m), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    axes[1].set_xscale("log")
+    axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set_title("final Δ bits/byte vs dense against the mean noise ratio")
+    axes[1].set_xlabel("update GEMMs: compression var / minibatch var (mean over training)")
+    axes[1].set_ylabel("Δ bits per byte (mean ± std over seeds)")
+    axes[1].grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(out / "reproduce_lm_noise.png", dpi=90)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"1 seed, {', '.join(QUICK)}, 12 steps (a smoke test)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--recipes", nargs="+", metavar="NAME", help="a subset of the recipes (default: all)")
+    parser.add_argument("--steps", type=int, default=250)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--block", type=int, default=128, help="context length in bytes")
+    parser.add_argument("--d", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
+    parser.add_argument("--eval-every", type=int, default=25)
+    parser.add_argument("--eval-batches", type=int, default=16, help="validation batches for the final score")
+    parser.add_argument("--noise-every", type=int, default=50)
+    parser.add_argument("--noise-seeds", type=int, nargs="*", default=None,
+                        help="seeds whose runs the noise monitor measures (default: all)")
+    parser.add_argument("--fnt-fraction", type=float, default=0.1)
+    parser.add_argument("--out", default="docs", help="where results_lm.json and the PNGs go")
+    parser.add_argument("--tables-from", metavar="JSON", help="print tables and redraw plots from saved results")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    if args.tables_from:
+        results = json.loads(pathlib.Path(args.tables_from).read_text())
+        print_tables(results)
+        plot(results, out)
+        return 0
+    known = [n for n, _ in RECIPES]
+    names = args.recipes or known
+    if args.quick:
+        args.seeds, args.steps, args.eval_every, args.noise_every, args.eval_batches = [0], 12, 6, 6, 2
+        names = args.recipes or QUICK
+    bad = [n for n in names if n not in known]
+    if bad:
+        parser.error(f"unknown recipe(s) {bad}; choose from {known}")
+    if args.steps < 1 or args.batch < 2 or args.eval_every < 1 or args.noise_every < 1:
+        parser.error("--steps, --eval-every and --noise-every must be >= 1 and --batch >= 2")
+    if not 0 < args.fnt_fraction < 1:
+        parser.error(f"--fnt-fraction must be in (0, 1), got {args.fnt_fraction}")
+    if args.noise_seeds is None:
+        args.noise_seeds = list(args.seeds)
+    out.mkdir(parents=True, exist_ok=True)
+
+    train, val, corpus = stdlib_corpus()
+    vgen = torch.Generator().manual_seed(1234)
+    starts = torch.randint(0, len(val) - args.block - 1, (args.eval_batches * args.batch,), generator=vgen)
+    val_batches = [windows(val, s, args.block) for s in starts.split(args.batch)]
+    data = {"train": train, "val": val_batches, "val_small": val_batches[: max(1, args.eval_batches // 4)]}
+    log(f"data: {corpus['files']} stdlib files ({corpus['validation_files']} for validation), "
+        f"{corpus['train_bytes'] / 1e6:.1f} MB train / {corpus['validation_bytes'] / 1e6:.1f} MB validation; "
+        f"{args.steps} steps × {args.batch}×{args.block} bytes = "
+        f"{args.steps * args.batch * args.block / 1e6:.2f} MB seen")
+    results = {"environment": {**environment(), "nmcompile": nmcompile.__version__},
+               "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+               "args": vars(args), "corpus": corpus, "runs": {}}
+    start = time.perf_counter()
+    options = dict(RECIPES)
+    with sdpa_kernel(SDPBackend.MATH):
+        for name in names:
+            results["runs"][name] = {}
+            for seed in args.seeds:
+                run = train_run(name, options[name], seed, data, args, fnt=(name == FNT_OF))
+                results["runs"][name][seed] = run
+                extra = f", FNT {run['fnt']['final_bpb']:.3f}" if "fnt" in run else ""
+                log(f"  {name:24s} seed {seed}: val {run['final_bpb']:.3f} bits/byte{extra}"
+                    f"{' DIVERGED' if run['diverged'] else ''} ({run['wall_s']:.0f} s)")
+    results["wall_s"] = time.perf_counter() - start
+    (out / "results_lm.json").write_text(json.dumps(results, indent=1))
+    print_tables(results)
+    plot(results, out)
+    log(f"\nwall {results['wall_s']:.0f} s; wrote {out / 'results_lm.json'}, {out / 'reproduce_lm_bpb.png'}, "
+        f"{out / 'reproduce_lm_noise.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
