@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="nmcompile",
-        description="Inspect, export and profile what the nm torch.compile backend does to a model's training graphs.",
+        description="Inspect, export, profile and view what the nm torch.compile backend does to a model's "
+        "training graphs.",
     )
     parser.add_argument("--version", action="version", version=f"nmcompile {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
