@@ -4,6 +4,7 @@
                              [--noise [--draws K]]
     nmcompile export  TARGET --format onnx|model-explorer|dot|json -o PATH [--graph ...] [--strip-stack-traces]
     nmcompile profile TARGET [--steps N] [-o trace.json] [--json]
+    nmcompile view    FILE [--host HOST] [--port N] [--browser]   (Netron / Model Explorer, until Ctrl-C)
     nmcompile demo [...]                  (the digits demo, see ``nmcompile demo --help``)
 
 TARGET is ``mlp``, ``cnn``, ``gpt`` (built-in examples) or ``FILE.py:FACTORY`` / ``package.module:FACTORY``
@@ -210,6 +211,7 @@ def cmd_export(args) -> int:
         written.append(out)
     elif args.format == "model-explorer":
         from nmcompile.export import model_explorer_graph, node_data
+        from nmcompile.export.model_explorer import OVERLAYS, overlay_paths
 
         graphs, gms = [], {}
         for entry in run.graphs:
@@ -221,11 +223,9 @@ def cmd_export(args) -> int:
                     gms[graph_id] = gm
                     graphs.append(model_explorer_graph(gm, graph_id, records if kind != "joint-before" else {}))
         out.write_text(json.dumps({"label": f"nmcompile {args.target}", "graphs": graphs}, indent=1))
-        density, bits = node_data(gms)
-        base = out.with_suffix("") if out.suffix == ".json" else out
-        for name, data in (("density", density), ("bits", bits)):
-            path = base.with_name(f"{base.name}.{name}.json")
-            path.write_text(json.dumps(data, indent=1))
+        overlays = dict(zip(OVERLAYS, node_data(gms)))
+        for name, path in overlay_paths(out).items():
+            path.write_text(json.dumps(overlays[name], indent=1))
             written.append(path)
         written.insert(0, out)
     else:
@@ -354,6 +354,29 @@ def cmd_profile(args) -> int:
     return 0
 
 
+def cmd_view(args) -> int:
+    from nmcompile.viewers import serve, viewer_for
+
+    _, err = _consoles()
+    path = pathlib.Path(args.file)
+    viewer = viewer_for(path)
+    stdout = sys.stdout  # bound now: Model Explorer's own prints are sent to stderr while it runs
+
+    def announce(url: str) -> None:
+        stdout.write(url + "\n")
+        stdout.flush()
+        err.print(f"[dim]{viewer.name} is serving {path} at that URL; Ctrl-C stops it[/dim]")
+        if args.browser:
+            import webbrowser
+
+            webbrowser.open(url)
+
+    err.print(f"starting {viewer.name} on {path} …")
+    serve(path, viewer, args.host, args.port, announce)
+    err.print(f"[dim]{viewer.name} stopped[/dim]")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from nmcompile.targets import CLIError
 
@@ -399,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="nmcompile",
-        description="Inspect, export and profile what the nm torch.compile backend does to a model's training graphs.",
+        description="Inspect, export, profile and view what the nm torch.compile backend does to a model's "
+        "training graphs.",
     )
     parser.add_argument("--version", action="version", version=f"nmcompile {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -461,6 +485,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print the time summary as JSON (schema nmcompile.profile/1)")
     p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser(
+        "view",
+        help="serve an exported file in Netron (.onnx) or Model Explorer (.json) until Ctrl-C",
+        description="Serve FILE in the viewer made for it and print the page's URL: an ONNX file in Netron, a "
+        "Model Explorer collection in Model Explorer with the density and bits overlays written beside it. "
+        "Ctrl-C stops it. Needs pip install 'nmcompile[viewers]'.",
+    )
+    p.add_argument("file", metavar="FILE", help="a file written by nmcompile export --format onnx|model-explorer")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=0, help="port to listen on (default: any free port)")
+    p.add_argument("--browser", action="store_true", help="also open the URL in the default web browser")
+    p.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    p.set_defaults(func=cmd_view)
 
     p = sub.add_parser(
         "demo", help="train the digits MLP dense / MVUE / greedy / LUQ (nmcompile demo --help)", add_help=False

@@ -24,7 +24,7 @@ from nmcompile.export import nm_attrs
 GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::convolution", "aten::convolution_backward",
             "aten::_convolution", "aten::matmul", "aten::linear", "aten::baddbmm", "aten::_scaled_mm",
             "aten::_cslt_sparse_mm", "aten::mkldnn_convolution", "aten::thnn_conv2d")
-STEP_PREFIX = "nmcompile::step"
+STEP_PREFIX = "ProfilerStep#"  # the name torch's scheduled profiler gives steps: HTA numbers iterations by it
 
 
 def range_name(info: dict, graph: int) -> str:
@@ -181,7 +181,7 @@ def profile_run(model: torch.nn.Module, inputs: tuple, options: dict, steps: int
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, record_shapes=True) as prof:
         for i in range(steps):
-            with record_function(f"{STEP_PREFIX} {i}"):
+            with record_function(f"{STEP_PREFIX}{i}"):
                 step(compiled, model, inputs)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()

@@ -149,14 +149,12 @@ def capture_backend(options: dict, graphs: list, records: list,
     def backend(gm: fx.GraphModule, example_inputs):
         entry = CapturedGraph(len(graphs))
         graphs.append(entry)
-        start = len(records)
 
         def on_joint(joint: fx.GraphModule, when: str) -> None:
             if when == "before":
                 entry.joint_before = copy_graph_module(joint)
-            else:
+            else:  # the pass itself logs the rewritten graph for tlparse
                 entry.joint = copy_graph_module(joint)
-                _trace_artifacts(entry, records[start:])
 
         def on_graph(graph: fx.GraphModule, kind: str) -> None:
             setattr(entry, kind, graph)
@@ -213,33 +211,9 @@ def run_captured(model: torch.nn.Module, inputs: tuple, options: dict, wrap=None
 
 
 # -- TORCH_TRACE -------------------------------------------------------------------------------
-def _tracing() -> bool:
-    import os
-
-    return bool(os.environ.get("TORCH_TRACE"))
-
-
-def _trace_artifacts(entry: CapturedGraph, records: list) -> None:
-    """Inside the compile: the rewritten joint graph and its GEMM records, for tlparse."""
-    if not _tracing():
-        return
-    from torch._logging import trace_structured
-
-    code = entry.joint.print_readable(print_output=False)
-    trace_structured("artifact", metadata_fn=lambda: {"name": "nmcompile_joint_graph", "encoding": "string"},
-                     payload_fn=lambda: code)
-    payload = json.dumps([r.as_dict() for r in records])
-    trace_structured("artifact", metadata_fn=lambda: {"name": "nmcompile_rewrites", "encoding": "json"},
-                     payload_fn=lambda: payload)
-
-
 def trace_report(report) -> bool:
-    """Emit the whole report as a TORCH_TRACE artifact ``nmcompile_report``; True when emitted."""
-    if not _tracing():
-        return False
-    from torch._logging import trace_structured
+    """Log the whole report as the TORCH_TRACE artifact ``nmcompile_report``; True when logged (the
+    pass itself logs each rewritten graph, inside its compile)."""
+    from nmcompile.passes.trace_log import REPORT, log_artifact
 
-    text = report.to_json()
-    trace_structured("artifact", metadata_fn=lambda: {"name": "nmcompile_report", "encoding": "json"},
-                     payload_fn=lambda: text)
-    return True
+    return log_artifact(REPORT, "json", report.to_json)

@@ -11,6 +11,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from .config import NMConfig
 from .rewrite import rewrite_joint_graph
+from .trace_log import log_rewrite
 
 _SOURCES = sorted(
     [*pathlib.Path(__file__).parent.glob("*.py"), *(pathlib.Path(__file__).parent.parent / "kernels").glob("*.py")]
@@ -24,7 +25,8 @@ class NMJointPass(CustomGraphPass):
     The nm ops are inserted as opaque ``torch.ops.nm.*`` calls either way (Inductor calls their
     precompiled kernels). ``decompose=True`` traces the inserted code (the seed draws) with
     Inductor's decomposition table, as Inductor will see it; ``False`` keeps plain aten ops
-    (aot_eager, export).
+    (aot_eager, export). With ``TORCH_TRACE`` set, each rewritten graph and its records are logged
+    for tlparse (``trace_log``).
     """
 
     def __init__(self, config: NMConfig, decompose: bool = True, records: Optional[list] = None, first_graph: int = 0):
@@ -36,9 +38,10 @@ class NMJointPass(CustomGraphPass):
 
     def __call__(self, graph: fx.Graph) -> None:
         self.calls += 1
-        self.records.extend(
-            rewrite_joint_graph(graph, self.config, decompose=self.decompose, graph_index=next(self._graphs))
-        )
+        records = rewrite_joint_graph(graph, self.config, decompose=self.decompose, graph_index=next(self._graphs))
+        if records:  # inference graphs are left alone and give none
+            log_rewrite(graph, records)
+        self.records.extend(records)
 
     def uuid(self) -> str:
         # Sources and options: Inductor's caches never serve code compiled under other options.

@@ -1,6 +1,7 @@
 """The FX graphs as a Model Explorer graph collection, and its node-data overlays."""
 from __future__ import annotations
 
+import pathlib
 from typing import Optional
 
 import torch
@@ -68,6 +69,16 @@ def model_explorer_graph(gm: fx.GraphModule, graph_id: str, records: Optional[di
             entry["style"] = style
         nodes.append(entry)
     return {"id": graph_id, "nodes": nodes}
+
+
+OVERLAYS = ("density", "bits")
+
+
+def overlay_paths(collection: pathlib.Path) -> dict:
+    """Where the overlays of a collection written to ``collection`` go: ``me.json`` ->
+    ``me.density.json``, ``me.bits.json`` (``export`` writes them, ``view`` loads them)."""
+    base = collection.with_suffix("") if collection.suffix == ".json" else collection
+    return {name: base.with_name(f"{base.name}.{name}.json") for name in OVERLAYS}
 
 
 def node_data(graphs: dict) -> tuple[dict, dict]:
