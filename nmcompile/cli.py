@@ -132,10 +132,10 @@ def _inspect_noise(args) -> int:
         sys.stdout.write(report.to_json() + "\n")
         return 0
     out.print(report.table(f"{args.target}: gradient noise per rewritten backward GEMM, {json.dumps(options)}"))
-    out.print("[dim]‖G‖²: the exact GEMM output; compression var: E‖Ĝ−EĜ‖² from independent draws; bias²: "
-              "‖EĜ−G‖² (greedy); minibatch var: from the two halves of the batch (update GEMMs); stall ratio: "
-              "(‖G‖² − minibatch var)/(3·compression var), below 1 training stalls (Chmiel et al. 2025). "
-              "One batch: noisy estimates, see docs/cli.md[/dim]")
+    out.print("[dim]‖G‖²: the exact GEMM output; E‖Ĝ−G‖²: the compression's noise, variance (MVUE, LUQ) plus "
+              "bias² (greedy), from independent draws; minibatch var: from the two halves of the batch (update "
+              "GEMMs); stall ratio: (‖G‖² − minibatch var)/(3·E‖Ĝ−G‖²), below 1 training stalls (Chmiel et al. "
+              "2025). One batch: noisy estimates, see docs/noise.md[/dim]")
     return 0
 
 

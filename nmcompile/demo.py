@@ -274,7 +274,7 @@ def results_table(runs: dict, title: str):
             _pm(_values(r, "test_acc"), 100) + "%" + (f" ({diverged} diverged)" if diverged else ""),
             _pm(early, 100) + "%" if len(early) == len(r["seeds"]) else "–",
             _pm(_values(r, "final_loss"), digits=4),
-            f"{noise['compression_noise'] / signal:.3f}" if signal else "–",
+            f"{noise['compression_variance'] / signal:.3f}" if signal else "–",
             f"{max(noise['compression_bias'], 0.0) / signal:.3f}" if signal else "–",
             f"{sum(_values(r, 'wall_s')):.1f}",
             f"{100 * r['seeds'][0]['sparse_flop_share']:.0f}%",

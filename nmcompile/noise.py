@@ -1,14 +1,15 @@
 """How much noise the gradient compression adds, per rewritten backward GEMM, next to the gradient itself
 and the minibatch's own noise.
 
-For a backward GEMM G = A·B whose gradient operand the pass compresses (Ĝ = Â·B, Â = mvue/greedy/luq of A):
+For a backward GEMM G = A·B whose gradient operand the pass compresses (Ĝ = Â·B, Â = mvue/greedy/luq of A),
+with k independent draws Ĝ₁…Ĝ_k (k = ``draws``; the first is the step's own) and their mean Ḡ:
 
 - ``signal`` = ‖G‖²_F, the exact (uncompressed) output, from the same operands;
-- ``compression_noise`` = the sample variance of k independent draws Ĝ₁…Ĝ_k (k = ``draws``; for k = 2 it
-  is ½‖Ĝ₁ − Ĝ₂‖²): an unbiased estimate of E‖Ĝ − EĜ‖²_F that needs no closed form;
-- ``compression_error`` = mean ‖Ĝᵢ − G‖²_F, an unbiased estimate of E‖Ĝ − G‖² = variance + bias²;
-- ``compression_bias`` = ‖mean Ĝᵢ − G‖² − compression_noise/k, an unbiased estimate of ‖EĜ − G‖² (≈ 0 for
-  MVUE and LUQ, all of the error for greedy, whose "draws" are identical);
+- ``compression_noise`` = mean ‖Ĝᵢ − G‖², an unbiased estimate of E‖Ĝ − G‖²_F = variance + bias²;
+- ``compression_variance`` = Σ‖Ĝᵢ − Ḡ‖²/(k − 1) (½‖Ĝ₁ − Ĝ₂‖² for k = 2): an unbiased estimate of
+  E‖Ĝ − EĜ‖² that needs no closed form;
+- ``compression_bias`` = ‖Ḡ − G‖² − compression_variance/k, an unbiased estimate of ‖EĜ − G‖² (≈ 0 for
+  MVUE and LUQ, whose noise is all variance; all of greedy's, whose "draws" are identical);
 - ``minibatch_noise`` (update GEMMs, which sum over the batch): with the rows summed over split into halves
   of a and b rows, G = G_A + G_B and ‖b·G_A − a·G_B‖²/(a·b) is an unbiased estimate of the minibatch
   variance E‖G − ∇‖² when the halves' rows are independent samples (for a batch-major [B, T, ·] input and
@@ -49,8 +50,8 @@ class GemmNoise:
     role: str
     transforms: list
     signal: float
-    compression_noise: float
-    compression_error: float
+    compression_noise: float  # E‖Ĝ − G‖² = variance + bias²
+    compression_variance: float
     compression_bias: float
     minibatch_noise: Optional[float] = None
     note: Optional[str] = None  # why a quantity is missing
@@ -68,7 +69,8 @@ class GemmNoise:
     @property
     def stall_ratio(self) -> Optional[float]:
         """(signal − minibatch_noise) / (3·compression_noise): an estimate of ‖∇L‖²/(3σ_q²d) for this
-        weight gradient; Chmiel et al. 2025 ("FP4 All the Way") predict stalling below 1."""
+        weight gradient; Chmiel et al. 2025 ("FP4 All the Way") predict stalling below 1 (their σ_q² is an
+        unbiased quantizer's variance; here it is the whole error, bias included)."""
         if self.minibatch_noise is None or self.compression_noise <= 0:
             return None
         return (self.signal - self.minibatch_noise) / (_STALL_FACTOR * self.compression_noise)
@@ -98,7 +100,7 @@ class NoiseReport:
                 continue
             signal = sum(g.signal for g in rows)
             noise = sum(g.compression_noise for g in rows)
-            error = sum(g.compression_error for g in rows)
+            variance = sum(g.compression_variance for g in rows)
             bias = sum(g.compression_bias for g in rows)
             with_mb = [g for g in rows if g.minibatch_noise is not None]
             mb = sum(g.minibatch_noise for g in with_mb) if with_mb else None
@@ -107,7 +109,7 @@ class NoiseReport:
                 "gemms": len(rows),
                 "signal": signal,
                 "compression_noise": noise,
-                "compression_error": error,
+                "compression_variance": variance,
                 "compression_bias": bias,
                 "minibatch_noise": mb,
                 "noise_to_signal": noise / signal if signal > 0 else None,
@@ -145,8 +147,8 @@ class NoiseReport:
 
         table = Table(title=title or f"gradient noise per rewritten backward GEMM ({self.draws} draws)",
                       title_justify="left")
-        for col in ("g", "module", "role", "transforms", "‖G‖²", "compression var", "bias²", "minibatch var",
-                    "var/‖G‖²", "var/minibatch", "stall ratio"):
+        for col in ("g", "module", "role", "transforms", "‖G‖²", "E‖Ĝ−G‖²", "of it bias²", "minibatch var",
+                    "noise/‖G‖²", "noise/minibatch", "stall ratio"):
             table.add_column(col, justify="left" if col in ("module", "role", "transforms") else "right")
         for g in self.gemms:
             table.add_row(str(g.graph), g.module or "<top>", g.role, ", ".join(g.transforms), _num(g.signal),
@@ -156,7 +158,8 @@ class NoiseReport:
             if role == "total":
                 table.add_section()
             table.add_row("", f"[bold]{role}[/bold]", "", f"{s['gemms']} GEMMs", _num(s["signal"]),
-                          _num(s["compression_noise"]), "", _num(s["minibatch_noise"]), _num(s["noise_to_signal"]),
+                          _num(s["compression_noise"]), _num(s["compression_bias"]), _num(s["minibatch_noise"]),
+                          _num(s["noise_to_signal"]),
                           _num(s["noise_to_minibatch"]), "")
         return table
 
@@ -227,9 +230,9 @@ class _Measuring(fx.Interpreter):
         samples = [pick(out).double()] + [gemm_with(self._redraw(plan)) for _ in range(self.monitor.draws - 1)]
         k = len(samples)
         mean = sum(samples) / k
-        noise = sum(_sq(s - mean) for s in samples) / (k - 1)
-        error = sum(_sq(s - exact) for s in samples) / k
-        bias = _sq(mean - exact) - noise / k
+        variance = sum(_sq(s - mean) for s in samples) / (k - 1)
+        noise = sum(_sq(s - exact) for s in samples) / k
+        bias = _sq(mean - exact) - variance / k
         minibatch, note = None, None
         if rec.role == "wgrad":
             new = list(args)
@@ -238,7 +241,7 @@ class _Measuring(fx.Interpreter):
         else:
             note = "a dgrad output is per sample: its minibatch noise shows in the update GEMMs upstream"
         return GemmNoise(self.graph_index, node.name, rec.module, rec.role, list(rec.transforms), _sq(exact), noise,
-                         error, bias, minibatch, note)
+                         variance, bias, minibatch, note)
 
     def _redraw(self, plan: _Plan) -> torch.Tensor:
         values: dict = {}

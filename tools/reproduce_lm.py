@@ -247,32 +247,31 @@ def rows(results: dict) -> list:
 
 
 def noise_summary(results: dict) -> dict:
-    """Per recipe: the mean over measurements (seed runs with the monitor) of the total ratios per role."""
+    """Per recipe, over the monitor's measurements after step 0 (all monitored seeds): the means of the
+    per-role ratios, the median stall ratio of the update GEMMs and the share of measurements below 1."""
     out = {}
     for name, runs in results["runs"].items():
-        points = [p for r in runs.values() for p in r.get("noise", [])]
+        points = [p for r in runs.values() for p in r.get("noise", []) if p["step"] > 0]
         if not points:
             continue
-        entry = {}
+        entry = {"measurements": len(points)}
         for role in ("wgrad", "dgrad"):
-            for key in ("noise_to_signal", "noise_to_minibatch"):
-                vals = [p["summary"][role][key] for p in points if role in p["summary"]
-                        and p["summary"][role][key] is not None]
-                if vals:
-                    entry[f"{role}_{key}"] = statistics.fmean(vals)
-            ratios = [_stall(p, role) for p in points if role in p["summary"]]
-            ratios = [r for r in ratios if r is not None]
-            if ratios:
-                entry[f"{role}_stall_ratio"] = statistics.median(ratios)
+            sums = [p["summary"][role] for p in points if role in p["summary"]]
+            if not sums:
+                continue
+            entry[f"{role}_noise_to_signal"] = statistics.fmean(s["compression_noise"] / s["signal"] for s in sums)
+            entry[f"{role}_bias_to_signal"] = statistics.fmean(s["compression_bias"] / s["signal"] for s in sums)
+            if role == "wgrad":
+                entry["wgrad_noise_to_minibatch"] = statistics.fmean(s["compression_noise"] / s["minibatch_noise"]
+                                                                     for s in sums)
+                entry["minibatch_to_signal"] = statistics.fmean(s["minibatch_noise"] / s["signal"] for s in sums)
+                stall = [(s["signal"] - s["minibatch_noise"]) / (3 * s["compression_noise"]) for s in sums
+                         if s["compression_noise"] > 0]
+                if stall:
+                    entry["wgrad_stall_ratio"] = statistics.median(stall)
+                    entry["wgrad_stall_below_1"] = sum(x < 1 for x in stall) / len(stall)
         out[name] = entry
     return out
-
-
-def _stall(point: dict, role: str):
-    s = point["summary"][role]
-    if s["minibatch_noise"] is None or not s["compression_noise"]:
-        return None
-    return (s["signal"] - s["minibatch_noise"]) / (3 * s["compression_noise"])
 
 
 def print_tables(results: dict) -> None:
@@ -288,12 +287,18 @@ def print_tables(results: dict) -> None:
             f"{fmt(fp) if fp else '–'} | {div}/{len(final)} |")
     noise = noise_summary(results)
     if noise:
-        log("\n| recipe | wgrad var/‖G‖² | wgrad var/minibatch var | wgrad stall ratio (median) | dgrad var/‖G‖² |")
-        log("|---|---|---|---|---|")
+        log("\n| recipe | wgrad E‖Ĝ−G‖²/‖G‖² | of it bias² | wgrad E‖Ĝ−G‖²/minibatch var | minibatch var/‖G‖² | "
+            "stall ratio, median (share < 1) | dgrad E‖Ĝ−G‖²/‖G‖² |")
+        log("|---|---|---|---|---|---|---|")
         for name, e in noise.items():
-            cells = [e.get(k) for k in ("wgrad_noise_to_signal", "wgrad_noise_to_minibatch", "wgrad_stall_ratio",
-                                        "dgrad_noise_to_signal")]
-            log(f"| {name} | " + " | ".join("–" if c is None else f"{c:.3g}" for c in cells) + " |")
+            def cell(key):
+                return "–" if e.get(key) is None else f"{e[key]:.3g}"
+
+            stall = "–" if "wgrad_stall_ratio" not in e else (f"{e['wgrad_stall_ratio']:.3g} "
+                                                               f"({e['wgrad_stall_below_1']:.0%})")
+            log(f"| {name} | {cell('wgrad_noise_to_signal')} | {cell('wgrad_bias_to_signal')} | "
+                f"{cell('wgrad_noise_to_minibatch')} | {cell('minibatch_to_signal')} | {stall} | "
+                f"{cell('dgrad_noise_to_signal')} |")
 
 
 def plot(results: dict, out: pathlib.Path) -> None:
@@ -334,12 +339,18 @@ def plot(results: dict, out: pathlib.Path) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, points in noise.items():
-        points = [p for p in points if "wgrad" in p["summary"] and p["summary"]["wgrad"]["noise_to_minibatch"]]
-        if points:
-            axes[0].plot([p["step"] for p in points], [p["summary"]["wgrad"]["noise_to_minibatch"] for p in points],
-                         marker="o", ms=3, label=name)
+        by_step: dict = {}
+        for p in points:
+            w = p["summary"].get("wgrad")
+            if w and w["minibatch_noise"] and w["compression_noise"] > 0:
+                by_step.setdefault(p["step"], []).append(w["compression_noise"] / w["minibatch_noise"])
+        if by_step:
+            steps = sorted(by_step)
+            axes[0].plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker="o", ms=3, label=name,
+                         ls="--" if "wgrad+dgrad" in name else "-")
+    axes[0].axhline(1, color="k", lw=0.8)
     axes[0].set_yscale("log")
-    axes[0].set_title("update GEMMs: compression variance / minibatch variance")
+    axes[0].set_title("update GEMMs: E‖Ĝ−G‖² / minibatch variance (mean over seeds)")
     axes[0].set_xlabel("step")
     axes[0].grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
@@ -356,7 +367,7 @@ def plot(results: dict, out: pathlib.Path) -> None:
     axes[1].set_xscale("log")
     axes[1].axhline(0, color="k", lw=0.8)
     axes[1].set_title("final Δ bits/byte vs dense against the mean noise ratio")
-    axes[1].set_xlabel("update GEMMs: compression var / minibatch var (mean over training)")
+    axes[1].set_xlabel("update GEMMs: E‖Ĝ−G‖² / minibatch variance (mean over training)")
     axes[1].set_ylabel("Δ bits per byte (mean ± std over seeds)")
     axes[1].grid(alpha=0.3, which="both")
     fig.tight_layout()

@@ -140,12 +140,12 @@ def test_quick_demo_seeds_differ_and_the_noise_separates_variance_from_bias(quic
     assert runs["dense"]["noise"] is None and runs["luq4 smp2 + sawb4"]["noise"]["compression_noise"] > 0
     for name in ("greedy 2:4", "greedy 2:4 wgrad+dgrad"):  # deterministic: all of the error is bias
         noise = runs[name]["noise"]
-        assert noise["compression_noise"] == 0 and noise["compression_bias"] > 0
-        assert noise["compression_bias"] == pytest.approx(noise["compression_error"])
+        assert noise["compression_variance"] == 0 and noise["compression_bias"] > 0
+        assert noise["compression_bias"] == pytest.approx(noise["compression_noise"])
     for name in ("mvue 2:4", "mvue 2:4 wgrad+dgrad"):  # unbiased: the error is the variance, up to sampling
         noise = runs[name]["noise"]
-        assert noise["compression_noise"] > 0
-        assert abs(noise["compression_bias"]) < noise["compression_noise"]
+        assert noise["compression_variance"] > 0
+        assert abs(noise["compression_bias"]) < noise["compression_variance"]
 
 
 def _pretend_missing(monkeypatch, name):

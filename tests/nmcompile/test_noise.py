@@ -58,8 +58,8 @@ def test_mvue_variance_matches_the_closed_form():
     assert exact > 0
     assert all(g.role == "wgrad" and g.transforms == ["mvue 2:4 along K (tokens)"] for g in rows)
     assert rows[0].signal == pytest.approx(c.double().pow(2).sum().item(), rel=1e-6)
-    _within([g.compression_noise for g in rows], exact)
-    _within([g.compression_error for g in rows], exact)  # unbiased: error = variance
+    _within([g.compression_variance for g in rows], exact)
+    _within([g.compression_noise for g in rows], exact)  # unbiased: E‖Ĝ − G‖² is the variance
     _within([g.compression_bias for g in rows], 0.0)
 
 
@@ -73,8 +73,8 @@ def test_luq_variance_matches_the_closed_form_through_a_dense_operand():
         levels = NMConfig.from_options({"quant": "luq"})[0].levels
         var = luq_variance(c.t(), 4, levels, samples=smp)  # [O, K]
         exact = (var * x.double().pow(2).sum(1)).sum().item()
+        _within([g.compression_variance for g in rows], exact)
         _within([g.compression_noise for g in rows], exact)
-        _within([g.compression_error for g in rows], exact)
 
 
 def test_greedy_error_is_all_bias():
@@ -84,9 +84,10 @@ def test_greedy_error_is_all_bias():
     (g,) = report.gemms
     pruned = greedy_reference(c.t(), 2, 4, 1)
     bias = (pruned.double() - c.t().double()).pow(2).sum().item()
-    assert g.compression_noise == 0.0  # deterministic: every draw is the same
-    assert g.compression_error == pytest.approx(bias, rel=1e-6)
+    assert g.compression_variance == 0.0  # deterministic: every draw is the same
+    assert g.compression_noise == pytest.approx(bias, rel=1e-6)  # so all of E‖Ĝ − G‖² is bias
     assert g.compression_bias == pytest.approx(bias, rel=1e-6)
+    assert g.noise_to_signal == pytest.approx(bias / g.signal)
 
 
 def test_minibatch_noise_is_the_difference_of_the_halves():

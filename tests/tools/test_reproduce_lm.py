@@ -38,7 +38,7 @@ def test_quick_run_trains_every_recipe_and_measures_the_noise(quick):
     assert mvue["compression_noise"] > 0 and mvue["minibatch_noise"] > 0
     fnt = results["runs"]["luq4 + sawb4"]["0"]["fnt"]
     assert fnt["steps"] >= 1 and math.isfinite(fnt["final_bpb"]) and math.isfinite(fnt["final_bpb_fp_forward"])
-    assert "| luq4 + sawb4, FNT last 10% |" in stdout and "wgrad var/minibatch var" in stdout
+    assert "| luq4 + sawb4, FNT last 10% |" in stdout and "wgrad E‖Ĝ−G‖²/minibatch var" in stdout
     for png in ("reproduce_lm_bpb.png", "reproduce_lm_noise.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
