@@ -391,7 +391,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
     parser.add_argument("--eval-every", type=int, default=25)
     parser.add_argument("--eval-batches", type=int, default=16, help="validation batches for the final score")
-    parser.add_argument("--noise-every", type=int, default=50)
+    parser.add_argument("--noise-every", type=int, default=25)
     parser.add_argument("--noise-seeds", type=int, nargs="*", default=None,
                         help="seeds whose runs the noise monitor measures (default: all)")
     parser.add_argument("--fnt-fraction", type=float, default=0.1)
