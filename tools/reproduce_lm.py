@@ -173,7 +173,7 @@ def train_run(name: str, options: dict, seed: int, data: dict, args, fnt: bool =
         if monitor is not None and step % args.noise_every == 0:
             report = monitor.measure(x, y, step=step)
             out["noise"].append({"step": step, "summary": report.summary(),
-                                 "gemms": [g.as_dict() for g in report.gemms]})
+                                 "gemms": [compact(g.as_dict()) for g in report.gemms]})
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         loss = compiled(x, y)
@@ -193,6 +193,15 @@ def train_run(name: str, options: dict, seed: int, data: dict, args, fnt: bool =
     if checkpoint is not None:
         out["fnt"] = fnt_branch(model, opts, checkpoint, branch_at, data, args)
     return out
+
+
+NOISE_FIELDS = ("module", "role", "signal", "compression_noise", "compression_variance", "compression_bias",
+                "minibatch_noise")
+
+
+def compact(gemm: dict) -> dict:
+    """A GEMM's measured numbers only (its ratios follow from them): keeps results_lm.json small."""
+    return {key: gemm[key] for key in NOISE_FIELDS}
 
 
 def fnt_branch(model, options, checkpoint, branch_at, data, args) -> dict:
@@ -308,6 +317,7 @@ def plot(results: dict, out: pathlib.Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = results["runs"]
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(runs)}
     groups = [["dense", "mvue 1:2", "mvue 2:4", "mvue 2:4 wgrad+dgrad", "greedy 2:4", "greedy 2:4 wgrad+dgrad"],
               ["dense", "luq4", "luq4 smp2", "luq4 + sawb4", "mvue 2:4 + luq4"]]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
@@ -320,8 +330,8 @@ def plot(results: dict, out: pathlib.Path) -> None:
             vals = torch.tensor([[v for _, v in c] for c in curves])
             m = vals.mean(0)
             s = vals.std(0) if len(curves) > 1 else torch.zeros_like(m)
-            ax.plot(steps, m, label=name, lw=1.5, ls="--" if name == "dense" else "-")
-            ax.fill_between(steps, m - s, m + s, alpha=0.15)
+            ax.plot(steps, m, label=name, lw=1.5, ls="--" if name == "dense" else "-", color=colours[name])
+            ax.fill_between(steps, m - s, m + s, alpha=0.15, color=colours[name])
         ax.set_title(f"{title}: validation bits/byte (mean ± std over seeds)")
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -347,13 +357,13 @@ def plot(results: dict, out: pathlib.Path) -> None:
         if by_step:
             steps = sorted(by_step)
             axes[0].plot(steps, [statistics.fmean(by_step[s]) for s in steps], marker="o", ms=3, label=name,
-                         ls="--" if "wgrad+dgrad" in name else "-")
+                         ls="--" if "wgrad+dgrad" in name else "-", color=colours[name])
     axes[0].axhline(1, color="k", lw=0.8)
     axes[0].set_yscale("log")
     axes[0].set_title("update GEMMs: E‖Ĝ−G‖² / minibatch variance (mean over seeds)")
     axes[0].set_xlabel("step")
     axes[0].grid(alpha=0.3, which="both")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, ncol=2, loc="lower right")
     summary = noise_summary(results)
     dense = {seed: r["final_bpb"] for seed, r in runs.get("dense", {}).items()}
     for name, e in summary.items():
@@ -362,9 +372,10 @@ def plot(results: dict, out: pathlib.Path) -> None:
         if ratio is None or not deltas:
             continue
         m, s = mean_std(deltas)
-        axes[1].errorbar([ratio], [m], yerr=[s], fmt="o", capsize=3)
-        axes[1].annotate(name, (ratio, m), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        axes[1].errorbar([ratio], [m], yerr=[s], fmt="o", capsize=3, color=colours[name], label=name)
     axes[1].set_xscale("log")
+    axes[1].set_yscale("symlog", linthresh=0.01)  # the unbiased recipes' small gaps and greedy's large ones
+    axes[1].legend(fontsize=7, loc="lower right")
     axes[1].axhline(0, color="k", lw=0.8)
     axes[1].set_title("final Δ bits/byte vs dense against the mean noise ratio")
     axes[1].set_xlabel("update GEMMs: E‖Ĝ−G‖² / minibatch variance (mean over training)")
