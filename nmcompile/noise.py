@@ -2,7 +2,7 @@
 and the minibatch's own noise.
 
 For a backward GEMM G = A·B whose gradient operand the pass compresses (Ĝ = Â·B, Â = mvue/greedy/luq of A),
-with k independent draws Ĝ₁…Ĝ_k (k = ``draws``; the first is the step's own) and their mean Ḡ:
+with k independent draws Ĝ₁…Ĝ_k (k = ``draws``; the first from torch's generator as in a step) and their mean Ḡ:
 
 - ``signal`` = ‖G‖²_F, the exact (uncompressed) output, from the same operands;
 - ``compression_noise`` = mean ‖Ĝᵢ − G‖², an unbiased estimate of E‖Ĝ − G‖²_F = variance + bias²;
