@@ -515,29 +515,21 @@ def _gelu(b, node, out):
     return b.emit("Gelu", [b.value(node.args[0])], approximate=node.kwargs.get("approximate", "none"))[0]
 
 
+# nm op -> (ONNX op type, inputs taken from the node's args: x and, for the sampling ops, its seeds,
+# the nm_attrs keys that become ONNX attributes)
+_NM_ONNX = {
+    "mvue": ("MVUE", 2, ("n", "m", "dim")),
+    "greedy": ("Greedy", 1, ("n", "m", "dim")),
+    "luq": ("LUQ", 2, ("bits", "levels")),
+    "sawb": ("SAWB", 1, ("bits",)),
+}
+
+
 def _nm(b: _OnnxBuilder, node: fx.Node, out):
     info = nm_attrs(node)
-    op = info["op"]
-    if op == "mvue":
-        return b.emit(
-            "MVUE",
-            [b.value(node.args[0]), b.value(node.args[1])],
-            domain=NM_DOMAIN,
-            n=info["n"],
-            m=info["m"],
-            dim=info["dim"],
-        )[0]
-    if op == "greedy":
-        return b.emit("Greedy", [b.value(node.args[0])], domain=NM_DOMAIN, n=info["n"], m=info["m"], dim=info["dim"])[0]
-    if op == "luq":
-        return b.emit(
-            "LUQ",
-            [b.value(node.args[0]), b.value(node.args[1])],
-            domain=NM_DOMAIN,
-            bits=info["bits"],
-            levels=info["levels"],
-        )[0]
-    return b.emit("SAWB", [b.value(node.args[0])], domain=NM_DOMAIN, bits=info["bits"])[0]
+    op_type, inputs, attrs = _NM_ONNX[info["op"]]
+    return b.emit(op_type, [b.value(a) for a in node.args[:inputs]], domain=NM_DOMAIN,
+                  **{key: info[key] for key in attrs})[0]
 
 
 _HANDLERS: dict = {
