@@ -288,8 +288,9 @@ def gradient_noise(model: DigitsMLP, options: dict, data: Split, batch_size: int
     examples (it leaves the run's gradients and RNG stream alone); None for a recipe that compresses no
     gradient."""
     from nmcompile.noise import NoiseMonitor
+    from nmcompile.passes import NMConfig
 
-    if not (options.get("sparsity") or options.get("quant")):
+    if not NMConfig.from_options(options)[0].compresses_gradients:
         return None
     report = NoiseMonitor(model, options, draws=4).measure(data.x_train[:batch_size], data.y_train[:batch_size])
     return report.summary()["total"]

@@ -127,8 +127,13 @@ class NMConfig:
         return parse_pattern(self.sparsity) if self.sparsity is not None else None
 
     @property
+    def compresses_gradients(self) -> bool:
+        """Some backward GEMM's gradient operand is pruned or quantized (what the noise monitor measures)."""
+        return self.sparsity is not None or self.quant is not None
+
+    @property
     def is_noop(self) -> bool:
-        return self.sparsity is None and self.quant is None and self.fwd_quant is None
+        return not self.compresses_gradients and self.fwd_quant is None
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import nmcompile
 from nmcompile.demo import environment
 from nmcompile.fnt import fnt_options, fnt_scheduler
+from nmcompile.passes import NMConfig
 
 RECIPES = [
     ("dense", {}),
@@ -155,7 +156,7 @@ def train_run(name: str, options: dict, seed: int, data: dict, args, fnt: bool =
     opts = {**options, "inner": "aot_eager"}
     compiled = torch.compile(model, backend="nm", options=opts)
     monitor = None
-    if seed in args.noise_seeds and (options.get("sparsity") or options.get("quant")):
+    if seed in args.noise_seeds and NMConfig.from_options(options)[0].compresses_gradients:
         monitor = nmcompile.NoiseMonitor(model, options, every=args.noise_every, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     train = data["train"]
