@@ -2,7 +2,7 @@
 
 Each op becomes one call of a precompiled kernel, opaque to Inductor, instead of math that
 Inductor inlines into its own kernels: compile time no longer grows with the number of layers
-(DESIGN.md §7), and every group / tensor quantity is computed once. The library is compiled with
+(docs/architecture.md, "Kernels"), and every group / tensor quantity is computed once. The library is compiled with
 the C++ compiler Inductor's CPU backend needs anyway and kept in ``~/.cache/nmcompile`` (or
 ``$NMCOMPILE_CACHE_DIR``), keyed by its source, compiler and CPU; with
 ``torch._inductor.config.force_disable_caches`` it is rebuilt once per process instead.
@@ -30,6 +30,7 @@ from typing import Optional
 
 import torch
 
+from .catalog import ops_of
 from .grouping import grouped_layout, prepare, sampled_layout
 
 SOURCE = pathlib.Path(__file__).with_name("nm_cpu.cpp")
@@ -37,11 +38,14 @@ FLAGS = ["-O2", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-err
          "-shared", "-fPIC"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _i64, _vp, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+# Every elementwise stochastic quantizer of the catalog has a kernel nm_<name> with one signature
+# (dtype, x, out, outer, inner, its int parameter, samples, u, seeds, u_outer, u_sample, u_inner, threads).
+_STOCHASTIC = [_int, _vp, _vp, _i64, _i64, _int, _int, _vp, _vp, _vp, _i64, _i64, _int]
 SIGNATURES = {
     "nm_mvue": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _vp, _i64, _vp, _i64, _i64, _int],
     "nm_greedy": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _int],
-    "nm_luq": [_int, _vp, _vp, _i64, _i64, _int, _int, _vp, _vp, _vp, _i64, _i64, _int],
     "nm_sawb": [_int, _vp, _vp, _i64, ctypes.c_double, ctypes.c_double, _int, _int, _vp, _int],
+    **{f"nm_{spec.name}": _STOCHASTIC for spec in ops_of(kind="quantize", stage="gradient")},
 }
 
 _lock = threading.Lock()
@@ -176,8 +180,9 @@ def _prune(x, u, n, m, dim, mvue):
     return out
 
 
-def luq(x: torch.Tensor, u: torch.Tensor, top: int) -> torch.Tensor:
-    """``u``: float uniforms ``(samples, *x.shape)``, or int64 seeds ``(samples,)``."""
+def stochastic(name: str, x: torch.Tensor, u: torch.Tensor, param: int) -> torch.Tensor:
+    """The elementwise stochastic quantizer ``nm_<name>`` (LUQ: ``param`` is its top exponent).
+    ``u``: float uniforms ``(samples, *x.shape)``, or int64 seeds ``(samples,)``."""
     src, out = prepare(x)
     if x.numel() == 0:
         return out
@@ -185,8 +190,8 @@ def luq(x: torch.Tensor, u: torch.Tensor, top: int) -> torch.Tensor:
         u = u.float()
     outer, inner, u_outer, u_inner, u_sample, samples, seeded = sampled_layout(src, u)
     seeds, u = (u.contiguous(), None) if seeded else (None, u)
-    library().nm_luq(DTYPES[x.dtype], _ptr(src), _ptr(out), outer, inner, top, samples, _ptr(u), _ptr(seeds),
-                     _ptr(u_outer), u_sample, u_inner, _threads())
+    getattr(library(), f"nm_{name}")(DTYPES[x.dtype], _ptr(src), _ptr(out), outer, inner, param, samples, _ptr(u),
+                                     _ptr(seeds), _ptr(u_outer), u_sample, u_inner, _threads())
     return out
 
 

@@ -9,12 +9,14 @@
   never leaves the op (the aten ops have no fake kernels). CPU: checks the structure, then runs
   the same product densely, so the native graph is tested without a GPU.
 
-Both are opaque to Inductor (extern kernels) and have fake kernels. ``native_support`` says where a
-device cannot run them, and why; the graph pass falls back to the dense GEMM there.
+Both are opaque to Inductor (extern kernels) and have fake kernels. ``KERNELS`` describes each GEMM
+kernel (operands, where it runs and why not, how records name it, its speed model); the graph pass
+falls back to the dense GEMM where a device cannot run one.
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -151,41 +153,135 @@ def _(a, b, scale_a, scale_b, out_dtype):
     return a.new_empty(_out_shape(a, b), dtype=out_dtype)
 
 
-# -- where a device can run them ------------------------------------------------------------------
+# -- the kernels, described --------------------------------------------------------------------
 # cuSPARSELt minimums (sparse rows, sparse cols, dense rows, dense cols); each size a multiple too.
 _CSLT_MIN = {"half": (16, 16, 8, 8), "fp8": (32, 32, 16, 16)}
+_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float8_e4m3fn: "e4m3",
+          torch.float8_e5m2: "e5m2"}
 
 
-def native_support(
-    kernel: str, device: torch.device, capability: Optional[tuple], shape: tuple, dtype: torch.dtype
-) -> Optional[str]:
-    """None if ``device`` can run ``kernel`` ("fp8", "2:4" or "2:4 fp8") on an (M, N, K) GEMM whose
-    output is ``dtype``; otherwise why not. ``capability``: CUDA's (major, minor), None elsewhere."""
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _fp8_support(capability: tuple, shape: tuple, dtype: torch.dtype) -> Optional[str]:
     m, n, k = shape
-    if device.type == "cpu":
-        return None  # _scaled_mm with per-tensor scales, and the structure-checking 2:4 op
-    if device.type != "cuda":
-        return f"no native kernels on {device.type}"
-    if kernel == "fp8":
-        if capability < (8, 9):
-            return f"FP8 GEMMs need CUDA capability >= 8.9, this GPU has {capability[0]}.{capability[1]}"
-        if k % 16 or n % 16:
-            return f"torch._scaled_mm needs K and N multiples of 16, got K={k}, N={n}"
-        return None
-    if cusparselt_version() is None:
-        return "cuSPARSELt is not available in this torch build"
-    if capability < (8, 0):
-        return f"2:4 sparse GEMMs need CUDA capability >= 8.0, this GPU has {capability[0]}.{capability[1]}"
-    if kernel == "2:4 fp8" and capability < (8, 9):
-        return f"2:4 FP8 GEMMs need CUDA capability >= 8.9, this GPU has {capability[0]}.{capability[1]}"
-    if kernel == "2:4" and dtype not in _HALF:
-        return f"2:4 tensor-core GEMMs take bf16/fp16 operands, got {str(dtype).replace('torch.', '')}"
-    if kernel == "2:4 fp8" and dtype not in _HALF:
-        return "cuSPARSELt's FP8 GEMM gives bf16/fp16 outputs only (torch 2.11), this GEMM's output is " + str(
-            dtype
-        ).replace("torch.", "")
-    rows, cols, dense_rows, dense_cols = _CSLT_MIN["fp8" if kernel == "2:4 fp8" else "half"]
-    for what, size, least in (("M", m, rows), ("K", k, cols), ("N", n, dense_cols)):
-        if size < least or size % least:
-            return f"cuSPARSELt needs {what} >= {least} and a multiple of it, got {what}={size}"
+    if capability < (8, 9):
+        return f"FP8 GEMMs need CUDA capability >= 8.9, this GPU has {capability[0]}.{capability[1]}"
+    if k % 16 or n % 16:
+        return f"torch._scaled_mm needs K and N multiples of 16, got K={k}, N={n}"
     return None
+
+
+def _sparse_support(fp8: bool):
+    def support(capability: tuple, shape: tuple, dtype: torch.dtype) -> Optional[str]:
+        m, n, k = shape
+        if cusparselt_version() is None:
+            return "cuSPARSELt is not available in this torch build"
+        if capability < (8, 0):
+            return f"2:4 sparse GEMMs need CUDA capability >= 8.0, this GPU has {capability[0]}.{capability[1]}"
+        if fp8 and capability < (8, 9):
+            return f"2:4 FP8 GEMMs need CUDA capability >= 8.9, this GPU has {capability[0]}.{capability[1]}"
+        if not fp8 and dtype not in _HALF:
+            return f"2:4 tensor-core GEMMs take bf16/fp16 operands, got {_dtype_name(dtype)}"
+        if fp8 and dtype not in _HALF:
+            return f"cuSPARSELt's FP8 GEMM gives bf16/fp16 outputs only (torch 2.11), this GEMM's output is {_dtype_name(dtype)}"
+        rows, cols, _, dense_cols = _CSLT_MIN["fp8" if fp8 else "half"]
+        for what, size, least in (("M", m, rows), ("K", k, cols), ("N", n, dense_cols)):
+            if size < least or size % least:
+                return f"cuSPARSELt needs {what} >= {least} and a multiple of it, got {what}={size}"
+        return None
+
+    return support
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmKernel:
+    """One GEMM kernel a recorded GEMM can run on: what its operands must be, where it runs, how
+    records name it, and its speed model (the report's tensor-core speedup column)."""
+
+    name: str
+    op: Optional[str]  # the nm op that runs it (None: the ordinary aten GEMM)
+    float8: bool  # both operands are float8 codes with per-tensor scales
+    sparse24: bool  # one operand is 2:4 along K (it goes left)
+    operands: str  # in words
+    events: tuple[str, ...]  # the profiler's aten events that do its math
+    # Peak tensor-core math rate vs dense bf16 on an H100 SXM (TFLOPS without / with 2:4 sparsity: BF16
+    # 989 / 1979, FP8 1979 / 3958): an upper bound on what the kernel buys, not an end-to-end speedup.
+    tc_speedup: float
+    tc_label: str
+    cuda_support: Optional[Callable] = None  # (capability, (M, N, K), out dtype) -> None or why not
+
+    def support(self, device: torch.device, capability: Optional[tuple], shape: tuple,
+                dtype: torch.dtype) -> Optional[str]:
+        """None if ``device`` can run this kernel on an (M, N, K) GEMM with output ``dtype``, else why not.
+        On CPU every kernel runs (``_scaled_mm`` with per-tensor scales, the structure-checking 2:4 op)."""
+        if device.type == "cpu":
+            return None
+        if device.type != "cuda":
+            return f"no native kernels on {device.type}"
+        return self.cuda_support(capability, shape, dtype)
+
+    def use(self, formats: tuple, device: torch.device, dtype: torch.dtype) -> "KernelUse":
+        """The record of this kernel running with operand ``formats`` (dtypes, left and right)."""
+        if self.float8 and not self.sparse24:
+            label = "fp8 " + "×".join(sorted({_SHORT[f] for f in formats}, reverse=True))
+            impl = "scaled_mm"
+        elif self.sparse24:
+            impl = "cusparselt" if device.type == "cuda" else "cpu"
+            label = f"2:4 {impl} " + ("fp8" if self.float8 else _SHORT[dtype])
+        else:
+            label, impl = self.name, ""
+        return KernelUse(label, self.name, tuple(_SHORT[f] for f in formats), impl)
+
+
+class KernelUse(str):
+    """The kernel a GEMM runs on. Its value is the label records and reports print ("dense", "fp8 e4m3",
+    "fp8 e5m2×e4m3", "2:4 cusparselt bf16", "2:4 cpu fp8"); ``kernel`` names its :class:`GemmKernel`,
+    ``formats`` the operands' dtypes, ``impl`` the implementation that runs it."""
+
+    kernel: str
+    formats: tuple
+    impl: str
+
+    def __new__(cls, label: str, kernel: str, formats: tuple = (), impl: str = "") -> "KernelUse":
+        self = super().__new__(cls, label)
+        self.kernel, self.formats, self.impl = kernel, tuple(formats), impl
+        return self
+
+    def __getnewargs__(self):
+        return str(self), self.kernel, self.formats, self.impl
+
+    @property
+    def spec(self) -> GemmKernel:
+        return KERNELS[self.kernel]
+
+    def as_dict(self) -> dict:
+        return {"kernel": self.kernel, "formats": list(self.formats), "impl": self.impl}
+
+
+DENSE = GemmKernel("dense", None, float8=False, sparse24=False, operands="the input dtype on both sides",
+                   events=("aten::mm", "aten::bmm", "aten::addmm", "aten::convolution", "aten::convolution_backward",
+                           "aten::_convolution", "aten::matmul", "aten::linear", "aten::baddbmm",
+                           "aten::mkldnn_convolution", "aten::thnn_conv2d"),
+                   tc_speedup=1.0, tc_label="dense bf16")
+SPARSE24_FP8 = GemmKernel("2:4 fp8", "sparse24_mm", float8=True, sparse24=True,
+                          operands="a 2:4 gradient's e4m3 codes × e4m3 codes",
+                          events=("aten::_cslt_sparse_mm", "aten::_scaled_mm"), tc_speedup=4.0,
+                          tc_label="2:4 sparse TC + FP8 TC", cuda_support=_sparse_support(fp8=True))
+FP8 = GemmKernel("fp8", "fp8_mm", float8=True, sparse24=False, operands="float8 codes × float8 codes",
+                 events=("aten::_scaled_mm",), tc_speedup=2.0, tc_label="FP8 TC",
+                 cuda_support=_fp8_support)
+SPARSE24 = GemmKernel("2:4", "sparse24_mm", float8=False, sparse24=True,
+                      operands="a 2:4 gradient in bf16/fp16 × the other operand",
+                      events=("aten::_cslt_sparse_mm",), tc_speedup=2.0, tc_label="2:4 sparse TC",
+                      cuda_support=_sparse_support(fp8=False))
+
+# In the lowering's order of preference.
+KERNELS: dict[str, GemmKernel] = {k.name: k for k in (SPARSE24_FP8, FP8, SPARSE24, DENSE)}
+DENSE_USE = KernelUse("dense", "dense")
+
+
+def kernel_for(sparse24: bool, float8: bool) -> GemmKernel:
+    """The kernel whose operands are exactly these: what a GEMM with such operands could run on."""
+    return next(k for k in KERNELS.values() if k.sparse24 == sparse24 and k.float8 == float8)

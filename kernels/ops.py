@@ -20,8 +20,9 @@ from torch import Tensor
 from . import cpu, cuda
 from .fp8 import luq_codes, luq_format, sawb_codes
 from .grouping import uniform_shape
-from .luq import luq_levels, luq_math, luq_noise_shape
-from .random import draw_seed, seeds_for, uniform
+from .catalog import LUQ, OpSpec, ops_of
+from .luq import luq_levels, luq_noise_shape
+from .random import draw_seed, uniform
 from .sawb import SAWB_COEFFICIENTS, sawb_math, scale_bits
 from .sparsity import greedy_math, mvue_math
 
@@ -111,45 +112,56 @@ def _(x, n, m, dim):
     return torch.empty_like(x)
 
 
-def _luq_samples(x: Tensor, u: Tensor) -> int:
+def _samples(x: Tensor, u: Tensor) -> int:
     return u.shape[0] if (u.dim() == x.dim() + 1 or _seeded(u)) and u.dim() > 0 else 1
 
 
-def _check_luq(x: Tensor, u: Tensor) -> None:
-    samples = _luq_samples(x, u)
-    _check_uniforms(x, u, luq_noise_shape(x.shape, samples), "luq", (samples,))
+def _check_samples(x: Tensor, u: Tensor, op: str) -> None:
+    samples = _samples(x, u)
+    _check_uniforms(x, u, luq_noise_shape(x.shape, samples), op, (samples,))
 
 
-def _luq_torch(x: Tensor, u: Tensor, bits: int, levels: str) -> Tensor:
+def _stochastic_torch(spec: OpSpec, x: Tensor, u: Tensor, params: dict) -> Tensor:
     if _seeded(u):
         u = torch.stack([uniform(seed, x.shape, x.device) for seed in u])
-    return _like(x, luq_math(x, u, bits, levels))
+    return _like(x, spec.math(x, u, **params))
 
 
-@torch.library.custom_op("nm::luq", mutates_args=())
-def luq(x: Tensor, u: Tensor, bits: int, levels: str) -> Tensor:
-    """LUQ of ``x``, the mean of ``samples`` draws; ``u``: per-element uniforms
-    ``(samples, *x.shape)`` or int64 seeds ``(samples,)``, sample s standing for ``uniform(u[s], x.shape)``."""
-    _check_luq(x, u)
-    return _luq_torch(x, u, bits, levels)
+def _define_stochastic(spec: OpSpec) -> None:
+    """Register ``nm::<name>`` for an elementwise stochastic quantizer from its description: the
+    portable math (``spec.math``), the CPU kernel ``nm_<name>`` and the Triton kernel
+    ``cuda.<name>``, each taking ``spec.kernel_arg(params)``. ``u``: per-element uniforms
+    ``(samples, *x.shape)`` or int64 seeds ``(samples,)``, sample s standing for
+    ``uniform(u[s], x.shape)``; the output is the mean of the samples."""
+    names = spec.args[1:]  # after u
+
+    def params(args) -> dict:
+        return dict(zip(names, args))
+
+    def portable(x, u, *args):
+        _check_samples(x, u, spec.name)
+        return _stochastic_torch(spec, x, u, params(args))
+
+    def on_cpu(x, u, *args):
+        _check_samples(x, u, spec.name)
+        if not _on_cpu_kernels(x):
+            return _stochastic_torch(spec, x, u, params(args))
+        return cpu.stochastic(spec.name, x, u, spec.kernel_arg(params(args)))
+
+    def on_cuda(x, u, *args):
+        _check_samples(x, u, spec.name)
+        kernel = getattr(cuda, spec.name)
+        return _triton(x, lambda: kernel(x, u, spec.kernel_arg(params(args))),
+                       lambda: _stochastic_torch(spec, x, u, params(args)), spec.name)
+
+    op = torch.library.custom_op(f"nm::{spec.name}", portable, mutates_args=(), schema=spec.schema)
+    op.register_kernel("cpu")(on_cpu)
+    op.register_kernel("cuda")(on_cuda)
+    op.register_fake(lambda x, u, *args: torch.empty_like(x))
 
 
-@luq.register_kernel("cpu")
-def _(x, u, bits, levels):
-    _check_luq(x, u)
-    return cpu.luq(x, u, luq_levels(bits, levels) - 1) if _on_cpu_kernels(x) else _luq_torch(x, u, bits, levels)
-
-
-@luq.register_kernel("cuda")
-def _(x, u, bits, levels):
-    _check_luq(x, u)
-    top = luq_levels(bits, levels) - 1
-    return _triton(x, lambda: cuda.luq(x, u, top), lambda: _luq_torch(x, u, bits, levels), "luq")
-
-
-@luq.register_fake
-def _(x, u, bits, levels):
-    return torch.empty_like(x)
+for _spec in ops_of(kind="quantize", stage="gradient"):
+    _define_stochastic(_spec)
 
 
 def _sawb_torch(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -215,7 +227,7 @@ def _(x, bits):
 
 def _luq_top(x: Tensor, u: Tensor, bits: int, levels: str) -> int:
     top = luq_levels(bits, levels) - 1
-    fmt, why = luq_format(top, _luq_samples(x, u))
+    fmt, why = luq_format(top, _samples(x, u))
     if fmt is None:
         raise ValueError(f"nm.luq_fp8: {why}")
     return top
@@ -225,14 +237,15 @@ def _luq_top(x: Tensor, u: Tensor, bits: int, levels: str) -> int:
 def luq_fp8(x: Tensor, u: Tensor, bits: int, levels: str) -> tuple[Tensor, Tensor]:
     """``nm.luq(x, u, bits, levels)`` (one sample) as float8 codes (e4m3fn up to 5 bits, e5m2 for
     6; x's layout) and its fp32 scale."""
-    return luq_codes(luq(x, u, bits, levels), _luq_top(x, u, bits, levels))
+    return luq_codes(torch.ops.nm.luq.default(x, u, bits, levels), _luq_top(x, u, bits, levels))
 
 
 @luq_fp8.register_kernel("cuda")
 def _(x, u, bits, levels):
     top = _luq_top(x, u, bits, levels)
     return _triton(x, lambda: cuda.luq(x, u, top, codes=luq_format(top, 1)[0]),
-                   lambda: luq_codes(_luq_torch(x, u, bits, levels), top), "luq_fp8")
+                   lambda: luq_codes(_stochastic_torch(LUQ, x, u, {"bits": bits, "levels": levels}), top),
+                   "luq_fp8")
 
 
 @luq_fp8.register_fake
@@ -259,15 +272,3 @@ def _sawb_backward(ctx, grad):
 
 
 sawb.register_autograd(_sawb_backward)
-
-
-# -- the ops with their seeds: the one place that draws and applies (functional API and graph pass)
-def mvue_drawn(x: Tensor, n: int, m: int, dim: int) -> Tensor:
-    """``nm.mvue`` with a fresh seed from torch's generator."""
-    return torch.ops.nm.mvue.default(x, seeds_for(uniform_shape(x.shape, m, dim), x.device), n, m, dim)
-
-
-def luq_drawn(x: Tensor, bits: int, levels: str, samples: int) -> Tensor:
-    """``nm.luq`` averaging ``samples`` draws, with fresh seeds from torch's generator."""
-    u = seeds_for(luq_noise_shape(x.shape, samples), x.device, (samples,))
-    return torch.ops.nm.luq.default(x, u, bits, levels)

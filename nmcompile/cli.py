@@ -52,6 +52,9 @@ def graph_code(gm, annotate: bool = True) -> tuple[str, set]:
     """The graph's readable code; every line defining an inserted node is marked, and each nm op is
     preceded by a ``# <-- nm: <op> <pattern> <role> <module>`` line. Returns (code, 1-based marked lines)."""
     from nmcompile.export import is_inserted, nm_attrs
+    from nmcompile.kernels.catalog import ops_of
+
+    gradient_ops = {spec.name for spec in ops_of(stage="gradient")}
     from nmcompile.passes.records import NodeInfo
 
     inserted = {}
@@ -62,7 +65,7 @@ def graph_code(gm, annotate: bool = True) -> tuple[str, set]:
                 inserted[node.name] = f"nm: {info['op']} {info['pattern']} {info['role']} {info['module'] or '<top>'}"
             else:
                 meta = NodeInfo.read(node)
-                if meta is None or meta.op == "seeds" or meta.op.startswith(("mvue", "greedy", "luq")):
+                if meta is None or meta.op == "seeds" or meta.op.split("+")[0] in gradient_ops:
                     inserted[node.name] = f"nm: uniforms for {meta.gemm if meta else '?'}"
                 else:  # lowering="native": float8 codes and the FP8 / 2:4 GEMMs
                     inserted[node.name] = f"nm: {meta.kernel or meta.op} {meta.role or 'fwd'} {meta.module or '<top>'}"

@@ -32,11 +32,12 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
+from nmcompile.kernels.catalog import ops_of, spec_of
 from nmcompile.passes.records import NodeInfo
 
 aten = torch.ops.aten
 SCHEMA = "nmcompile.noise/1"
-_COMPRESSIONS = ("mvue", "greedy", "luq")
+_COMPRESSIONS = tuple(spec.name for spec in ops_of(stage="gradient"))  # what compresses a neural gradient
 _STALL_FACTOR = 3.0  # Chmiel et al. 2025: training stalls once ‖∇L‖² < 3·σ_q²·d
 
 
@@ -178,6 +179,11 @@ def _compression(node: fx.Node) -> Optional[NodeInfo]:
     return info
 
 
+def _sampled(node: fx.Node) -> bool:
+    spec = spec_of(node.target)
+    return spec is not None and spec.sampled
+
+
 class _Plan:
     """One backward GEMM's compression chain in a backward graph, and how to redraw it."""
 
@@ -191,8 +197,7 @@ class _Plan:
         self.problem = None
         if len(self.positions) != 1 or self.source is None or self.source in members:
             self.problem = "the compressed operand does not feed the GEMM directly"
-        elif any(c.target in (torch.ops.nm.mvue.default, torch.ops.nm.luq.default) and c.args[1] not in members
-                 for c in chain):
+        elif any(_sampled(c) and c.args[1] not in members for c in chain):
             self.problem = "the seeds are drawn outside the backward graph"
 
 

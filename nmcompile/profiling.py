@@ -20,10 +20,9 @@ import torch
 import torch.fx as fx
 
 from nmcompile.export import nm_attrs
+from nmcompile.kernels.gemm import KERNELS
 
-GEMM_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::convolution", "aten::convolution_backward",
-            "aten::_convolution", "aten::matmul", "aten::linear", "aten::baddbmm", "aten::_scaled_mm",
-            "aten::_cslt_sparse_mm", "aten::mkldnn_convolution", "aten::thnn_conv2d")
+GEMM_OPS = tuple(dict.fromkeys(event for kernel in KERNELS.values() for event in kernel.events))
 STEP_PREFIX = "ProfilerStep#"  # the name torch's scheduled profiler gives steps: HTA numbers iterations by it
 
 

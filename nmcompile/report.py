@@ -3,15 +3,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from typing import Optional
 
 import torch
 
-from nmcompile.passes.records import GemmRecord
+from nmcompile.kernels.gemm import DENSE_USE, KernelUse, kernel_for
+from nmcompile.passes.records import GemmRecord, Transform
 
-SCHEMA = "nmcompile.report/2"  # 2: each GEMM has kernel, kernel_note, cusparselt
-_READS = ("nmcompile.report/1", SCHEMA)  # a version-1 report reads with kernel "dense"
+# 2: each GEMM has kernel, kernel_note, cusparselt; 3: and the typed forms of its transforms ("ops")
+# and kernel ("kernel_use")
+SCHEMA = "nmcompile.report/3"
+# Older reports read with their transforms and kernel as labels only (shown, not modelled), and a
+# version-1 report with kernel "dense".
+_READS = ("nmcompile.report/1", "nmcompile.report/2", SCHEMA)
 
 
 @dataclasses.dataclass
@@ -36,8 +40,9 @@ class Report:
         bwd = self.backward
         total = sum(g.flops or 0 for g in bwd)
 
-        def share(word: str) -> float:
-            hit = sum(g.flops or 0 for g in bwd if any(t.startswith(word) for t in g.transforms))
+        def share(kind: str, op: Optional[str] = None) -> float:
+            hit = sum(g.flops or 0 for g in bwd
+                      if any(t.spec.kind == kind and op in (None, t.op) for t in _typed(g.transforms)))
             return hit / total if total else 0.0
 
         return {
@@ -46,8 +51,9 @@ class Report:
             "rewritten": sum(1 for g in self.gemms if g.transforms),
             "skipped": sum(1 for g in self.gemms if g.skipped),
             "backward_flops": total,
-            "sparse_flop_share": share("mvue") + share("greedy"),
-            "luq_flop_share": share("luq"),
+            "sparse_flop_share": share("prune"),
+            "luq_flop_share": share("quantize", "luq"),
+            "quant_flop_share": share("quantize"),
             "native_flop_share": sum(g.flops or 0 for g in bwd if g.kernel != "dense") / total if total else 0.0,
         }
 
@@ -69,9 +75,15 @@ class Report:
                 f"unsupported report schema {data.get('schema')!r}; this version reads {', '.join(map(repr, _READS))}"
             )
         fields = {f.name for f in dataclasses.fields(GemmRecord)}
-        gemms = [GemmRecord(**{k: v for k, v in g.items() if k in fields}) for g in data["gemms"]]
-        for g in gemms:
+        gemms = []
+        for d in data["gemms"]:
+            g = GemmRecord(**{k: v for k, v in d.items() if k in fields})
             g.shape = tuple(g.shape)
+            if d.get("ops") is not None and len(d["ops"]) == len(g.transforms):
+                g.transforms = [Transform.from_dict(t) for t in d["ops"]]
+            use = d.get("kernel_use")
+            g.kernel = KernelUse(g.kernel, **use) if use else DENSE_USE if g.kernel == "dense" else g.kernel
+            gemms.append(g)
         return cls(gemms, data["options"], data["torch"])
 
     def __str__(self) -> str:
@@ -104,32 +116,25 @@ def _unchanged(g: GemmRecord) -> str:
 
 
 # -- the tensor-core speedup a GEMM could get --------------------------------------------------
-# Peak dense/sparse tensor-core throughput ratios of an H100 SXM (TFLOPS, without / with 2:4
-# sparsity): BF16 989 / 1979, FP8 1979 / 3958. A GEMM whose one operand is 2:4-sparse along K can run
-# on sparse tensor cores (2x the math); a GEMM whose *both* operands are 4-bit (LUQ levels / α and
-# SAWB integers are exact in float8_e4m3fn) can run as an FP8 GEMM (2x bf16). Both: 4x. These are
-# upper bounds on the math rate, not end-to-end speedups.
-def _is_24(transform: str) -> bool:
-    """An N:M transform whose result is 2:4-structured (1:2, 2:4, N <= 2 with 4 | M), as the lowering runs it."""
-    m = re.match(r"(mvue|greedy) (\d+):(\d+)\b", transform)
-    if not m:
-        return False
-    n, groups = int(m.group(2)), int(m.group(3))
-    return (groups % 4 == 0 and n <= 2) or (groups == 2 and n == 1)
+def _typed(transforms) -> list:
+    return [t for t in transforms if isinstance(t, Transform)]
 
 
 def tensor_core_speedup(rec) -> tuple[float, str]:
-    t = rec.transforms
-    sparse = any(_is_24(x) for x in t)
+    """The peak tensor-core speedup (vs dense bf16) of the kernel this GEMM's operands allow, and that
+    kernel's name for it (``kernels.gemm.GemmKernel.tc_speedup``, ``tc_label``): a 2:4-structured
+    gradient can run on sparse tensor cores; a GEMM whose *both* operands are quantized can run on FP8.
+    Upper bounds on the math rate, not end-to-end speedups."""
+    t = _typed(rec.transforms)
+    sparse = any(x.spec.kind == "prune" and x.spec.form(x.params).sparse24 for x in t)
+    quantized = [x for x in t if x.spec.kind == "quantize"]
     if rec.role == "fwd":
-        low_bit = any(x.startswith("sawb") and "W,X" in x for x in t)
+        low_bit = any(x.where == "W,X" for x in quantized)
     else:
-        grad_low = any(x.startswith("luq") for x in t)
-        other_low = any(x.startswith("sawb") for x in t)
-        low_bit = grad_low and other_low
-    speed = (2.0 if sparse else 1.0) * (2.0 if low_bit else 1.0)
-    why = " + ".join(w for w, on in (("2:4 sparse TC", sparse), ("FP8 TC", low_bit)) if on)
-    return speed, why or "dense bf16"
+        stages = {x.spec.stage for x in quantized}
+        low_bit = {"gradient", "forward"} <= stages
+    kernel = kernel_for(sparse24=sparse, float8=low_bit)
+    return kernel.tc_speedup, kernel.tc_label
 
 
 def _weighted_speedup(records) -> Optional[float]:

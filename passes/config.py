@@ -1,20 +1,23 @@
-"""NMConfig: the backend options (DESIGN.md §3), parsed and validated once, early and loudly."""
+"""NMConfig: the backend options, parsed and validated once, early and loudly.
+
+The methods an option may name are the ops of ``kernels.catalog``: ``method`` a pruning op,
+``quant`` a gradient quantizer, ``fwd_quant`` a forward quantizer, each with its bit widths."""
 from __future__ import annotations
 
 import dataclasses
 import re
 from typing import Any, Optional
 
+from nmcompile.kernels.catalog import OPS, OpSpec, ops_of
 from nmcompile.kernels.luq import LEVEL_KINDS
-from nmcompile.kernels.sawb import SAWB_COEFFICIENTS
 
-METHODS = ("mvue", "greedy")
+METHODS = tuple(s.name for s in ops_of(kind="prune"))
 GEMM_ROLES = ("wgrad", "dgrad")
-QUANTS = ("luq",)
-FWD_QUANTS = ("sawb",)
+QUANTS = tuple(s.name for s in ops_of(kind="quantize", stage="gradient"))
+FWD_QUANTS = tuple(s.name for s in ops_of(kind="quantize", stage="forward"))
 INNERS = ("inductor", "aot_eager")
 LOWERINGS = ("auto", "emulate", "native")
-LUQ_BITS = range(2, 9)  # 1 sign bit + 1..7 exponent bits
+LUQ_BITS = OPS["luq"].bits  # 1 sign bit + 1..7 exponent bits
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -86,12 +89,12 @@ class NMConfig:
         object.__setattr__(self, "gemms", tuple(dict.fromkeys(gemms)))
         if self.quant is not None:
             _choice("quant", self.quant, QUANTS)
-        _int_in("bits", self.bits, LUQ_BITS)
+        _int_in("bits", self.bits, OPS[self.quant or QUANTS[0]].bits)
         _choice("levels", self.levels, LEVEL_KINDS)
         _int_in("smp", self.smp, range(1, 65))
         if self.fwd_quant is not None:
             _choice("fwd_quant", self.fwd_quant, FWD_QUANTS)
-        _int_in("fwd_bits", self.fwd_bits, tuple(sorted(SAWB_COEFFICIENTS)))
+        _int_in("fwd_bits", self.fwd_bits, OPS[self.fwd_quant or FWD_QUANTS[0]].bits)
         _regex("include", self.include)
         _regex("exclude", self.exclude)
         if not isinstance(self.keep_first_last, bool):
@@ -126,6 +129,10 @@ class NMConfig:
     def pattern(self) -> Optional[tuple[int, int]]:
         return parse_pattern(self.sparsity) if self.sparsity is not None else None
 
+    def params_for(self, spec: OpSpec) -> dict:
+        """The parameters this config gives a quantizer (its ``options``: bits, levels, samples)."""
+        return {param: getattr(self, key) for param, key in spec.options.items()}
+
     @property
     def compresses_gradients(self) -> bool:
         """Some backward GEMM's gradient operand is pruned or quantized (what the noise monitor measures)."""
@@ -145,7 +152,7 @@ class NMConfig:
         if self.sparsity:
             parts.append(f"{self.method} {self.sparsity} on {'+'.join(self.gemms)}")
         if self.quant:
-            parts.append(f"luq{self.bits}" + (f" smp{self.smp}" if self.smp > 1 else ""))
+            parts.append(OPS[self.quant].transform_label(self.params_for(OPS[self.quant])))
         if self.fwd_quant:
-            parts.append(f"sawb{self.fwd_bits} forward")
+            parts.append(OPS[self.fwd_quant].transform_label(self.params_for(OPS[self.fwd_quant]), "forward"))
         return ", ".join(parts) or "no transforms"

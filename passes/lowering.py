@@ -1,17 +1,19 @@
-"""Which kernel runs each GEMM the rewrite touched: the ``lowering`` option (DESIGN.md §7).
+"""Which kernel runs each GEMM the rewrite touched: the ``lowering`` option.
 
 Runs on the rewritten joint graph. ``emulate`` leaves it as it is: compressed values in the input
 dtype, ordinary GEMMs. ``native`` replaces every GEMM whose operands are exact low-precision numbers
-by a low-precision one (``kernels/gemm.py``), in this order of preference:
+by a low-precision one, the first of ``kernels.gemm.KERNELS`` (in order of preference) whose operand
+forms both operands have and whose device and shape rules the GEMM meets:
 
-- ``2:4 fp8``: a 2:4-structured LUQ gradient times a SAWB operand, float8 codes on cuSPARSELt;
-- ``fp8``: LUQ or SAWB codes on both sides (``torch._scaled_mm``, per-tensor scales);
-- ``2:4``: a 2:4-structured gradient (MVUE/greedy 1:2, 2:4, or N:M with N <= 2 and 4 | M) in bf16/fp16.
+- ``2:4 fp8``: a 2:4-structured quantized gradient times a quantized operand, float8 codes on cuSPARSELt;
+- ``fp8``: float8 codes on both sides (``torch._scaled_mm``, per-tensor scales);
+- ``2:4``: a 2:4-structured gradient (a pruning op whose N:M is a 2:4 structure) in bf16/fp16.
 
-The quantizers then hand out float8 codes and a scale (``nm.luq_fp8`` / ``nm.sawb_fp8``, the same
-values), so FP8 activations and weights are also what the backward keeps. A GEMM that a device or
-shape does not allow stays dense, and its record says why. ``auto`` is ``native`` on CUDA and
-``emulate`` elsewhere.
+What an operand is comes from the op that produced it (``kernels.catalog``: its exact form, and
+the op that gives its float8 codes). The quantizers then hand out float8 codes and a scale (the
+same values), so FP8 activations and weights are also what the backward keeps. A GEMM that a
+device or shape does not allow stays dense, and its record says why. ``auto`` is ``native`` on
+CUDA and ``emulate`` elsewhere.
 """
 from __future__ import annotations
 
@@ -21,19 +23,16 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from nmcompile.kernels.fp8 import E4M3, FORMAT_NAMES, dequantize, luq_format
-from nmcompile.kernels.gemm import cusparselt_version, native_support
-from nmcompile.kernels.luq import luq_levels
+from nmcompile.kernels.catalog import OpSpec, spec_of
+from nmcompile.kernels.fp8 import E4M3, dequantize
+from nmcompile.kernels.gemm import DENSE, DENSE_USE, KERNELS, GemmKernel, cusparselt_version
 from .analysis import layout_chain, module_path, val
 from .config import NMConfig
 from .records import GemmRecord, NodeInfo
 from .splice import atomic, splice
 
 aten = torch.ops.aten
-nm = torch.ops.nm
-_PRUNE = {nm.mvue.default: 2, nm.greedy.default: 1}  # op -> index of n in its args
 _GEMMS = {aten.mm.default, aten.addmm.default}
-_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclasses.dataclass
@@ -41,15 +40,22 @@ class _Operand:
     node: fx.Node  # the GEMM's operand
     base: fx.Node  # the node it is laid out from
     chain: list  # layout ops from base to node
+    spec: Optional[OpSpec] = None  # the quantizer that produced it, when its codes are float8
     fp8: Optional[torch.dtype] = None  # its exact float8 format, if any
     sparse24: bool = False  # at most 2 nonzeros in every aligned group of 4 along the GEMM's K
     why: str = ""  # why it is neither
 
 
+def _params(node: fx.Node, spec: OpSpec) -> dict:
+    return spec.params_of(tuple(val(a) if isinstance(a, fx.Node) else a for a in node.args))
+
+
 def _is_24(prune: fx.Node, operand: fx.Node, k_dim: int) -> str:
     """'' if ``prune``'s N:M groups make ``operand`` 2:4 along dim ``k_dim``, else why not."""
-    n, m, dim = prune.args[_PRUNE[prune.target]:][:3]
-    if not ((m % 4 == 0 and n <= 2) or (m == 2 and n == 1)):
+    spec = spec_of(prune.target)
+    params = _params(prune, spec)
+    n, m, dim = params["n"], params["m"], params["dim"]
+    if not spec.form(params).sparse24:
         return f"{n}:{m} is not a 2:4 structure (that needs N <= 2 per 4 | M, or 1:2)"
     shape = val(operand).shape
     if dim % len(shape) != k_dim:
@@ -60,23 +66,29 @@ def _is_24(prune: fx.Node, operand: fx.Node, k_dim: int) -> str:
     return ""
 
 
+def _pruned(node) -> bool:
+    spec = spec_of(getattr(node, "target", None))
+    return spec is not None and spec.kind == "prune"
+
+
 def _classify(node: fx.Node, k_dim: int) -> _Operand:
     base, chain = layout_chain(node)
     op = _Operand(node, base, chain)
-    target = getattr(base, "target", None)
-    if target is nm.sawb.default:
-        op.fp8 = E4M3 if base.args[1] <= 4 else None  # e4m3 holds the integers up to 16
-        op.why = "" if op.fp8 else f"sawb{base.args[1]} codes exceed the integers e4m3 holds exactly"
-        return op
+    spec = spec_of(getattr(base, "target", None))
     whys, prune = [], None
-    if target is nm.luq.default:
-        u = val(base.args[1])
-        samples = u.shape[0] if u is not None and u.dim() == 1 and not u.is_floating_point() else 1
-        op.fp8, why = luq_format(luq_levels(base.args[2], base.args[3]) - 1, samples)
-        whys.append(why)
+    if spec is not None and spec.kind == "quantize":
+        form = spec.form(_params(base, spec))
+        if spec.codes_op is None:
+            whys.append(f"{spec.name} has no float8 codes op")
+        else:
+            op.spec, op.fp8 = spec, form.float8
+            whys.append(form.why)
+        if spec.stage == "forward":  # forward operands are never pruned
+            op.why = "; ".join(w for w in whys if w)
+            return op
         src = base.args[0]
-        prune = src if getattr(src, "target", None) in _PRUNE else None
-    elif target in _PRUNE:
+        prune = src if _pruned(src) else None
+    elif spec is not None and spec.kind == "prune":
         prune = base
         whys.append("not quantized")
     else:
@@ -96,7 +108,7 @@ def _static_chain(o: _Operand) -> bool:
 
 @dataclasses.dataclass
 class _Plan:
-    kernel: str  # "2:4 fp8" | "fp8" | "2:4" | "dense"
+    kernel: GemmKernel
     note: Optional[str]
     left: Optional[_Operand] = None
     right: Optional[_Operand] = None
@@ -113,79 +125,71 @@ def _device(node: Optional[fx.Node]) -> Optional[torch.device]:
 
 def _plan(node: Optional[fx.Node], rec: GemmRecord, lowering: str) -> _Plan:
     if lowering == "emulate":
-        return _Plan("dense", None)
+        return _Plan(DENSE, None)
     device = _device(node)
     if lowering == "auto" and device is not None and device.type != "cuda":
-        return _Plan("dense", f"lowering='auto' emulates on {device.type}")
+        return _Plan(DENSE, f"lowering='auto' emulates on {device.type}")
     if node is None or node.target not in _GEMMS:
-        return _Plan("dense", f"no native kernel for {rec.op} GEMMs (mm and addmm only)")
+        return _Plan(DENSE, f"no native kernel for {rec.op} GEMMs (mm and addmm only)")
     if node.target is aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
-        return _Plan("dense", "addmm with alpha/beta other than 1")
+        return _Plan(DENSE, "addmm with alpha/beta other than 1")
     out = val(node)
     a, b = (node.args[1], node.args[2]) if node.target is aten.addmm.default else node.args[:2]
     m, k = val(a).shape
     n = val(b).shape[1]
     left, right = _classify(a, 1), _classify(b, 0)
     if not all(isinstance(size, int) for size in (m, n, k)) or not (_static_chain(left) and _static_chain(right)):
-        return _Plan("dense", "symbolic shapes: native kernels need static sizes")
+        return _Plan(DENSE, "symbolic shapes: native kernels need static sizes")
     capability = torch.cuda.get_device_capability(out.device) if out.device.type == "cuda" else None
-    sparse = left if left.sparse24 else right if right.sparse24 else None
+    sparse = left.sparse24 or right.sparse24
+    float8 = bool(left.fp8 and right.fp8)
     notes = []
     candidates = []
-    if sparse is not None and left.fp8 and right.fp8:
-        if left.fp8 == E4M3 and right.fp8 == E4M3:
-            candidates.append("2:4 fp8")
-        else:
-            notes.append("2:4 fp8: cuSPARSELt takes e4m3 only")
-    if left.fp8 and right.fp8:
-        candidates.append("fp8")
-    if sparse is not None:
-        candidates.append("2:4")
+    for kernel in KERNELS.values():
+        if kernel is DENSE or (kernel.sparse24 and not sparse) or (kernel.float8 and not float8):
+            continue
+        if kernel.sparse24 and kernel.float8 and not (left.fp8 == E4M3 and right.fp8 == E4M3):
+            notes.append(f"{kernel.name}: cuSPARSELt takes e4m3 only")
+            continue
+        candidates.append(kernel)
     for kernel in candidates:
-        why = native_support(kernel, out.device, capability, (m, n, k), out.dtype)
+        why = kernel.support(out.device, capability, (m, n, k), out.dtype)
         if why is None:
             return _Plan(kernel, "; ".join(notes) or None, left, right)
-        notes.append(f"{kernel}: {why}")
+        notes.append(f"{kernel.name}: {why}")
     if not candidates:
         whys = [f"{side} operand: {o.why}" for side, o in (("left", left), ("right", right)) if o.why]
         notes.append("no exact low-precision form (" + "; ".join(whys) + ")")
-    return _Plan("dense", "; ".join(notes))
+    return _Plan(DENSE, "; ".join(notes))
 
 
-def _kernel_name(plan: _Plan, device: torch.device) -> str:
-    if plan.kernel == "fp8":
-        fmts = {FORMAT_NAMES[plan.left.fp8], FORMAT_NAMES[plan.right.fp8]}
-        return "fp8 " + "×".join(sorted(fmts, reverse=True))
-    if plan.kernel.startswith("2:4"):
-        impl = "cusparselt" if device.type == "cuda" else "cpu"
-        dtype = "fp8" if plan.kernel == "2:4 fp8" else _SHORT[val(plan.left.node).dtype]
-        return f"2:4 {impl} {dtype}"
-    return plan.kernel
+def _codes_fn(spec: OpSpec, args: tuple):
+    codes_op = getattr(torch.ops.nm, spec.codes_op).default
+    return lambda *xs: codes_op(*xs, *args)
 
 
 class _Lowerer:
     def __init__(self, graph: fx.Graph, decompositions: dict):
         self.graph, self.decompositions = graph, decompositions
-        self.sawb_codes: dict = {}  # nm.sawb node -> (codes node, scale node)
+        self.forward_codes: dict = {}  # forward quantizer node -> (codes node, scale node)
 
-    def _codes_of_sawb(self, base: fx.Node) -> tuple:
-        if base not in self.sawb_codes:
-            info = dataclasses.replace(NodeInfo.read(base), op="sawb_fp8")
-            bits = base.args[1]
-            self.sawb_codes[base] = splice(
+    def _codes_of_forward(self, base: fx.Node, spec: OpSpec) -> tuple:
+        """A forward quantizer's codes, computed once right after it: the forward GEMM and the
+        backward GEMMs that reuse its output all read them."""
+        if base not in self.forward_codes:
+            self.forward_codes[base] = splice(
                 self.graph,
                 base.next,
-                lambda x: torch.ops.nm.sawb_fp8.default(x, bits),
+                _codes_fn(spec, tuple(base.args[1:])),
                 [base.args[0]],
                 serves=base,
-                info=info,
+                info=dataclasses.replace(NodeInfo.read(base), op=spec.codes_op),
                 decompositions=self.decompositions,
             )
-        return self.sawb_codes[base]
+        return self.forward_codes[base]
 
     def lower(self, node: fx.Node, rec: GemmRecord, plan: _Plan) -> None:
         inputs: list = []
-        fp8 = plan.kernel in ("fp8", "2:4 fp8")
 
         def take(x) -> int:
             inputs.append(x)
@@ -200,30 +204,33 @@ class _Lowerer:
                     t = target(t, *args, **kwargs)
                 return t
 
-            if not fp8:
+            if not plan.kernel.float8:
                 i = take(o.node)
                 return lambda xs: (xs[i], None)
-            if o.base.target is nm.sawb.default:
-                codes, scale = self._codes_of_sawb(o.base)
+            if o.spec.stage == "forward":
+                codes, scale = self._codes_of_forward(o.base, o.spec)
                 i, j = take(codes), take(scale)
                 return lambda xs: (laid_out(xs[i]), xs[j])
-            x, u, bits, levels = o.base.args
-            i, j = take(x), take(u)
+            # a gradient quantizer feeds this GEMM only: its codes are computed here, from its inputs
+            tensors = [a for a in o.base.args if isinstance(a, fx.Node)]
+            positions = [take(a) for a in tensors]
+            codes_op = getattr(torch.ops.nm, o.spec.codes_op).default
+            rest = o.base.args[len(tensors):]
 
-            def luq_fp8(xs):
-                codes, scale = torch.ops.nm.luq_fp8.default(xs[i], xs[j], bits, levels)
+            def gradient_codes(xs):
+                codes, scale = codes_op(*(xs[i] for i in positions), *rest)
                 return laid_out(codes), scale
 
-            return luq_fp8
+            return gradient_codes
 
         left_fn, right_fn = operand_fn(plan.left), operand_fn(plan.right)
         bias = take(node.args[0]) if node.target is aten.addmm.default else None
         out_dtype = val(node).dtype
-        transposed = plan.kernel.startswith("2:4") and not plan.left.sparse24  # the sparse operand goes left
+        transposed = plan.kernel.sparse24 and not plan.left.sparse24  # the sparse operand goes left
 
         def gemm(*xs):
             (a, sa), (b, sb) = left_fn(xs), right_fn(xs)
-            if plan.kernel.startswith("2:4"):
+            if plan.kernel.sparse24:
                 if transposed:  # A·B = (Bᵀ·Aᵀ)ᵀ
                     return torch.ops.nm.sparse24_mm.default(b.t(), a.t(), sb, sa, out_dtype).t()
                 return torch.ops.nm.sparse24_mm.default(a, b, sa, sb, out_dtype)
@@ -236,9 +243,9 @@ class _Lowerer:
         rec.node = layout_chain(new)[0].name  # the record names the GEMM that runs now
 
     def finish(self) -> None:
-        """SAWB outputs still used by dense GEMMs read the codes back (the same values)."""
+        """Forward quantizer outputs still used by dense GEMMs read the codes back (the same values)."""
         self.graph.eliminate_dead_code()
-        for base, (codes, scale) in self.sawb_codes.items():
+        for base, (codes, scale) in self.forward_codes.items():
             if base.users:
                 dtype = val(base).dtype
                 deq = splice(
@@ -254,6 +261,10 @@ class _Lowerer:
                 self.graph.erase_node(base)
 
 
+def _formats(plan: _Plan) -> tuple:
+    return tuple(o.fp8 if plan.kernel.float8 else val(o.node).dtype for o in (plan.left, plan.right))
+
+
 def lower_gemms(graph: fx.Graph, records: list, config: NMConfig, decompositions: dict) -> None:
     """Pick every recorded GEMM's kernel (``rec.kernel``, ``rec.kernel_note``) and put it in ``graph``."""
     version = cusparselt_version()
@@ -264,15 +275,15 @@ def lower_gemms(graph: fx.Graph, records: list, config: NMConfig, decompositions
         if not rec.transforms or rec.skipped:
             continue  # nothing compressed: the GEMM it always was
         node = nodes.get(rec.node)  # None for a convolution backward the rewrite split
-        codes = dict(lowerer.sawb_codes)
+        codes = dict(lowerer.forward_codes)
         try:
             with atomic(graph):  # all or nothing: a failure leaves this GEMM exactly as emulated
                 plan = _plan(node, rec, config.lowering)
                 rec.kernel_note = plan.note
-                if plan.kernel != "dense":
-                    rec.kernel = _kernel_name(plan, val(node).device)
+                if plan.kernel is not DENSE:
+                    rec.kernel = plan.kernel.use(_formats(plan), val(node).device, val(plan.left.node).dtype)
                     lowerer.lower(node, rec, plan)
         except Exception as err:  # never fail a user's compile, and say why
-            lowerer.sawb_codes = codes
-            rec.kernel, rec.kernel_note = "dense", f"native lowering failed ({type(err).__name__}: {err})"
+            lowerer.forward_codes = codes
+            rec.kernel, rec.kernel_note = DENSE_USE, f"native lowering failed ({type(err).__name__}: {err})"
     lowerer.finish()

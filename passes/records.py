@@ -2,7 +2,40 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Mapping, Optional
+
+from nmcompile.kernels.catalog import OPS, OpSpec
+from nmcompile.kernels.gemm import DENSE_USE, KernelUse
+
+
+class Transform(str):
+    """One nm op applied to a GEMM operand. Its value is the label reports print ("mvue 2:4 along K
+    (tokens)", "luq4 smp2", "sawb4 W,X"); consumers read the typed fields instead: ``op`` (a name in
+    ``kernels.catalog.OPS``), ``params`` (the op's parameters) and ``where`` (the dim it groups
+    along, or the forward operands it quantizes)."""
+
+    op: str
+    params: dict
+    where: str
+
+    def __new__(cls, op: str, params: Mapping, where: str = "") -> "Transform":
+        self = super().__new__(cls, OPS[op].transform_label(params, where))
+        self.op, self.params, self.where = op, dict(params), where
+        return self
+
+    def __getnewargs__(self):  # copies and pickles rebuild it from its fields
+        return self.op, self.params, self.where
+
+    @property
+    def spec(self) -> OpSpec:
+        return OPS[self.op]
+
+    def as_dict(self) -> dict:
+        return {"op": self.op, "params": dict(self.params), "where": self.where}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Transform":
+        return cls(d["op"], d["params"], d.get("where", ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +70,12 @@ class GemmRecord:
     module: str  # qualified name of the nn.Module that owns it ("" at top level)
     shape: tuple  # (M, N, K) of the GEMM; str entries for symbolic sizes
     dtype: str
-    transforms: list = dataclasses.field(default_factory=list)  # e.g. ["mvue 2:4 along K", "luq4"]
+    transforms: list = dataclasses.field(default_factory=list)  # Transforms, in the order they apply
     skipped: Optional[str] = None  # why nothing was applied, when nothing was
     notes: list = dataclasses.field(default_factory=list)
-    # the kernel that runs it: "dense" (input dtype), "fp8 e4m3", "fp8 e5m2×e4m3", "2:4 cusparselt bf16",
-    # "2:4 cusparselt fp8", or on CPU "2:4 cpu bf16" / "2:4 cpu fp8" (structure checked, dense product)
-    kernel: str = "dense"
+    # the kernel that runs it (kernels.gemm.KernelUse): "dense" (input dtype), "fp8 e4m3", "fp8 e5m2×e4m3",
+    # "2:4 cusparselt bf16", "2:4 cusparselt fp8", or on CPU "2:4 cpu bf16" / "2:4 cpu fp8"
+    kernel: str = DENSE_USE
     kernel_note: Optional[str] = None  # why a rewritten GEMM stayed dense (or on a lesser kernel)
     cusparselt: Optional[int] = None  # torch.backends.cusparselt.version() where it was compiled
 
@@ -56,6 +89,10 @@ class GemmRecord:
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)
+        d["transforms"] = [str(t) for t in self.transforms]
+        d["ops"] = [t.as_dict() for t in self.transforms if isinstance(t, Transform)]
+        d["kernel"] = str(self.kernel)
+        d["kernel_use"] = self.kernel.as_dict() if isinstance(self.kernel, KernelUse) else None
         d["shape"] = list(self.shape)
         d["flops"] = self.flops
         return d

@@ -1,5 +1,5 @@
 """The joint-graph rewrite: compress neural gradients before backward GEMMs, quantize forward
-GEMM operands, and record every decision (DESIGN.md §5)."""
+GEMM operands, and record every decision (docs/architecture.md, "The pass")."""
 from __future__ import annotations
 
 import contextlib
@@ -10,14 +10,14 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from nmcompile.kernels.ops import luq_drawn, mvue_drawn
+from nmcompile.kernels.catalog import OPS
 from .analysis import (
     CONV_BWD, CONV_FWD, MATMULS, forward_partners, is_fused_attention_backward, is_tangent, layout_chain,
     matmul_operands, matmul_role, module_path, size_str, tangent_descendants, val,
 )
 from .config import NMConfig
 from .lowering import lower_gemms
-from .records import GemmRecord, NodeInfo
+from .records import GemmRecord, NodeInfo, Transform
 from .seeds import merge_seed_draws
 from .splice import atomic, splice
 
@@ -39,24 +39,19 @@ class _Rewriter:
 
     # -- the ops: opaque calls, each drawing its seeds from torch's generator ----------------
     # Inductor calls them as extern kernels (kernels/ops.py): their math is compiled once, not
-    # inlined into the neighbouring kernels of every layer (DESIGN.md §7).
+    # inlined into the neighbouring kernels of every layer.
     @staticmethod
-    def _gradient_fn(steps: list) -> Callable:
+    def _apply_fn(transforms: list) -> Callable:
         def compress(x):
-            for kind, args in steps:
-                if kind == "mvue":
-                    x = mvue_drawn(x, *args)
-                elif kind == "greedy":
-                    x = torch.ops.nm.greedy.default(x, *args)
-                elif kind == "luq":
-                    x = luq_drawn(x, *args)
+            for t in transforms:
+                x = t.spec.apply(x, **t.params)
             return x
 
         return compress
 
-    def _sawb_fn(self) -> Callable:
-        bits = self.config.fwd_bits
-        return lambda x: torch.ops.nm.sawb.default(x, bits)
+    def _forward_transform(self, where: str) -> Transform:
+        spec = OPS[self.config.fwd_quant]
+        return Transform(spec.name, self.config.params_for(spec), where)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _record(self, node: fx.Node, op: str, role: str, shape: tuple) -> GemmRecord:
@@ -105,9 +100,11 @@ class _Rewriter:
             anchor = base.next
             while anchor.op == "placeholder":  # keep placeholders first
                 anchor = anchor.next
-            info = NodeInfo("sawb", gemm.name, module_path(gemm), "fwd", bits=self.config.fwd_bits)
+            quantize = self._forward_transform("W,X")
+            info = NodeInfo(quantize.op, gemm.name, module_path(gemm), "fwd", bits=quantize.params["bits"])
             self.quantized[base] = splice(
-                self.graph, anchor, self._sawb_fn(), [base], serves=gemm, info=info, decompositions=self.decompositions
+                self.graph, anchor, self._apply_fn([quantize]), [base], serves=gemm, info=info,
+                decompositions=self.decompositions,
             )
         return self._replay(chain, self.quantized[base], before=gemm)
 
@@ -157,11 +154,11 @@ class _Rewriter:
                 for operand, quantized in zip(operands, new):  # then the change
                     node.replace_input_with(operand, quantized)
                 self.quantized_gemms.add(node)
-                rec.transforms.append(f"sawb{cfg.fwd_bits} W,X")
+                rec.transforms.append(self._forward_transform("W,X"))
 
     # -- backward GEMMs -------------------------------------------------------------------------
     def _gradient_steps(self, rec: GemmRecord, role: str, k, dim: int, dim_name: str) -> list:
-        """The (op, args) to apply to a gradient operand reduced over ``dim`` of size ``k``; records them."""
+        """The Transforms to apply to a gradient operand reduced over ``dim`` of size ``k``; records them."""
         cfg, steps = self.config, []
         if cfg.pattern is not None and role in cfg.gemms:
             n, m = cfg.pattern
@@ -169,15 +166,15 @@ class _Rewriter:
             if k_int is not None and k_int < m:
                 rec.notes.append(f"{cfg.sparsity} skipped: reduction size {k_int} < M={m}")
             else:
-                steps.append((cfg.method, (n, m, dim)))
-                rec.transforms.append(f"{cfg.method} {cfg.sparsity} along {dim_name}")
+                steps.append(Transform(cfg.method, {"n": n, "m": m, "dim": dim}, dim_name))
                 if k_int is None:
                     rec.notes.append(f"symbolic reduction size {k}: a remainder mod {m} stays dense")
                 elif k_int % m:
                     rec.notes.append(f"reduction size {k_int} not divisible by {m}: last {k_int % m} stay dense")
-        if cfg.quant == "luq":
-            steps.append(("luq", (cfg.bits, cfg.levels, cfg.smp)))
-            rec.transforms.append(f"luq{cfg.bits}" + (f" smp{cfg.smp}" if cfg.smp > 1 else ""))
+        if cfg.quant is not None:
+            spec = OPS[cfg.quant]
+            steps.append(Transform(spec.name, cfg.params_for(spec)))
+        rec.transforms.extend(steps)
         return steps
 
     def _why_unchanged(self, role: str) -> str:
@@ -187,11 +184,11 @@ class _Rewriter:
         return "no gradient transform configured"
 
     def _compress(self, operand: fx.Node, gemm: fx.Node, steps: list, role: str) -> fx.Node:
-        info = NodeInfo("+".join(kind for kind, _ in steps), gemm.name, module_path(gemm), role)
+        info = NodeInfo("+".join(t.op for t in steps), gemm.name, module_path(gemm), role)
         return splice(
             self.graph,
             gemm,
-            self._gradient_fn(steps),
+            self._apply_fn(steps),
             [operand],
             serves=gemm,
             info=info,
@@ -223,7 +220,7 @@ class _Rewriter:
             requant = self._requantized(other, node, partner)
             if requant is not None:
                 changes.append((other, requant))
-                rec.transforms.append(f"sawb{self.config.fwd_bits} {'W' if role == 'dgrad' else 'X'}")
+                rec.transforms.append(self._forward_transform("W" if role == "dgrad" else "X"))
             if self._selected(rec):
                 dim = val(grad).dim() - (1 if grad_left else 2)  # the reduction dim of the gradient operand
                 steps = self._gradient_steps(
@@ -251,7 +248,7 @@ class _Rewriter:
                 rec = recs[index]
                 rec.shape = _shape(_conv_bwd_shape(node, role))
                 if new_x is not x or new_w is not w:
-                    rec.transforms.append(f"sawb{self.config.fwd_bits} {'W' if role == 'dgrad' else 'X'}")
+                    rec.transforms.append(self._forward_transform("W" if role == "dgrad" else "X"))
                 g = grad
                 if grad in grads and self._selected(rec):
                     # dgrad reduces over output channels (dim 1); wgrad over N·H·W: group along W.

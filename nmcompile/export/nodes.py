@@ -7,51 +7,50 @@ import torch
 import torch._inductor.decomposition  # noqa: F401  (defines prims.fma, which the captured graphs use)
 import torch.fx as fx
 
+from nmcompile.kernels.catalog import OPS, SEEDS_COLOR, OpSpec, density, spec_of
 from nmcompile.passes.analysis import module_path
 from nmcompile.passes.records import NodeInfo
 
 aten = torch.ops.aten
 
-NM_OPS = {"mvue", "greedy", "luq", "sawb"}
-NM_COLORS = {"mvue": "#ffa94d", "greedy": "#ffd43b", "luq": "#b197fc", "sawb": "#74c0fc", "rand": "#dee2e6"}
+NM_OPS = set(OPS)
+NM_COLORS = {**{name: spec.color for name, spec in OPS.items()}, "rand": SEEDS_COLOR}
 
 
 # -- what an inserted node is ------------------------------------------------------------------
+def nm_spec(node: fx.Node) -> Optional[OpSpec]:
+    """The description of the nm op a node calls (``kernels.catalog``), else None (other nodes, and
+    nm.seeds, the seed buffer of a graph lowered for Inductor)."""
+    return spec_of(node.target) if node.op == "call_function" else None
+
+
 def nm_op_name(node: fx.Node) -> Optional[str]:
-    """``mvue``/``greedy``/``luq``/``sawb`` for a ``torch.ops.nm.*`` call, else None."""
-    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-        return None
-    if node.target.namespace != "nm" or node.target._opname not in NM_OPS:
-        return None  # e.g. nm.seeds, the seed buffer of a graph lowered for Inductor
-    return node.target._opname
+    """The catalog name (``mvue``, ``luq``, ...) of the nm op a node calls, else None."""
+    spec = nm_spec(node)
+    return spec.name if spec is not None else None
 
 
 def nm_attrs(node: fx.Node) -> Optional[dict]:
-    """What an nm op node does: op, pattern, n/m/dim or bits/levels, role, module, the GEMM it serves,
-    and ``density`` (fraction kept) for the pruning ops. None for other nodes."""
-    op = nm_op_name(node)
-    if op is None:
+    """What an nm op node does: op, pattern (its short label), its parameters (n/m/dim, bits/levels,
+    ...), role, module, the GEMM it serves, and ``density`` (fraction kept) for the pruning ops.
+    None for other nodes."""
+    spec = nm_spec(node)
+    if spec is None:
         return None
     info = NodeInfo.read(node)
-    out = {"op": op, "role": (info.role if info else "") or ("fwd" if op == "sawb" else "?"),
+    params = {k: v for k, v in zip(spec.args, node.args[1:]) if k != "u"}
+    out = {"op": spec.name, "role": (info.role if info else "") or ("fwd" if spec.stage == "forward" else "?"),
            "module": info.module if info else module_path(node), "gemm": info.gemm if info else ""}
-    args = list(node.args)
-    if op == "mvue":
-        n, m, dim = args[2:5]
-    elif op == "greedy":
-        n, m, dim = args[1:4]
-    if op in ("mvue", "greedy"):
-        out.update(n=int(n), m=int(m), dim=int(dim), pattern=f"{n}:{m}", density=int(n) / int(m))
-    elif op == "luq":
-        out.update(bits=int(args[2]), levels=str(args[3]), pattern=f"luq{args[2]}")
-    else:
-        out.update(bits=int(args[1]), pattern=f"sawb{args[1]}")
+    out.update(params)
+    out["pattern"] = spec.label(params)
+    if density(spec, params) is not None:
+        out["density"] = density(spec, params)
     return out
 
 
 def is_inserted(node: fx.Node) -> bool:
     """Inserted by the nm pass (the nm ops and the uniforms drawn for them)."""
-    return NodeInfo.read(node) is not None or nm_op_name(node) is not None
+    return NodeInfo.read(node) is not None or nm_spec(node) is not None
 
 
 def _target_name(node: fx.Node) -> str:

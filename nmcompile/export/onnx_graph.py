@@ -15,10 +15,11 @@ import torch
 import torch._inductor.decomposition  # noqa: F401  (defines prims.fma, which the captured graphs use)
 import torch.fx as fx
 
+from nmcompile.kernels.catalog import OPS
 from nmcompile.passes.analysis import module_path
 from nmcompile.passes.records import NodeInfo
 
-from .nodes import _target_name, _tensor, nm_attrs
+from .nodes import _target_name, _tensor, nm_attrs, nm_spec
 
 NM_DOMAIN = "com.nmcompile"
 ATEN_DOMAIN = "com.nmcompile.aten"
@@ -515,21 +516,13 @@ def _gelu(b, node, out):
     return b.emit("Gelu", [b.value(node.args[0])], approximate=node.kwargs.get("approximate", "none"))[0]
 
 
-# nm op -> (ONNX op type, inputs taken from the node's args: x and, for the sampling ops, its seeds,
-# the nm_attrs keys that become ONNX attributes)
-_NM_ONNX = {
-    "mvue": ("MVUE", 2, ("n", "m", "dim")),
-    "greedy": ("Greedy", 1, ("n", "m", "dim")),
-    "luq": ("LUQ", 2, ("bits", "levels")),
-    "sawb": ("SAWB", 1, ("bits",)),
-}
-
-
 def _nm(b: _OnnxBuilder, node: fx.Node, out):
-    info = nm_attrs(node)
-    op_type, inputs, attrs = _NM_ONNX[info["op"]]
-    return b.emit(op_type, [b.value(a) for a in node.args[:inputs]], domain=NM_DOMAIN,
-                  **{key: info[key] for key in attrs})[0]
+    """An nm op as its catalog entry says: ONNX op type, inputs x (and the seeds of a sampling op),
+    its parameters as attributes."""
+    info, spec = nm_attrs(node), nm_spec(node)
+    inputs = 2 if spec.sampled else 1
+    return b.emit(spec.onnx_type, [b.value(a) for a in node.args[:inputs]], domain=NM_DOMAIN,
+                  **{key: info[key] for key in spec.onnx_attrs})[0]
 
 
 _HANDLERS: dict = {
@@ -598,10 +591,7 @@ _HANDLERS: dict = {
     aten._softmax.default: _softmax("Softmax"),
     aten._log_softmax.default: _softmax("LogSoftmax"),
     aten.gelu.default: _gelu,
-    torch.ops.nm.mvue.default: _nm,
-    torch.ops.nm.greedy.default: _nm,
-    torch.ops.nm.luq.default: _nm,
-    torch.ops.nm.sawb.default: _nm,
+    **{spec.op: _nm for spec in OPS.values()},
 }
 _HANDLERS = {k: v for k, v in _HANDLERS.items() if v is not None}
 for _op in (aten.bitwise_not.default, aten.logical_not.default):

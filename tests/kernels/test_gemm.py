@@ -188,23 +188,27 @@ def test_gemm_ops_pass_opcheck():
 CUDA = torch.device("cuda", 0)
 
 
+def support(name, *args):
+    return gemm.KERNELS[name].support(*args)
+
+
 def test_native_support_on_cpu_and_cuda(monkeypatch):
     cpu = torch.device("cpu")
-    assert gemm.native_support("fp8", cpu, None, (3, 5, 7), torch.float32) is None
-    assert gemm.native_support("2:4", cpu, None, (3, 5, 8), torch.float32) is None
-    assert "8.9" in gemm.native_support("fp8", CUDA, (8, 0), (64, 64, 64), torch.bfloat16)
-    assert gemm.native_support("fp8", CUDA, (9, 0), (64, 64, 64), torch.bfloat16) is None
-    assert "K=24" in gemm.native_support("fp8", CUDA, (9, 0), (64, 64, 24), torch.bfloat16)
+    assert support("fp8", cpu, None, (3, 5, 7), torch.float32) is None
+    assert support("2:4", cpu, None, (3, 5, 8), torch.float32) is None
+    assert "8.9" in support("fp8", CUDA, (8, 0), (64, 64, 64), torch.bfloat16)
+    assert support("fp8", CUDA, (9, 0), (64, 64, 64), torch.bfloat16) is None
+    assert "K=24" in support("fp8", CUDA, (9, 0), (64, 64, 24), torch.bfloat16)
     monkeypatch.setattr(gemm, "cusparselt_version", lambda: None)
-    assert "cuSPARSELt is not available" in gemm.native_support("2:4", CUDA, (9, 0), (64, 64, 64), torch.bfloat16)
+    assert "cuSPARSELt is not available" in support("2:4", CUDA, (9, 0), (64, 64, 64), torch.bfloat16)
     monkeypatch.setattr(gemm, "cusparselt_version", lambda: 800)
-    assert gemm.native_support("2:4", CUDA, (9, 0), (64, 64, 64), torch.bfloat16) is None
-    assert "bf16/fp16" in gemm.native_support("2:4", CUDA, (9, 0), (64, 64, 64), torch.float32)
-    assert "bf16/fp16 outputs" in gemm.native_support("2:4 fp8", CUDA, (9, 0), (64, 64, 64), torch.float32)
-    assert "8.9" in gemm.native_support("2:4 fp8", CUDA, (8, 0), (64, 64, 64), torch.bfloat16)
-    assert "M >= 32" in gemm.native_support("2:4 fp8", CUDA, (9, 0), (16, 64, 64), torch.bfloat16)
-    assert "K >= 16 and a multiple" in gemm.native_support("2:4", CUDA, (9, 0), (64, 64, 40), torch.bfloat16)
-    assert "7.5" in gemm.native_support("2:4", CUDA, (7, 5), (64, 64, 64), torch.bfloat16)
+    assert support("2:4", CUDA, (9, 0), (64, 64, 64), torch.bfloat16) is None
+    assert "bf16/fp16" in support("2:4", CUDA, (9, 0), (64, 64, 64), torch.float32)
+    assert "bf16/fp16 outputs" in support("2:4 fp8", CUDA, (9, 0), (64, 64, 64), torch.float32)
+    assert "8.9" in support("2:4 fp8", CUDA, (8, 0), (64, 64, 64), torch.bfloat16)
+    assert "M >= 32" in support("2:4 fp8", CUDA, (9, 0), (16, 64, 64), torch.bfloat16)
+    assert "K >= 16 and a multiple" in support("2:4", CUDA, (9, 0), (64, 64, 40), torch.bfloat16)
+    assert "7.5" in support("2:4", CUDA, (7, 5), (64, 64, 64), torch.bfloat16)
 
 
 @pytest.mark.cuda

@@ -135,11 +135,22 @@ def test_report_carries_the_kernel():
     model, x = model_and_input("mlp")
     _, _, rep = run(model, x, BOTH, "native")
     data = json.loads(rep.to_json())
-    assert data["schema"] == "nmcompile.report/2"
+    assert data["schema"] == "nmcompile.report/3"
     assert {g["kernel"] for g in data["gemms"]} >= {"fp8 e4m3", "2:4 cpu fp8"}
     assert all("cusparselt" in g for g in data["gemms"])
     again = Report.from_json(rep.to_json())
     assert [g.kernel for g in again.gemms] == [g.kernel for g in rep.gemms]
+    # the typed forms survive the round trip
+    assert [(g.kernel.kernel, g.kernel.formats, g.kernel.impl) for g in again.gemms] == [
+        (g.kernel.kernel, g.kernel.formats, g.kernel.impl) for g in rep.gemms]
+    assert [[(t.op, t.params, t.where) for t in g.transforms] for g in again.gemms] == [
+        [(t.op, t.params, t.where) for t in g.transforms] for g in rep.gemms]
+    assert again.summary() == rep.summary()
+    version2 = json.loads(rep.to_json())  # labels only: read, shown, not modelled
+    version2["schema"] = "nmcompile.report/2"
+    for g in version2["gemms"]:
+        del g["ops"], g["kernel_use"]
+    assert [g.transforms for g in Report.from_json(json.dumps(version2)).gemms] == [g.transforms for g in rep.gemms]
     assert data["summary"]["native_flop_share"] == 1.0
     old = json.loads(rep.to_json())
     old["schema"] = "nmcompile.report/1"

@@ -1,0 +1,205 @@
+"""One description per nm op: everything the rest of nmcompile knows about it, as data.
+
+An :class:`OpSpec` says what an op is (pruning or quantization, of the neural gradient or of the
+forward operands), how its arguments are laid out, whether it is unbiased, which exact
+low-precision form its output has (:class:`Form`), how reports, ONNX and Model Explorer show it,
+and which option keys configure it. The option validation, the graph rewrite, the lowering, the
+exporters, the noise monitor, the report and the CLI all read these descriptions instead of
+naming ops themselves; adding a method is adding a description here (and its kernels).
+``tests/kernels/test_catalog.py`` walks every op through every consumer.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+from .fp8 import E4M3, luq_format
+from .grouping import uniform_shape
+from .luq import luq_levels, luq_math, luq_noise_shape
+from .random import seeds_for
+from .sawb import SAWB_COEFFICIENTS
+
+KINDS = ("prune", "quantize")
+STAGES = ("gradient", "forward")  # the neural gradient of a backward GEMM | a forward GEMM's W and X
+
+
+def is_24(n: int, m: int) -> bool:
+    """Whether N:M groups give a 2:4 structure (at most 2 nonzeros in every aligned 4), as the 2:4
+    tensor-core GEMMs need: N <= 2 with 4 | M, or 1:2."""
+    return (m % 4 == 0 and n <= 2) or (m == 2 and n == 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Form:
+    """The exact low-precision form of an op's output, beyond its dtype.
+
+    ``structure``: at most N nonzeros in every group of M along the op's dim. ``max_code``: the
+    output is integer codes ``|c| <= max_code`` times one per-tensor scale, exactly. ``float8``: a
+    float8 format holding those codes exactly (None: ``why``)."""
+
+    structure: Optional[tuple[int, int]] = None
+    max_code: Optional[int] = None
+    float8: Optional[torch.dtype] = None
+    why: str = ""
+
+    @property
+    def sparse24(self) -> bool:
+        return self.structure is not None and is_24(*self.structure)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """What ``torch.ops.nm.<name>`` is. Fields are data; the few callables compute a value from
+    the op's parameters (a dict of its argument names, plus ``samples`` for sampled ops)."""
+
+    name: str
+    kind: str  # one of KINDS
+    stage: str  # one of STAGES
+    schema: str  # the op's signature; "u": uniforms or int64 seeds standing for them
+    unbiased: bool
+    options: Mapping[str, str]  # op parameter -> the backend option that sets it (n, m, dim: the pattern)
+    bits: Optional[Sequence[int]]  # allowed bit widths (quantizers)
+    summary: str  # one line for docs and --help
+    label: Callable[[Mapping], str]  # the short label in reports and exports: "2:4", "luq4", "sawb4"
+    form: Callable[[Mapping], Form]
+    onnx_type: str  # op type in the com.nmcompile ONNX domain; attributes: ``onnx_attrs``
+    onnx_attrs: tuple[str, ...]
+    color: str  # node colour in Model Explorer and DOT
+    codes_op: Optional[str] = None  # nm op giving the output as float8 codes and a scale, same arguments
+    # elementwise stochastic quantizers: the ops are registered from these (kernels/ops.py)
+    math: Optional[Callable] = None  # portable torch math (x, uniforms (samples, *x.shape), **params)
+    kernel_arg: Optional[Callable[[Mapping], int]] = None  # the int the CPU (nm_<name>) and Triton kernels take
+
+    @property
+    def op(self) -> torch._ops.OpOverload:
+        return getattr(torch.ops.nm, self.name).default
+
+    @property
+    def args(self) -> tuple[str, ...]:
+        """The op's argument names after x, in order."""
+        inside = self.schema[self.schema.index("(") + 1:self.schema.index(")")]
+        return tuple(arg.split()[-1] for arg in inside.split(",")[1:])
+
+    @property
+    def sampled(self) -> bool:
+        """Takes uniforms (or seeds standing for them): a random op."""
+        return "u" in self.args
+
+    def transform_label(self, params: Mapping, where: str = "") -> str:
+        """The label of one application in a GEMM record: "mvue 2:4 along K (tokens)", "luq4 smp2",
+        "sawb4 W,X"."""
+        if self.kind == "prune":
+            return f"{self.name} {self.label(params)} along {where}"
+        text = self.label(params) + (f" smp{params['samples']}" if params.get("samples", 1) > 1 else "")
+        return f"{text} {where}" if where else text
+
+    def params_of(self, args: tuple) -> dict:
+        """The parameters of a call ``op(x, *rest)`` from its args (``samples`` from the seeds' shape)."""
+        params = dict(zip(self.args, args[1:]))
+        u = params.pop("u", None)
+        if self.sampled and "samples" in self.options:
+            params["samples"] = _samples(args[0], u)
+        return params
+
+    def apply(self, x: torch.Tensor, **params) -> torch.Tensor:
+        """The op on ``x`` with fresh seeds from torch's generator (the functional API and the graph
+        pass call this, so both draw alike)."""
+        rest = []
+        for name in self.args:
+            if name == "u":
+                noise, seeds = _noise(self, x, params)
+                rest.append(seeds_for(noise, x.device, seeds))
+            else:
+                rest.append(params[name])
+        return self.op(x, *rest)
+
+
+def _samples(x, u) -> int:
+    """Samples averaged: the leading dim of the seeds ``(samples,)`` or uniforms ``(samples, *x.shape)``."""
+    return int(u.shape[0]) if u is not None and u.dim() > 0 else 1
+
+
+def _noise(spec: OpSpec, x: torch.Tensor, params: Mapping) -> tuple[tuple, tuple]:
+    """(shape of the uniforms, shape of the seeds standing for them) of one call."""
+    if spec.kind == "prune":  # one uniform per group, one seed
+        return uniform_shape(x.shape, params["m"], params["dim"]), ()
+    samples = params.get("samples", 1)  # one uniform per element and sample, one seed per sample
+    return luq_noise_shape(x.shape, samples), (samples,)
+
+
+# -- the ops ------------------------------------------------------------------------------------
+def _structure(p: Mapping) -> Form:
+    return Form(structure=(p["n"], p["m"]), why="pruning keeps values in the input dtype")
+
+
+def _luq_form(p: Mapping) -> Form:
+    top = luq_levels(p["bits"], p["levels"]) - 1
+    samples = p.get("samples", 1)
+    fmt, why = luq_format(top, samples)
+    # levels α·2^k, k = 0..top: codes 2^k with scale α; the mean of s samples: codes Σ2^k, scale α/s
+    return Form(max_code=samples * 2**top, float8=fmt, why=why)
+
+
+def _sawb_form(p: Mapping) -> Form:
+    fits = p["bits"] <= 4  # e4m3 holds the integers up to 16
+    return Form(max_code=2 ** p["bits"] - 1, float8=E4M3 if fits else None,
+                why="" if fits else f"sawb{p['bits']} codes exceed the integers e4m3 holds exactly")
+
+
+def _prune_label(p: Mapping) -> str:
+    return f"{p['n']}:{p['m']}"
+
+
+_PRUNE = dict(kind="prune", stage="gradient", options={}, bits=None, label=_prune_label, form=_structure,
+              onnx_attrs=("n", "m", "dim"))
+
+MVUE = OpSpec(
+    "mvue", **_PRUNE, schema="(Tensor x, Tensor u, int n, int m, int dim) -> Tensor", unbiased=True,
+    summary="minimum-variance unbiased N:M pruning (water-filling marginals, systematic sampling)",
+    onnx_type="MVUE", color="#ffa94d",
+)
+GREEDY = OpSpec(
+    "greedy", **_PRUNE, schema="(Tensor x, int n, int m, int dim) -> Tensor", unbiased=False,
+    summary="keep the N largest magnitudes of every M (biased baseline)", onnx_type="Greedy", color="#ffd43b",
+)
+LUQ = OpSpec(
+    "luq", kind="quantize", stage="gradient", schema="(Tensor x, Tensor u, int bits, str levels) -> Tensor",
+    unbiased=True,
+    options={"bits": "bits", "levels": "levels", "samples": "smp"}, bits=range(2, 9),
+    summary="logarithmic unbiased quantization: stochastic underflow and log-domain stochastic rounding",
+    label=lambda p: f"luq{p['bits']}", form=_luq_form, onnx_type="LUQ", onnx_attrs=("bits", "levels"),
+    color="#b197fc", codes_op="luq_fp8", math=luq_math, kernel_arg=lambda p: luq_levels(p["bits"], p["levels"]) - 1,
+)
+SAWB = OpSpec(
+    "sawb", kind="quantize", stage="forward", schema="(Tensor x, int bits) -> Tensor", unbiased=False,
+    options={"bits": "fwd_bits"}, bits=tuple(sorted(SAWB_COEFFICIENTS)),
+    summary="SAWB round-to-nearest quantization of weights and activations (straight-through gradient)",
+    label=lambda p: f"sawb{p['bits']}", form=_sawb_form, onnx_type="SAWB", onnx_attrs=("bits",),
+    color="#74c0fc", codes_op="sawb_fp8",
+)
+
+OPS: dict[str, OpSpec] = {spec.name: spec for spec in (MVUE, GREEDY, LUQ, SAWB)}
+SEEDS_COLOR = "#dee2e6"  # the seed draws and other helper nodes the pass inserts
+
+
+def ops_of(kind: Optional[str] = None, stage: Optional[str] = None) -> tuple[OpSpec, ...]:
+    return tuple(s for s in OPS.values() if (kind is None or s.kind == kind) and (stage is None or s.stage == stage))
+
+
+def spec_of(target) -> Optional[OpSpec]:
+    """The description of an FX node target (``torch.ops.nm.<name>.default``), None for other targets."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "nm":
+        return None
+    spec = OPS.get(target._opname)
+    return spec if spec is not None and target is spec.op else None
+
+
+def density(spec: OpSpec, params: Mapping) -> Optional[float]:
+    """Fraction of values a pruning op keeps (None for other ops)."""
+    return params["n"] / params["m"] if spec.kind == "prune" else None
+
+
+def bits_of(spec: OpSpec, params: Mapping) -> Optional[int]:
+    return params.get("bits") if spec.kind == "quantize" else None
