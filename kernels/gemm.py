@@ -185,7 +185,8 @@ def _sparse_support(fp8: bool):
         if not fp8 and dtype not in _HALF:
             return f"2:4 tensor-core GEMMs take bf16/fp16 operands, got {_dtype_name(dtype)}"
         if fp8 and dtype not in _HALF:
-            return f"cuSPARSELt's FP8 GEMM gives bf16/fp16 outputs only (torch 2.11), this GEMM's output is {_dtype_name(dtype)}"
+            return ("cuSPARSELt's FP8 GEMM gives bf16/fp16 outputs only (torch 2.11), this GEMM's output is "
+                    + _dtype_name(dtype))
         rows, cols, _, dense_cols = _CSLT_MIN["fp8" if fp8 else "half"]
         for what, size, least in (("M", m, rows), ("K", k, cols), ("N", n, dense_cols)):
             if size < least or size % least:
