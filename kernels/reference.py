@@ -1,6 +1,6 @@
 """Straightforward reference implementations, written independently of the fused kernels.
 
-They sort each group and follow the textbook description (DESIGN.md §4), so they can check the
+They sort each group and follow the textbook description (docs/architecture.md, "Algorithms"), so they can check the
 kernels' results, and they expose the exact inclusion probabilities and variances the
 statistical tests compare against.
 """

@@ -1,4 +1,4 @@
-"""FX passes over the AOTAutograd joint graph (DESIGN.md §5)."""
+"""FX passes over the AOTAutograd joint graph (docs/architecture.md, "The pass")."""
 from .config import NMConfig, parse_pattern
 from .joint_pass import NMJointPass
 from .records import GemmRecord
