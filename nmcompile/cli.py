@@ -245,7 +245,7 @@ def cmd_export(args) -> int:
             else:
                 import onnx
 
-                from nmcompile import __version__
+                from nmcompile.version import __version__
                 from nmcompile.export import onnx_op_counts, to_onnx
 
                 if _holds_float8(gm):
@@ -403,7 +403,7 @@ def cmd_bench(args) -> int:
 
 # -- parser -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from nmcompile import __version__
+    from nmcompile.version import __version__
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(

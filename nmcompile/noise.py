@@ -118,7 +118,7 @@ class NoiseReport:
         return out
 
     def as_dict(self) -> dict:
-        from nmcompile import __version__
+        from nmcompile.version import __version__
 
         return {"schema": SCHEMA, "nmcompile": __version__, "torch": self.torch_version, "options": self.options,
                 "draws": self.draws, "step": self.step, "loss": self.loss, "summary": self.summary(),
