@@ -58,7 +58,7 @@ import torch.nn as nn
 from torch._inductor.graph import GraphLowering
 
 import nmcompile  # noqa: F401  (ops registered; backend found through the entry point anyway)
-from nmcompile.demo import cpu_name
+from nmcompile.demo.environment import cpu_name
 
 OPTIONS: dict[str, dict] = {
     "2:4": {"sparsity": "2:4"},
