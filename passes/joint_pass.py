@@ -1,9 +1,12 @@
 """NMJointPass: the Inductor ``joint_custom_pre_pass`` that applies an NMConfig."""
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import itertools
-import pathlib
+import importlib.util
+import pkgutil
 from typing import Optional
 
 import torch.fx as fx
@@ -13,10 +16,30 @@ from .config import NMConfig
 from .rewrite import rewrite_joint_graph
 from .trace_log import log_rewrite
 
-_SOURCES = sorted(
-    [*pathlib.Path(__file__).parent.glob("*.py"), *(pathlib.Path(__file__).parent.parent / "kernels").glob("*.py")]
-)
-_SOURCE_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()
+# The code whose behaviour a cached compile depends on: every module of these packages, wherever they are installed
+_HASHED_PACKAGES = ("nmcompile.passes", "nmcompile.kernels")
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash() -> str:
+    """sha256 over the source of every module in ``nmcompile.passes`` and ``nmcompile.kernels`` (found through
+    the import system, not the folder layout) and the C++ source of the CPU kernels."""
+    digest = hashlib.sha256()
+    for package_name in _HASHED_PACKAGES:
+        package = importlib.import_module(package_name)
+        names = [package_name] + sorted(
+            info.name for info in pkgutil.walk_packages(package.__path__, prefix=f"{package_name}.")
+        )
+        for name in names:
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.origin is None or spec.loader is None:
+                continue
+            digest.update(name.encode())
+            digest.update(spec.loader.get_data(spec.origin))
+    from nmcompile.kernels.cpu import SOURCE
+
+    digest.update(SOURCE.read_bytes())
+    return digest.hexdigest()
 
 
 class NMJointPass(CustomGraphPass):
@@ -45,7 +68,7 @@ class NMJointPass(CustomGraphPass):
 
     def uuid(self) -> str:
         # Sources and options: Inductor's caches never serve code compiled under other options.
-        key = f"{_SOURCE_HASH}|{sorted(self.config.as_dict().items())}|decompose={self.decompose}"
+        key = f"{source_hash()}|{sorted(self.config.as_dict().items())}|decompose={self.decompose}"
         return hashlib.sha256(key.encode()).hexdigest()
 
     def __deepcopy__(self, memo):  # config patches may be copied; records must stay shared
