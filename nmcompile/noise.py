@@ -328,6 +328,7 @@ class NoiseMonitor:
 
     def __init__(self, model: torch.nn.Module, options: Optional[dict] = None, *, every: int = 100,
                  loss_fn: Optional[Callable] = None, draws: int = 2, seed: int = 0, path=None, writer=None):
+        from nmcompile.backend import GraphCounter
         from nmcompile.passes import NMConfig
 
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -344,7 +345,7 @@ class NoiseMonitor:
         self._results: list = []
         self._unmeasured: list = []
         self._generators: dict = {}
-        self._graphs = 0
+        self._graphs = GraphCounter()  # numbers this monitor's Dynamo graphs, as recording() does
         self._compiled = torch.compile(model, backend=self._backend)
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -356,8 +357,7 @@ class NoiseMonitor:
         from nmcompile.backend import aot_eager
         from nmcompile.passes import NMJointPass
 
-        index = self._graphs
-        self._graphs += 1
+        index = self._graphs.next()
         first = len(self._records)
 
         def on_graph(graph: fx.GraphModule, kind: str):
@@ -368,11 +368,11 @@ class NoiseMonitor:
             self._unmeasured.extend(unmeasured)
             return lambda *args: _Measuring(graph, plans, self, index).run(*args)
 
-        joint_pass = NMJointPass(self.config, decompose=False, records=self._records, first_graph=index)
+        joint_pass = NMJointPass(self.config, decompose=False, records=self._records, graph=index)
         return aot_eager(gm, example_inputs, joint_pass, on_graph=on_graph)
 
     def measure(self, *inputs, step: Optional[int] = None) -> NoiseReport:
-        from nmcompile.explain import reduce_output
+        from nmcompile.capture import reduce_output
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
-import itertools
 import importlib.util
 import pkgutil
 from typing import Optional
@@ -52,16 +51,16 @@ class NMJointPass(CustomGraphPass):
     for tlparse (``trace_log``).
     """
 
-    def __init__(self, config: NMConfig, decompose: bool = True, records: Optional[list] = None, first_graph: int = 0):
+    def __init__(self, config: NMConfig, decompose: bool = True, records: Optional[list] = None, graph: int = 0):
         self.config = config
         self.decompose = decompose
         self.records = records if records is not None else []
-        self._graphs = itertools.count(first_graph)
+        self.graph = graph  # the Dynamo graph's index (nmcompile.backend.GraphCounter): its records carry it
         self.calls = 0  # joint graphs rewritten (0 after a compile served from Inductor's caches)
 
     def __call__(self, graph: fx.Graph) -> None:
         self.calls += 1
-        records = rewrite_joint_graph(graph, self.config, decompose=self.decompose, graph_index=next(self._graphs))
+        records = rewrite_joint_graph(graph, self.config, decompose=self.decompose, graph_index=self.graph)
         if records:  # inference graphs are left alone and give none
             log_rewrite(graph, records)
         self.records.extend(records)
