@@ -2,13 +2,12 @@
 torch.compile backend: ``torch.compile(model, backend="nm", options={"sparsity": "2:4"})``."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from nmcompile.explain import explain
 from nmcompile.functional import greedy, luq, mvue, sawb
 from nmcompile.noise import NoiseMonitor, NoiseReport, noise_report
 from nmcompile.report import Report
 from nmcompile.passes import NMConfig
+from nmcompile.version import __version__
 
 __all__ = ["NMConfig", "NoiseMonitor", "NoiseReport", "Report", "explain", "greedy", "luq", "mvue", "noise_report",
            "sawb", "SINGD", "__version__"]

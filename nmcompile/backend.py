@@ -16,14 +16,29 @@ import torch
 from nmcompile.passes import NMConfig, NMJointPass
 from nmcompile.passes.joint_pass import chain_with_existing
 
+
+class GraphCounter:
+    """Numbers the Dynamo graphs one compile context sees: 0, 1, ... in the order Dynamo compiles them,
+    inference-only graphs included (each backend call is one graph, rewritten or not).
+
+    The one numbering of the package: ``GemmRecord.graph`` (through ``NMJointPass(graph=...)``), the CLI's
+    captured graphs, the noise monitor's ``GemmNoise.graph`` and the profiler's ``g<graph>`` ranges all take
+    their index from a GraphCounter: ``recording()`` holds one, ``nmcompile.capture.capture_backend`` and
+    ``NoiseMonitor`` one each."""
+
+    def __init__(self) -> None:
+        self.count = 0  # graphs numbered so far
+
+    def next(self) -> int:
+        """The index of the graph the backend is compiling now."""
+        self.count += 1
+        return self.count - 1
+
+
 @dataclasses.dataclass
 class _Recording:
     records: list
-    graphs: int = 0  # Dynamo graphs compiled so far: each backend call is one, recorded or not
-
-    def next_graph(self) -> int:
-        self.graphs += 1
-        return self.graphs - 1
+    graphs: GraphCounter = dataclasses.field(default_factory=GraphCounter)
 
 
 _recorder: contextvars.ContextVar[Optional[_Recording]] = contextvars.ContextVar("nm_recording", default=None)
@@ -54,15 +69,15 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
         cpu.prebuild()  # the nm ops' CPU kernels compile while Inductor works (once per machine)
     state = _recorder.get()
     records = state.records if state is not None else None
-    index = state.next_graph() if state is not None else 0
+    index = state.graphs.next() if state is not None else 0
     if config.inner == "aot_eager":
-        return aot_eager(gm, example_inputs, NMJointPass(config, decompose=False, records=records, first_graph=index))
+        return aot_eager(gm, example_inputs, NMJointPass(config, decompose=False, records=records, graph=index))
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
     patches.update(inductor_patches)
-    ours = NMJointPass(config, decompose=True, records=records, first_graph=index)
+    ours = NMJointPass(config, decompose=True, records=records, graph=index)
     patches["joint_custom_pre_pass"] = chain_with_existing(
         patches.get("joint_custom_pre_pass", _users_joint_pass()), ours
     )
@@ -70,7 +85,7 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
     if records is not None and ours.calls == 0 and torch.is_grad_enabled():
         # Inductor's caches served this graph, so the pass did not run on it: trace it once more,
         # without Inductor, to record what the cached code does (only while recording).
-        aot_eager(gm, example_inputs, NMJointPass(config, decompose=True, records=records, first_graph=index))
+        aot_eager(gm, example_inputs, NMJointPass(config, decompose=True, records=records, graph=index))
     return compiled
 
 

@@ -6,29 +6,15 @@ from typing import Any
 import torch
 
 from nmcompile.backend import nm_backend, recording
+from nmcompile.capture import reduce_output
 from nmcompile.report import Report
 from nmcompile.passes import NMConfig
-
-
-def reduce_output(out: Any) -> torch.Tensor:
-    """The scalar to backpropagate: ``out.loss`` when present, else the sum of every floating-point
-    tensor in the output (tuples, lists, dicts and Hugging Face ModelOutputs included)."""
-    loss = getattr(out, "loss", None)
-    if isinstance(loss, torch.Tensor):
-        return loss
-    if isinstance(out, dict) and isinstance(out.get("loss"), torch.Tensor):
-        return out["loss"]
-    tensors = [t for t in torch.utils._pytree.tree_leaves(out)
-               if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
-    if not tensors:
-        raise ValueError("the model's output has no floating-point tensor that requires grad; nothing to backpropagate")
-    return sum(t.float().sum() for t in tensors)
 
 
 def explain(model: torch.nn.Module, *inputs: Any, **options: Any) -> Report:
     """Compile ``model`` with ``backend="nm"`` and ``options``, run one forward and one backward on
     ``inputs``, and return the Report. The model's gradients and buffers are left as they were."""
-    NMConfig.from_options(options)  # bad options fail before any work
+    config, _ = NMConfig.from_options(options)  # bad options fail before any work
     grads = {p: p.grad for p in model.parameters()}
     for p in grads:
         p.grad = None
@@ -44,4 +30,4 @@ def explain(model: torch.nn.Module, *inputs: Any, **options: Any) -> Report:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
-    return Report(list(records), NMConfig.from_options(options)[0].as_dict())
+    return Report(list(records), config.as_dict())

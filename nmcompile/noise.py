@@ -119,7 +119,7 @@ class NoiseReport:
         return out
 
     def as_dict(self) -> dict:
-        from nmcompile import __version__
+        from nmcompile.version import __version__
 
         return {"schema": SCHEMA, "nmcompile": __version__, "torch": self.torch_version, "options": self.options,
                 "draws": self.draws, "step": self.step, "loss": self.loss, "summary": self.summary(),
@@ -333,6 +333,7 @@ class NoiseMonitor:
 
     def __init__(self, model: torch.nn.Module, options: Optional[dict] = None, *, every: int = 100,
                  loss_fn: Optional[Callable] = None, draws: int = 2, seed: int = 0, path=None, writer=None):
+        from nmcompile.backend import GraphCounter
         from nmcompile.passes import NMConfig
 
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
@@ -349,7 +350,7 @@ class NoiseMonitor:
         self._results: list = []
         self._unmeasured: list = []
         self._generators: dict = {}
-        self._graphs = 0
+        self._graphs = GraphCounter()  # numbers this monitor's Dynamo graphs, as recording() does
         self._compiled = torch.compile(model, backend=self._backend)
 
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -361,8 +362,7 @@ class NoiseMonitor:
         from nmcompile.backend import aot_eager
         from nmcompile.passes import NMJointPass
 
-        index = self._graphs
-        self._graphs += 1
+        index = self._graphs.next()
         first = len(self._records)
 
         def on_graph(graph: fx.GraphModule, kind: str):
@@ -373,11 +373,11 @@ class NoiseMonitor:
             self._unmeasured.extend(unmeasured)
             return lambda *args: _Measuring(graph, plans, self, index).run(*args)
 
-        joint_pass = NMJointPass(self.config, decompose=False, records=self._records, first_graph=index)
+        joint_pass = NMJointPass(self.config, decompose=False, records=self._records, graph=index)
         return aot_eager(gm, example_inputs, joint_pass, on_graph=on_graph)
 
     def measure(self, *inputs, step: Optional[int] = None) -> NoiseReport:
-        from nmcompile.explain import reduce_output
+        from nmcompile.capture import reduce_output
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         buffers = [(b, b.detach().clone()) for b in self.model.buffers()]

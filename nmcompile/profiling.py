@@ -19,8 +19,10 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
+from nmcompile.capture import Run, run_captured, run_step, step
 from nmcompile.export import nm_attrs
 from nmcompile.kernels.gemm import KERNELS
+from nmcompile.passes import NMConfig
 
 GEMM_OPS = tuple(dict.fromkeys(event for kernel in KERNELS.values() for event in kernel.events))
 STEP_PREFIX = "ProfilerStep#"  # the name torch's scheduled profiler gives steps: HTA numbers iterations by it
@@ -152,31 +154,28 @@ def summarize(path: str) -> TimeSummary:
     return TimeSummary(len(steps), total, nm_total, gemm_total, per_op)
 
 
-def profile_run(model: torch.nn.Module, inputs: tuple, options: dict, steps: int, out_path: str) -> tuple:
+def profile_run(model: torch.nn.Module, inputs: tuple, options: dict, config: NMConfig, steps: int,
+                out_path: str) -> tuple:
     """Compile, warm up (one step, outside the profiler), profile ``steps`` steps, write the trace.
+    ``config`` is ``options`` parsed (``NMConfig.from_options(options)[0]``). A model that fails to run
+    raises ``nmcompile.capture.ModelRunError``.
 
     Returns (run, annotator or None, changed event count, TimeSummary)."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from nmcompile.backend import nm_backend, recording
-    from nmcompile.passes import NMConfig
-    from nmcompile.targets import CLIError, Run, _one_line, run_captured, step
 
-    config, _ = NMConfig.from_options(options)
     annotator: Optional[Annotator] = None
     if config.inner == "aot_eager":
         annotator = Annotator()
-        run = run_captured(model, inputs, options, wrap=annotator)
+        run = run_captured(model, inputs, options, wrap=annotator, config=config)
         compiled = run.compiled
     else:
         torch._dynamo.reset()
         with recording() as records:
             compiled = torch.compile(model, backend=nm_backend, options=dict(options))
-            try:
-                step(compiled, model, inputs)
-            except Exception as err:
-                raise CLIError(f"the model failed to run: {type(err).__name__}: {_one_line(err)}") from err
-        run = Run(model, inputs, options, [], list(records), compiled)
+            run_step(compiled, model, inputs)
+        run = Run(model, inputs, options, config, [], list(records), compiled)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities, record_shapes=True) as prof:
         for i in range(steps):

@@ -58,7 +58,7 @@ class Report:
         }
 
     def as_dict(self) -> dict:
-        from nmcompile import __version__
+        from nmcompile.version import __version__
 
         return {"schema": SCHEMA, "nmcompile": __version__, "torch": self.torch_version,
                 "options": self.options, "summary": self.summary(),

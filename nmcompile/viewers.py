@@ -17,8 +17,6 @@ import threading
 import time
 from typing import Callable
 
-from nmcompile.targets import CLIError
-
 EXTRA = "pip install 'nmcompile[viewers]'"
 
 
@@ -29,35 +27,41 @@ class Viewer:
     package: str  # what pip installs
 
 
+class ViewerError(ValueError):
+    """A file this module cannot serve, a viewer that is not installed or a port it cannot use: the message
+    says which and what to do (the CLI prints it as one line)."""
+
+
 NETRON = Viewer("Netron", "netron", "netron")
 MODEL_EXPLORER = Viewer("Model Explorer", "model_explorer", "ai-edge-model-explorer")
 
 
 def viewer_for(path: pathlib.Path) -> Viewer:
-    """The viewer for an exported file, or a CLIError saying what the file is and what to do instead."""
+    """The viewer for an exported file, or a ViewerError saying what the file is and what to do instead."""
     if not path.is_file():
-        raise CLIError(f"file {str(path)!r} does not exist")
+        raise ViewerError(f"file {str(path)!r} does not exist")
     if path.suffix == ".onnx":
         return NETRON
     if path.suffix == ".dot":
-        raise CLIError(f"{path} is Graphviz DOT, which has no viewer here: render it with dot -Tsvg {path} -o out.svg")
+        raise ViewerError(f"{path} is Graphviz DOT, which has no viewer here: render it with dot -Tsvg {path} "
+                          "-o out.svg")
     if path.suffix != ".json":
-        raise CLIError(f"cannot view {str(path)!r}: expected an .onnx file (Netron) or a Model Explorer .json "
+        raise ViewerError(f"cannot view {str(path)!r}: expected an .onnx file (Netron) or a Model Explorer .json "
                        "collection (Model Explorer), as nmcompile export --format onnx|model-explorer writes them")
     try:
         data = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CLIError(f"{path} is not valid JSON: {err}") from None
+        raise ViewerError(f"{path} is not valid JSON: {err}") from None
     if isinstance(data, dict) and isinstance(data.get("graphs"), list):
         return MODEL_EXPLORER
     if isinstance(data, dict) and "traceEvents" in data:
-        raise CLIError(f"{path} is a profiler trace: open it in https://ui.perfetto.dev or load it with "
+        raise ViewerError(f"{path} is a profiler trace: open it in https://ui.perfetto.dev or load it with "
                        "Holistic Trace Analysis (see docs/cli.md)")
     if isinstance(data, dict) and str(data.get("schema", "")).startswith("nmcompile.report"):
-        raise CLIError(f"{path} is an nmcompile report, not a graph: nmcompile inspect prints it as tables")
+        raise ViewerError(f"{path} is an nmcompile report, not a graph: nmcompile inspect prints it as tables")
     if isinstance(data, dict) and data and all(isinstance(v, dict) and "results" in v for v in data.values()):
-        raise CLIError(f"{path} is a node-data overlay: view the collection it belongs to, which loads it")
-    raise CLIError(f"{path} is JSON but not a Model Explorer graph collection (nmcompile export --format "
+        raise ViewerError(f"{path} is a node-data overlay: view the collection it belongs to, which loads it")
+    raise ViewerError(f"{path} is JSON but not a Model Explorer graph collection (nmcompile export --format "
                    "model-explorer writes one)")
 
 
@@ -65,7 +69,7 @@ def _import(viewer: Viewer, path: pathlib.Path):
     try:
         return __import__(viewer.module)
     except ImportError:
-        raise CLIError(f"viewing {path.name} needs {viewer.name} (PyPI package {viewer.package}), which is not "
+        raise ViewerError(f"viewing {path.name} needs {viewer.name} (PyPI package {viewer.package}), which is not "
                        f"installed: {EXTRA}") from None
 
 
@@ -76,9 +80,9 @@ def free_port(host: str, port: int) -> int:
             sock.bind((host, port))
         except OSError as err:
             if port:
-                raise CLIError(f"port {port} on {host} is not available ({err.strerror}): choose another "
+                raise ViewerError(f"port {port} on {host} is not available ({err.strerror}): choose another "
                                "with --port") from None
-            raise CLIError(f"cannot listen on host {host!r}: {err.strerror}") from None
+            raise ViewerError(f"cannot listen on host {host!r}: {err.strerror}") from None
         return sock.getsockname()[1]
 
 

@@ -1,9 +1,11 @@
 """NMJointPass: the Inductor ``joint_custom_pre_pass`` that applies an NMConfig."""
 from __future__ import annotations
 
+import functools
 import hashlib
-import itertools
-import pathlib
+import importlib
+import importlib.util
+import pkgutil
 from typing import Optional
 
 import torch.fx as fx
@@ -13,10 +15,30 @@ from .config import NMConfig
 from .rewrite import rewrite_joint_graph
 from .trace_log import log_rewrite
 
-_SOURCES = sorted(
-    [*pathlib.Path(__file__).parent.glob("*.py"), *(pathlib.Path(__file__).parent.parent / "kernels").glob("*.py")]
-)
-_SOURCE_HASH = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES)).hexdigest()
+# The code whose behaviour a cached compile depends on: every module of these packages, wherever they are installed
+_HASHED_PACKAGES = ("nmcompile.passes", "nmcompile.kernels")
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash() -> str:
+    """sha256 over the source of every module in ``nmcompile.passes`` and ``nmcompile.kernels`` (found through
+    the import system, not the folder layout) and the C++ source of the CPU kernels."""
+    digest = hashlib.sha256()
+    for package_name in _HASHED_PACKAGES:
+        package = importlib.import_module(package_name)
+        names = [package_name] + sorted(
+            info.name for info in pkgutil.walk_packages(package.__path__, prefix=f"{package_name}.")
+        )
+        for name in names:
+            spec = importlib.util.find_spec(name)
+            if spec is None or spec.origin is None or spec.loader is None:
+                continue
+            digest.update(name.encode())
+            digest.update(spec.loader.get_data(spec.origin))
+    from nmcompile.kernels.cpu import SOURCE
+
+    digest.update(SOURCE.read_bytes())
+    return digest.hexdigest()
 
 
 class NMJointPass(CustomGraphPass):
@@ -29,23 +51,23 @@ class NMJointPass(CustomGraphPass):
     for tlparse (``trace_log``).
     """
 
-    def __init__(self, config: NMConfig, decompose: bool = True, records: Optional[list] = None, first_graph: int = 0):
+    def __init__(self, config: NMConfig, decompose: bool = True, records: Optional[list] = None, graph: int = 0):
         self.config = config
         self.decompose = decompose
         self.records = records if records is not None else []
-        self._graphs = itertools.count(first_graph)
+        self.graph = graph  # the Dynamo graph's index (nmcompile.backend.GraphCounter): its records carry it
         self.calls = 0  # joint graphs rewritten (0 after a compile served from Inductor's caches)
 
     def __call__(self, graph: fx.Graph) -> None:
         self.calls += 1
-        records = rewrite_joint_graph(graph, self.config, decompose=self.decompose, graph_index=next(self._graphs))
+        records = rewrite_joint_graph(graph, self.config, decompose=self.decompose, graph_index=self.graph)
         if records:  # inference graphs are left alone and give none
             log_rewrite(graph, records)
         self.records.extend(records)
 
     def uuid(self) -> str:
         # Sources and options: Inductor's caches never serve code compiled under other options.
-        key = f"{_SOURCE_HASH}|{sorted(self.config.as_dict().items())}|decompose={self.decompose}"
+        key = f"{source_hash()}|{sorted(self.config.as_dict().items())}|decompose={self.decompose}"
         return hashlib.sha256(key.encode()).hexdigest()
 
     def __deepcopy__(self, memo):  # config patches may be copied; records must stay shared

@@ -30,7 +30,7 @@ alike); reported are the medians and their ratio. The compiling step also yields
 code, in which the backward graphs' fused C++ kernels (``cpp_fused_*``), extern (GEMM/conv) calls and
 fallback op calls (ops Inductor did not lower, e.g. ``torch.ops.nm.*``) are counted with and without
 the nm pass: each nm op is one call of a precompiled kernel, never math inlined into Inductor's
-kernels (DESIGN.md §7).
+kernels (README, "Design decisions, and why": lowering on CPU).
 
 Progress goes to stderr as each measurement finishes; stdout gets one Markdown table per mode, ready
 to paste into BENCHMARKS.md; ``--out`` writes all rows and the run's meta data as JSON.
@@ -58,7 +58,7 @@ import torch.nn as nn
 from torch._inductor.graph import GraphLowering
 
 import nmcompile  # noqa: F401  (ops registered; backend found through the entry point anyway)
-from nmcompile.demo import cpu_name
+from nmcompile.demo.environment import cpu_name
 
 OPTIONS: dict[str, dict] = {
     "2:4": {"sparsity": "2:4"},

@@ -28,7 +28,9 @@ import torch
 
 import nmcompile
 from nmcompile.data import load_digits_split
-from nmcompile.demo import DigitsMLP, cosine_lr, environment, steps_per_epoch, train
+from nmcompile.demo.environment import environment
+from nmcompile.demo.model import DigitsMLP
+from nmcompile.demo.training import cosine_lr, steps_per_epoch, train
 from nmcompile.fnt import fnt_options, fnt_scheduler
 from nmcompile.kernels.reference import mvue_variance
 

@@ -36,7 +36,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import nmcompile
-from nmcompile.demo import environment
+from nmcompile.demo.environment import environment
 from nmcompile.fnt import fnt_options, fnt_scheduler
 from nmcompile.passes import NMConfig
 

@@ -1,4 +1,4 @@
-"""Statistical checks with bounds from theory (DESIGN.md §8)."""
+"""Statistical checks with bounds from theory."""
 import torch
 
 

@@ -2,7 +2,7 @@
 
 Random shapes, dtypes (fp32 / bf16 / fp16), N:M patterns with M up to 8, and values drawn from a
 mix of ordinary numbers, zeros, denormals, huge values (1e30, fp16 max) and NaN/Inf. What must hold
-for every input (DESIGN.md §4, §6):
+for every input (docs/support.md, "Non-finite values"):
 
 - MVUE / greedy: shape and dtype kept; the trailing remainder along ``dim`` is untouched; a group
   holding a NaN/Inf comes back unchanged (non-finite in -> non-finite out in that group); a finite

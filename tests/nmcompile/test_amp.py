@@ -2,7 +2,7 @@
 
 On torch 2.13 CPU, fp16 autocast and ``GradScaler("cpu")`` are both available, so the fp16 tests
 run the real AMP loop. GradScaler skips a step only if it sees a NaN/Inf in some gradient; the nm
-ops must therefore carry non-finite gradients through (DESIGN.md §6): MVUE/greedy return a group
+ops must therefore carry non-finite gradients through (docs/support.md, "Non-finite values"): MVUE/greedy return a group
 holding one unchanged, LUQ/SAWB make the whole tensor non-finite. The models have no biases, so
 every path from the loss to a parameter goes through a rewritten backward GEMM: if an nm op
 swallowed the non-finite value, the gradients would be finite and the scaler would take the step.

@@ -146,7 +146,7 @@ class _NoGradThenTrain(torch.nn.Module):
 
 def test_records_and_captured_graphs_share_one_numbering():
     from nmcompile.backend import recording
-    from nmcompile.targets import run_captured
+    from nmcompile.capture import run_captured
 
     torch.manual_seed(0)
     run = run_captured(_NoGradThenTrain(), (torch.randn(8, 8),), {"sparsity": "2:4"})
@@ -160,7 +160,7 @@ def test_records_and_captured_graphs_share_one_numbering():
 
 
 def test_the_cli_capture_runs_a_user_joint_pass_too():
-    from nmcompile.targets import run_captured
+    from nmcompile.capture import run_captured
 
     calls = []
     with torch._inductor.config.patch(joint_custom_pre_pass=users_pass(calls)):

@@ -56,7 +56,7 @@ def test_inspect_builtin_json_is_only_the_versioned_report():
                      '{"sparsity": "2:4", "quant": "luq", "fwd_quant": "sawb"}', module=True)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)  # nothing but JSON on stdout
-    assert data["schema"] == "nmcompile.report/2"
+    assert data["schema"] == "nmcompile.report/3"
     assert data["options"]["sparsity"] == "2:4" and data["options"]["quant"] == "luq"
     gemms = data["gemms"]
     # 3 linear layers: 3 forward GEMMs, 3 wgrad, 2 dgrad (fc1's input needs no gradient)
@@ -258,7 +258,8 @@ def test_usage_errors_exit_2(capsys):
 # -- helpers in-process ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def captured_mlp():
-    from nmcompile.targets import load_target, run_captured
+    from nmcompile.capture import run_captured
+    from nmcompile.cli.targets import load_target
 
     model, inputs = load_target("mlp")
     return run_captured(model, inputs, {"sparsity": "2:4", "quant": "luq", "fwd_quant": "sawb"})
@@ -312,7 +313,7 @@ def test_onnx_matches_the_fx_graph_numerically(captured_mlp):
 
 
 def test_dot_colours_nm_nodes(captured_mlp):
-    from nmcompile.cli import _records_by_node
+    from nmcompile.capture import records_by_node as _records_by_node
     from nmcompile.export import NM_COLORS, to_dot
 
     gm = captured_mlp.graphs[0].joint
@@ -325,7 +326,7 @@ def test_dot_colours_nm_nodes(captured_mlp):
 
 
 def test_graph_code_marks_every_nm_op(captured_mlp):
-    from nmcompile.cli import graph_code
+    from nmcompile.export import graph_code
 
     code, marked = graph_code(captured_mlp.graphs[0].joint)
     lines = code.splitlines()

@@ -1,4 +1,4 @@
-"""Hard shapes and execution modes for the nm backend (DESIGN.md §5, §6).
+"""Hard shapes and execution modes for the nm backend (docs/support.md).
 
 The probe: a Linear layer fed with rows of the identity (x = I[:T]) and a loss (y·G).sum(), so the
 neural gradient is exactly G and the weight gradient is W.grad = prune(Gᵀ)·I = prune(Gᵀ) padded

@@ -1,4 +1,4 @@
-"""explain() names every backward GEMM with its role and module (DESIGN.md §5)."""
+"""explain() names every backward GEMM with its role and module."""
 import torch
 import torch.nn as nn
 

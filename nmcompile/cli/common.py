@@ -1,0 +1,76 @@
+"""What the CLI's commands share: CLIError, the two consoles, the progress line, and loading + capturing a
+TARGET (inspect, export)."""
+from __future__ import annotations
+
+import contextlib
+import json
+
+EXIT_ERROR = 1  # a CLIError or any other failure
+EXIT_USAGE = 2  # argparse's status for bad usage
+
+
+class CLIError(Exception):
+    """A problem the user can fix; the CLI prints its message as one line and exits non-zero."""
+
+
+@contextlib.contextmanager
+def as_cli_error(*types: type):
+    """Errors of ``types`` raised by the library (their messages are written for the user) become CLIErrors
+    with the same message."""
+    try:
+        yield
+    except types as err:
+        raise CLIError(str(err)) from err
+
+
+def consoles():
+    """(stdout console, stderr console): machine output on stdout, progress and diagnostics on stderr."""
+    from rich.console import Console
+
+    return Console(highlight=False), Console(stderr=True, highlight=False)
+
+
+@contextlib.contextmanager
+def status(err_console, text: str):
+    """A spinner on stderr when it is a terminal, a plain line otherwise."""
+    if err_console.is_terminal:
+        with err_console.status(text):
+            yield
+    else:
+        err_console.print(text)
+        yield
+
+
+def prepare(args, err, defaults=None):
+    """``--options`` parsed (``defaults`` added where the user gave none) and TARGET loaded:
+    (model, inputs, options, config)."""
+    from nmcompile.cli.targets import load_target, parse_options
+
+    options, config = parse_options(args.options, defaults)
+    with status(err, f"loading {args.target} …"):
+        model, inputs = load_target(args.target)
+    return model, inputs, options, config
+
+
+def capture(args, err):
+    """TARGET compiled with the capturing backend and run for one step (``nmcompile.capture.Run``)."""
+    from nmcompile.capture import ModelRunError, run_captured
+
+    model, inputs, options, config = prepare(args, err)
+    if config.inner != "aot_eager":
+        err.print(f"[dim]note: graphs captured with inner='aot_eager' so the nm ops stay visible; "
+                  f"the rewrite is the same as with inner={config.inner!r}[/dim]")
+    with status(err, f"compiling {args.target} with options {json.dumps(options)} and running one step …"):
+        with as_cli_error(ModelRunError):
+            run = run_captured(model, inputs, options, config=config)
+    if trace_report(run.report):
+        err.print("[dim]TORCH_TRACE: report logged as artifact 'nmcompile_report'[/dim]")
+    return run
+
+
+def trace_report(report) -> bool:
+    """Log the whole report as the TORCH_TRACE artifact ``nmcompile_report``; True when logged (the
+    pass itself logs each rewritten graph, inside its compile)."""
+    from nmcompile.passes.trace_log import REPORT, log_artifact
+
+    return log_artifact(REPORT, "json", report.to_json)
