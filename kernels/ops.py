@@ -136,7 +136,11 @@ def _define_stochastic(spec: OpSpec) -> None:
     names = spec.args[1:]  # after u
 
     def params(args) -> dict:
-        return dict(zip(names, args))
+        given = dict(zip(names, args))
+        if spec.bits is not None and given.get("bits") not in spec.bits:
+            raise ValueError(f"nm.{spec.name}: bits={given.get('bits')!r} is not allowed; use an integer in "
+                             f"{min(spec.bits)}..{max(spec.bits)}")
+        return given
 
     def portable(x, u, *args):
         _check_samples(x, u, spec.name)
