@@ -20,6 +20,7 @@ from .grouping import uniform_shape
 from .luq import luq_levels, luq_math, luq_noise_shape
 from .random import seeds_for
 from .sawb import SAWB_COEFFICIENTS
+from .sr import sr_levels, sr_math
 
 KINDS = ("prune", "quantize")
 STAGES = ("gradient", "forward")  # the neural gradient of a backward GEMM | a forward GEMM's W and X
@@ -180,7 +181,26 @@ SAWB = OpSpec(
     color="#74c0fc", codes_op="sawb_fp8",
 )
 
-OPS: dict[str, OpSpec] = {spec.name: spec for spec in (MVUE, GREEDY, LUQ, SAWB)}
+
+def _sr_form(p: Mapping) -> Form:
+    samples = p.get("samples", 1)
+    levels = sr_levels(p["bits"])
+    fits = samples == 1 and levels <= 16  # e4m3 holds the integers up to 16
+    # codes |c| <= L, scale rounded so that c·scale is exact; the mean of s samples: codes Σc, scale/s
+    return Form(max_code=samples * levels, float8=E4M3 if fits else None,
+                why="" if fits else ("the mean of several samples" if samples > 1 else f"sr{p['bits']} codes")
+                + " exceeds the integers e4m3 holds exactly")
+
+
+SR = OpSpec(
+    "sr", kind="quantize", stage="gradient", schema="(Tensor x, Tensor u, int bits) -> Tensor", unbiased=True,
+    options={"bits": "bits", "samples": "smp"}, bits=range(2, 9),
+    summary="uniform stochastic rounding to 2^(bits-1)-1 magnitudes, per-tensor absmax scale",
+    label=lambda p: f"sr{p['bits']}", form=_sr_form, onnx_type="SR", onnx_attrs=("bits",), color="#63e6be",
+    math=sr_math, kernel_arg=lambda p: p["bits"],
+)
+
+OPS: dict[str, OpSpec] = {spec.name: spec for spec in (MVUE, GREEDY, LUQ, SR, SAWB)}
 SEEDS_COLOR = "#dee2e6"  # the seed draws and other helper nodes the pass inserts
 
 

@@ -10,6 +10,7 @@ uniforms, the same summation order), so they return the same bits as the torch m
   torch math.
 - ``luq``: one pass for max|x| (``stats``), one elementwise pass writing the values, or float8 codes
   directly (``nm.luq_fp8``: no dtype round trip).
+- ``sr``: uniform stochastic rounding (``sr.py``), as ``luq``: one pass for max|x|, one elementwise pass.
 - ``sawb``: one pass for the moments (per-block partials, fp64 sums, reduced in a fixed order, so
   runs are reproducible), one elementwise pass writing values or e4m3 codes.
 
@@ -29,6 +30,7 @@ import torch
 
 from .grouping import grouped_layout, prepare, sampled_layout
 from .sawb import SAWB_COEFFICIENTS, round_significand, scale_bits
+from .sr import sr_levels, sr_scale
 
 try:
     import triton
@@ -313,6 +315,49 @@ if triton is not None:
             tl.store(out_ptr + idx, _fp8_bits(code, KIND).to(tl.uint8), mask=mask)
 
     @triton.jit
+    def _sr_kernel(
+        x_ptr,
+        out_ptr,
+        amax_ptr,
+        scale_ptr,
+        seed_ptr,
+        u_ptr,
+        u_outer_ptr,
+        u_inner,
+        u_sample,
+        INNER,
+        TOTAL,
+        BIG,
+        SAMPLES: tl.constexpr,
+        LEVELS: tl.constexpr,
+        SEEDED: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < TOTAL
+        x = tl.load(x_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        amax = tl.load(amax_ptr)
+        scale = tl.load(scale_ptr)
+        # sr.sr_math, operation by operation
+        safe = tl.where(scale > 0, scale, 1.0)
+        v = tl.minimum(tl.math.div_rn(tl.abs(x), safe), LEVELS * 1.0)  # a guard: v <= L already
+        lo = tl.floor(v)
+        frac = v - lo
+        u_index = tl.load(u_outer_ptr + idx // INNER, mask=mask, other=0) + (idx % INNER) * u_inner
+        codes = tl.zeros_like(x)
+        for s in tl.static_range(SAMPLES):
+            if SEEDED:
+                u = _uniform(u_index, tl.load(seed_ptr + s))
+            else:
+                u = tl.load(u_ptr + s * u_sample + u_index, mask=mask, other=0.0).to(tl.float32)
+            codes += lo + tl.where(u < frac, 1.0, 0.0)  # 0 + c == c: the same sum as sr_math
+        q = _sign(x) * (tl.math.div_rn(codes, SAMPLES * 1.0) * scale)
+        q = tl.minimum(tl.maximum(q, -BIG), BIG)  # saturate at x's dtype range
+        q = tl.where(amax > 0, q, x)
+        q = tl.where(_finite(amax), q, x + amax)
+        tl.store(out_ptr + idx, _to(q, out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _sawb_kernel(x_ptr, out_ptr, params_ptr, TOTAL, CODES: tl.constexpr, BLOCK: tl.constexpr):
         """params: [scale, the dtype's largest finite value, lowest level, highest level] (fp32)."""
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -463,3 +508,33 @@ def sawb(x: torch.Tensor, bits: int, codes: bool = False):
     if codes:
         return out.view(torch.float8_e4m3fn), torch.where(scale == 0, 1.0, scale)
     return out, scale
+
+
+def sr(x: torch.Tensor, u: torch.Tensor, bits: int) -> torch.Tensor:
+    """``nm.sr`` (``u``: uniforms ``(samples, *x.shape)`` or int64 seeds ``(samples,)``)."""
+    src, out = prepare(x)
+    if x.numel() == 0:
+        return out
+    outer, inner, u_outer, u_inner, u_sample, samples, seeded = sampled_layout(src, u)
+    amax = _stats(src)[0].float()
+    scale = sr_scale(amax, x.dtype, bits)  # on the device: no sync
+    dummy = torch.zeros(1, device=x.device)
+    _sr_kernel[_grid(x.numel(), BLOCK)](
+        src,
+        out,
+        amax,
+        scale,
+        u.contiguous() if seeded else dummy.long(),
+        dummy if seeded else u,
+        _on_device(u_outer, x.device),
+        u_inner,
+        u_sample,
+        inner,
+        x.numel(),
+        torch.finfo(x.dtype).max,
+        SAMPLES=samples,
+        LEVELS=sr_levels(bits),
+        SEEDED=seeded,
+        BLOCK=BLOCK,
+    )
+    return out

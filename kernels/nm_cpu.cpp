@@ -1,4 +1,4 @@
-// CPU kernels of the nm ops (MVUE / greedy N:M, LUQ, SAWB), loaded with ctypes by kernels/cpu.py.
+// CPU kernels of the nm ops (MVUE / greedy N:M, LUQ, SAWB, SR), loaded with ctypes by kernels/cpu.py.
 //
 // Why hand-written: inlined into Inductor's generated code, the group math of MVUE was recomputed
 // for every output element of every consumer, and every op instance became a kernel of its own to
@@ -7,9 +7,9 @@
 // moments) once per tensor, and the library is compiled once per machine, whatever the model.
 //
 // The math is the same sequence of fp32 operations as the portable torch implementation
-// (kernels/sparsity.py, luq.py), so both give the same bits; the build uses -ffp-contract=off and no
-// fast-math for that. Uniforms come from u (explicit, any strides, through offset tables) or from the
-// counter-based hash of kernels/random.py evaluated on the uniform's index (u == nullptr).
+// (kernels/sparsity.py, luq.py, sr.py), so both give the same bits; the build uses -ffp-contract=off
+// and no fast-math for that. Uniforms come from u (explicit, any strides, through offset tables) or
+// from the counter-based hash of kernels/random.py evaluated on the uniform's index (u == nullptr).
 //
 // Layouts: x is dense and seen in memory order as [outer, k, inner] (k: the grouped dim, or 1),
 // contiguous; out has the same layout. Uniform indices are u_outer[o] + g * u_group + i * u_inner.
@@ -397,6 +397,71 @@ void luq(const T* x, T* out, int64_t outer, int64_t inner, int top, int samples,
   }
 }
 
+// ---- SR (uniform stochastic rounding) --------------------------------------------------------
+
+// Precision p and smallest-subnormal exponent s of the element type (sr.py: scale_bits,
+// subnormal_exponent).
+template <typename T> constexpr int precision_of() { return 24; }
+template <> constexpr int precision_of<bf16>() { return 8; }
+template <> constexpr int precision_of<f16>() { return 11; }
+template <typename T> constexpr int subnormal_exponent_of() { return -149; }
+template <> constexpr int subnormal_exponent_of<bf16>() { return -133; }
+template <> constexpr int subnormal_exponent_of<f16>() { return -24; }
+
+// sr.sr_scale: amax / L rounded up to keep = max(p - bits, 1) significant bits and to a multiple of 2^s,
+// capped at fp32's largest such value; in double, every step exact (see sr.py).
+template <typename T>
+float sr_scale(float amax, int bits) {
+  if (!(amax > 0.0f) || !std::isfinite(amax)) return amax;  // 0; NaN/Inf: the output is x + amax
+  const int keep = precision_of<T>() - bits > 1 ? precision_of<T>() - bits : 1;  // at least one bit
+  const double target = static_cast<double>(amax) / ((1 << (bits - 1)) - 1);
+  int e = 0;
+  std::frexp(target, &e);
+  const int shift = e - keep > subnormal_exponent_of<T>() ? e - keep : subnormal_exponent_of<T>();
+  const double scale = std::ldexp(std::ceil(std::ldexp(target, -shift)), shift);
+  const double largest = std::ldexp(std::ldexp(1.0, keep) - 1.0, 128 - keep);
+  return static_cast<float>(scale < largest ? scale : largest);
+}
+
+// Elementwise over [outer, inner] in memory order, W elements per step; the math of sr.sr_math:
+// v = min(|x| / scale, L), lo = floor(v), codes summed over samples as lo + [u < v - lo].
+template <typename T>
+void sr(const T* x, T* out, int64_t outer, int64_t inner, int bits, int samples, const float* u,
+        const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int threads) {
+  const float amax = amax_of(x, outer * inner, threads);
+  const float scale = sr_scale<T>(amax, bits);
+  const float safe = scale > 0.0f ? scale : 1.0f;
+  const float levels = static_cast<float>((1 << (bits - 1)) - 1);
+  const float big = max_of<T>();
+  const float samples_f = static_cast<float>(samples), inv_samples = 1.0f / samples_f;
+  const bool exact_inverse = (samples & (samples - 1)) == 0;  // 1, 2, 4, ...: multiply, same bits
+  const bool is_finite = std::isfinite(amax), positive = amax > 0.0f;
+  const int64_t blocks = (inner + W - 1) / W;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < outer * blocks; ++t) {
+    const int64_t o = t / blocks, first = (t % blocks) * W;
+    const int count = static_cast<int>(inner - first < W ? inner - first : W);
+    const vf xf = load(x + o * inner + first, 1, count);
+    vf v = vabs(xf) / safe;
+    v = sel(v > levels, splat(levels), v);  // a guard: v <= L already (NaN stays NaN)
+    const vf lo = floor_nonneg(v);  // v in [0, L]: truncation is floor
+    const vf frac = v - lo;
+    const int64_t ubase = u_outer[o] + first * u_inner;
+    vf codes = {};
+    for (int s = 0; s < samples; ++s) {
+      const vf us = uniforms(u ? u + s * u_sample : nullptr, u ? 0 : static_cast<uint64_t>(seeds[s]), ubase, u_inner, count);
+      const vf c = lo + ones(us < frac);
+      codes = s == 0 ? c : codes + c;
+    }
+    const vf mean = exact_inverse ? codes * inv_samples : codes / samples_f;
+    vf q = sign_of(xf) * (mean * scale);
+    q = sel(q < -big, splat(-big), sel(q > big, splat(big), q));  // saturate at x's dtype range
+    if (!positive) q = xf;  // all zeros
+    if (!is_finite) q = xf + amax;  // NaN/Inf anywhere: non-finite everywhere
+    store(out + o * inner + first, 1, count, q);
+  }
+}
+
 // ---- SAWB ------------------------------------------------------------------------------------
 
 // Round-to-nearest on the SAWB grid (see sawb.py); moments in double, so no x² overflows.
@@ -478,6 +543,16 @@ void nm_luq(int dtype, const void* x, void* out, int64_t outer, int64_t inner, i
     using T = NM_ELEMENT(tag);
     luq(static_cast<const T*>(x), static_cast<T*>(out), outer, inner, top, samples, u, seeds, u_outer, u_sample,
         u_inner, threads);
+  });
+}
+
+void nm_sr(int dtype, const void* x, void* out, int64_t outer, int64_t inner, int bits, int samples,
+           const float* u, const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner,
+           int threads) {
+  with_dtype(dtype, [&](auto tag) {
+    using T = NM_ELEMENT(tag);
+    sr(static_cast<const T*>(x), static_cast<T*>(out), outer, inner, bits, samples, u, seeds, u_outer, u_sample,
+       u_inner, threads);
   });
 }
 

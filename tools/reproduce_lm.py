@@ -48,6 +48,7 @@ RECIPES = [
     ("greedy 2:4", {"sparsity": "2:4", "method": "greedy"}),
     ("greedy 2:4 wgrad+dgrad", {"sparsity": "2:4", "method": "greedy", "gemms": ["wgrad", "dgrad"]}),
     ("luq4", {"quant": "luq"}),
+    ("sr4", {"quant": "sr"}),
     ("luq4 smp2", {"quant": "luq", "smp": 2}),
     ("luq4 + sawb4", {"quant": "luq", "fwd_quant": "sawb"}),
     ("mvue 2:4 + luq4", {"sparsity": "2:4", "quant": "luq"}),

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nmcompile.cli import main
-from nmcompile.passes.records import GemmRecord
+from nmcompile.passes.records import GemmRecord, Transform
 from nmcompile.report import tensor_core_speedup
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -341,14 +341,26 @@ def test_tensor_core_speedup_rules():
     def rec(role, transforms):
         return GemmRecord(0, "mm", "mm", role, "fc", (64, 64, 64), "float32", transforms)
 
-    assert tensor_core_speedup(rec("wgrad", ["mvue 2:4 along K (tokens)"]))[0] == 2
-    assert tensor_core_speedup(rec("wgrad", ["mvue 1:2 along K (tokens)"]))[0] == 2  # 1:2 is a 2:4 structure
-    assert tensor_core_speedup(rec("wgrad", ["mvue 3:8 along K (tokens)"]))[0] == 1  # 3:8 is not
-    assert tensor_core_speedup(rec("dgrad", ["luq4"]))[0] == 1  # the other operand is still bf16
-    assert tensor_core_speedup(rec("dgrad", ["sawb4 W", "luq4"]))[0] == 2
-    assert tensor_core_speedup(rec("wgrad", ["sawb4 X", "mvue 2:4 along K (tokens)", "luq4"]))[0] == 4
-    assert tensor_core_speedup(rec("fwd", ["sawb4 W,X"]))[0] == 2
-    assert tensor_core_speedup(rec("fwd", []))[0] == 1
+    def prune(n, m, op="mvue"):
+        return Transform(op, {"n": n, "m": m, "dim": 0}, "K (tokens)")
+
+    luq4 = Transform("luq", {"bits": 4, "levels": "strict", "samples": 1})
+    sr4 = Transform("sr", {"bits": 4, "samples": 1})
+
+    def sawb4(where):
+        return Transform("sawb", {"bits": 4}, where)
+
+    assert tensor_core_speedup(rec("wgrad", [prune(2, 4)]))[0] == 2
+    assert tensor_core_speedup(rec("wgrad", [prune(1, 2)]))[0] == 2  # 1:2 is a 2:4 structure
+    assert tensor_core_speedup(rec("wgrad", [prune(2, 8, "greedy")]))[0] == 2
+    assert tensor_core_speedup(rec("wgrad", [prune(3, 8)]))[0] == 1  # 3:8 is not
+    assert tensor_core_speedup(rec("dgrad", [luq4]))[0] == 1  # the other operand is still bf16
+    assert tensor_core_speedup(rec("dgrad", [sawb4("W"), luq4])) == (2, "FP8 TC")
+    assert tensor_core_speedup(rec("dgrad", [sawb4("W"), sr4])) == (2, "FP8 TC")
+    assert tensor_core_speedup(rec("wgrad", [sawb4("X"), prune(2, 4), luq4])) == (4, "2:4 sparse TC + FP8 TC")
+    assert tensor_core_speedup(rec("fwd", [sawb4("W,X")]))[0] == 2
+    assert tensor_core_speedup(rec("fwd", [])) == (1, "dense bf16")
+    assert tensor_core_speedup(rec("wgrad", ["mvue 2:4 along K (tokens)"]))[0] == 1  # a label alone: not modelled
 
 
 def test_annotate_trace_matches_ops_to_their_range(tmp_path):
