@@ -447,6 +447,20 @@ def _stats(src: torch.Tensor) -> torch.Tensor:
     return torch.stack([amax, parts[:, 1].min(), parts[:, 2].sum(), parts[:, 3].sum()])
 
 
+def _launch_stochastic(kernel, src: torch.Tensor, out: torch.Tensor, u: torch.Tensor, head: tuple, tail: tuple,
+                       **meta) -> None:
+    """Launch an elementwise stochastic quantizer's kernel over ``src`` in memory order, its arguments
+    (src, out, *head, seeds, uniforms, u_outer, u_inner, u_sample, INNER, TOTAL, *tail); ``u``: uniforms
+    ``(samples, *x.shape)`` or int64 seeds ``(samples,)``."""
+    _, inner, u_outer, u_inner, u_sample, samples, seeded = sampled_layout(src, u)
+    dummy = torch.zeros(1, device=src.device)
+    kernel[_grid(src.numel(), BLOCK)](
+        src, out, *head, u.contiguous() if seeded else dummy.long(), dummy if seeded else u,
+        _on_device(u_outer, src.device), u_inner, u_sample, inner, src.numel(), *tail,
+        SAMPLES=samples, SEEDED=seeded, BLOCK=BLOCK, **meta,
+    )
+
+
 def luq(x: torch.Tensor, u: torch.Tensor, top: int, codes: Optional[torch.dtype] = None):
     """``nm.luq`` (``u``: uniforms ``(samples, *x.shape)`` or int64 seeds ``(samples,)``); with
     ``codes`` (a float8 dtype, one sample) ``nm.luq_fp8``'s (codes, scale)."""
@@ -455,28 +469,9 @@ def luq(x: torch.Tensor, u: torch.Tensor, top: int, codes: Optional[torch.dtype]
         out = torch.empty_like(src, dtype=torch.uint8)
     if x.numel() == 0:
         return out if codes is None else (out.view(codes), torch.ones((), device=x.device))
-    outer, inner, u_outer, u_inner, u_sample, samples, seeded = sampled_layout(src, u)
     amax = _stats(src)[0].float()
     largest = {None: 0, torch.float8_e4m3fn: 8, torch.float8_e5m2: 15}[codes]
-    dummy = torch.zeros(1, device=x.device)
-    _luq_kernel[_grid(x.numel(), BLOCK)](
-        src,
-        out,
-        amax,
-        u.contiguous() if seeded else dummy.long(),
-        dummy if seeded else u,
-        _on_device(u_outer, x.device),
-        u_inner,
-        u_sample,
-        inner,
-        x.numel(),
-        SAMPLES=samples,
-        TOP=top,
-        SEEDED=seeded,
-        KIND=_FP8_KIND.get(codes, 0),
-        LARGEST=largest,
-        BLOCK=BLOCK,
-    )
+    _launch_stochastic(_luq_kernel, src, out, u, (amax,), (), TOP=top, KIND=_FP8_KIND.get(codes, 0), LARGEST=largest)
     if codes is None:
         return out
     scale = torch.where(amax == 0, 1.0, amax * 2.0**-largest)
@@ -515,26 +510,7 @@ def sr(x: torch.Tensor, u: torch.Tensor, bits: int) -> torch.Tensor:
     src, out = prepare(x)
     if x.numel() == 0:
         return out
-    outer, inner, u_outer, u_inner, u_sample, samples, seeded = sampled_layout(src, u)
     amax = _stats(src)[0].float()
     scale = sr_scale(amax, x.dtype, bits)  # on the device: no sync
-    dummy = torch.zeros(1, device=x.device)
-    _sr_kernel[_grid(x.numel(), BLOCK)](
-        src,
-        out,
-        amax,
-        scale,
-        u.contiguous() if seeded else dummy.long(),
-        dummy if seeded else u,
-        _on_device(u_outer, x.device),
-        u_inner,
-        u_sample,
-        inner,
-        x.numel(),
-        torch.finfo(x.dtype).max,
-        SAMPLES=samples,
-        LEVELS=sr_levels(bits),
-        SEEDED=seeded,
-        BLOCK=BLOCK,
-    )
+    _launch_stochastic(_sr_kernel, src, out, u, (amax, scale), (torch.finfo(x.dtype).max,), LEVELS=sr_levels(bits))
     return out

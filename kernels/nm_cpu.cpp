@@ -357,15 +357,14 @@ Stats statistics(const T* x, int64_t numel, int threads) {
 
 // ---- LUQ -------------------------------------------------------------------------------------
 
-// Elementwise over [outer, inner] in memory order, W elements per step; the math of luq.luq_math,
-// with floor(log2 r) read from r's exponent bits (exact, where torch's log2 needs a correction).
-template <typename T>
-void luq(const T* x, T* out, int64_t outer, int64_t inner, int top, int samples, const float* u,
-         const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int threads) {
-  const float amax = amax_of(x, outer * inner, threads);
-  const float scale_top = std::ldexp(1.0f, top), inv_top = std::ldexp(1.0f, -top);
-  const float samples_f = static_cast<float>(samples), inv_samples = 1.0f / samples_f;
-  const bool exact_inverse = (samples & (samples - 1)) == 0;  // 1, 2, 4, ...: multiply, same bits
+// The elementwise pass of a stochastic quantizer (LUQ, SR) over [outer, inner] in memory order, W
+// elements a step: ``quantize(xf, draw)`` gives the values, ``draw(s)`` the uniforms of sample s (explicit,
+// through the offset tables, or hashed from seeds[s]); all-zero tensors stay zero, and NaN/Inf anywhere
+// (a non-finite amax) makes every output non-finite.
+template <typename T, typename F>
+NM_INLINE void stochastic_pass(const T* x, T* out, int64_t outer, int64_t inner, float amax, const float* u,
+                               const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner,
+                               int threads, F&& quantize) {
   const bool is_finite = std::isfinite(amax), positive = amax > 0.0f;
   const int64_t blocks = (inner + W - 1) / W;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -373,6 +372,34 @@ void luq(const T* x, T* out, int64_t outer, int64_t inner, int top, int samples,
     const int64_t o = t / blocks, first = (t % blocks) * W;
     const int count = static_cast<int>(inner - first < W ? inner - first : W);
     const vf xf = load(x + o * inner + first, 1, count);
+    const int64_t ubase = u_outer[o] + first * u_inner;
+    auto draw = [&](int s) {
+      return uniforms(u ? u + s * u_sample : nullptr, u ? 0 : static_cast<uint64_t>(seeds[s]), ubase, u_inner, count);
+    };
+    vf q = quantize(xf, draw);
+    if (!positive) q = xf;  // all zeros
+    if (!is_finite) q = xf + amax;  // NaN/Inf anywhere: non-finite everywhere
+    store(out + o * inner + first, 1, count, q);
+  }
+}
+
+// The mean of ``samples`` per-sample sums, as the torch math divides (by a power of two: a multiply, same bits).
+struct SampleMean {
+  float samples, inverse;
+  bool exact;
+  explicit SampleMean(int n) : samples(static_cast<float>(n)), inverse(1.0f / n), exact((n & (n - 1)) == 0) {}
+  NM_INLINE vf operator()(vf sum) const { return exact ? sum * inverse : sum / samples; }
+};
+
+// The math of luq.luq_math, with floor(log2 r) read from r's exponent bits (exact, where torch's log2
+// needs a correction).
+template <typename T>
+void luq(const T* x, T* out, int64_t outer, int64_t inner, int top, int samples, const float* u,
+         const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int threads) {
+  const float amax = amax_of(x, outer * inner, threads);
+  const float scale_top = std::ldexp(1.0f, top), inv_top = std::ldexp(1.0f, -top);
+  const SampleMean mean(samples);
+  stochastic_pass(x, out, outer, inner, amax, u, seeds, u_outer, u_sample, u_inner, threads, [&](vf xf, auto draw) {
     const vf r = vabs(xf) / amax * scale_top;  // |x| / α, in [0, 2^top]
     vi k = ((reinterpret_cast<vi>(r) >> 23) & 0xFF) - 127;  // floor(log2 r) for normal r
     k = k < 0 ? 0 : (k > top ? top : k);
@@ -383,19 +410,13 @@ void luq(const T* x, T* out, int64_t outer, int64_t inner, int top, int samples,
     const vi under = r < 1.0f;
     const vf base = sel(under, splat(0.0f), low), width = sel(under, splat(1.0f), low);
     const vf p_up = (r - base) * sel(under, splat(1.0f), inv_low);
-    const int64_t ubase = u_outer[o] + first * u_inner;
     vf ups = {};
-    for (int s = 0; s < samples; ++s) {
-      const vf us = uniforms(u ? u + s * u_sample : nullptr, u ? 0 : static_cast<uint64_t>(seeds[s]), ubase, u_inner, count);
-      ups = ups + ones(us < p_up);
-    }
-    const vf units = base + width * (exact_inverse ? ups * inv_samples : ups / samples_f);
-    vf q = sign_of(xf) * (units * inv_top) * amax;
-    if (!positive) q = xf;  // all zeros
-    if (!is_finite) q = xf + amax;  // NaN/Inf anywhere: non-finite everywhere
-    store(out + o * inner + first, 1, count, q);
-  }
+    for (int s = 0; s < samples; ++s) ups = ups + ones(draw(s) < p_up);
+    const vf units = base + width * mean(ups);
+    return sign_of(xf) * (units * inv_top) * amax;
+  });
 }
+
 
 // ---- SR (uniform stochastic rounding) --------------------------------------------------------
 
@@ -423,8 +444,8 @@ float sr_scale(float amax, int bits) {
   return static_cast<float>(scale < largest ? scale : largest);
 }
 
-// Elementwise over [outer, inner] in memory order, W elements per step; the math of sr.sr_math:
-// v = min(|x| / scale, L), lo = floor(v), codes summed over samples as lo + [u < v - lo].
+// The math of sr.sr_math: v = min(|x| / scale, L), lo = floor(v), codes summed over samples as
+// lo + [u < v - lo].
 template <typename T>
 void sr(const T* x, T* out, int64_t outer, int64_t inner, int bits, int samples, const float* u,
         const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int threads) {
@@ -433,33 +454,20 @@ void sr(const T* x, T* out, int64_t outer, int64_t inner, int bits, int samples,
   const float safe = scale > 0.0f ? scale : 1.0f;
   const float levels = static_cast<float>((1 << (bits - 1)) - 1);
   const float big = max_of<T>();
-  const float samples_f = static_cast<float>(samples), inv_samples = 1.0f / samples_f;
-  const bool exact_inverse = (samples & (samples - 1)) == 0;  // 1, 2, 4, ...: multiply, same bits
-  const bool is_finite = std::isfinite(amax), positive = amax > 0.0f;
-  const int64_t blocks = (inner + W - 1) / W;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t t = 0; t < outer * blocks; ++t) {
-    const int64_t o = t / blocks, first = (t % blocks) * W;
-    const int count = static_cast<int>(inner - first < W ? inner - first : W);
-    const vf xf = load(x + o * inner + first, 1, count);
+  const SampleMean mean(samples);
+  stochastic_pass(x, out, outer, inner, amax, u, seeds, u_outer, u_sample, u_inner, threads, [&](vf xf, auto draw) {
     vf v = vabs(xf) / safe;
     v = sel(v > levels, splat(levels), v);  // a guard: v <= L already (NaN stays NaN)
     const vf lo = floor_nonneg(v);  // v in [0, L]: truncation is floor
     const vf frac = v - lo;
-    const int64_t ubase = u_outer[o] + first * u_inner;
     vf codes = {};
     for (int s = 0; s < samples; ++s) {
-      const vf us = uniforms(u ? u + s * u_sample : nullptr, u ? 0 : static_cast<uint64_t>(seeds[s]), ubase, u_inner, count);
-      const vf c = lo + ones(us < frac);
+      const vf c = lo + ones(draw(s) < frac);
       codes = s == 0 ? c : codes + c;
     }
-    const vf mean = exact_inverse ? codes * inv_samples : codes / samples_f;
-    vf q = sign_of(xf) * (mean * scale);
-    q = sel(q < -big, splat(-big), sel(q > big, splat(big), q));  // saturate at x's dtype range
-    if (!positive) q = xf;  // all zeros
-    if (!is_finite) q = xf + amax;  // NaN/Inf anywhere: non-finite everywhere
-    store(out + o * inner + first, 1, count, q);
-  }
+    const vf q = sign_of(xf) * (mean(codes) * scale);
+    return sel(q < -big, splat(-big), sel(q > big, splat(big), q));  // saturate at x's dtype range
+  });
 }
 
 // ---- SAWB ------------------------------------------------------------------------------------
