@@ -6,7 +6,7 @@ low-precision form its output has (:class:`Form`), how reports, ONNX and Model E
 and which option keys configure it. The option validation, the graph rewrite, the lowering, the
 exporters, the noise monitor, the report and the CLI all read these descriptions instead of
 naming ops themselves; adding a method is adding a description here (and its kernels).
-``tests/kernels/test_catalog.py`` walks every op through every consumer.
+``tests/nmcompile/test_catalog.py`` walks every op through every consumer.
 """
 from __future__ import annotations
 
