@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent(
         "fx_miss": counters["inductor"]["fxgraph_cache_miss"],
         "aot_hit": counters["aot_autograd"]["autograd_cache_hit"],
         "aot_miss": counters["aot_autograd"]["autograd_cache_miss"],
-        "sources": __import__("nmcompile.passes.joint_pass", fromlist=["_SOURCE_HASH"])._SOURCE_HASH,
+        "sources": __import__("nmcompile.passes.joint_pass", fromlist=["source_hash"]).source_hash(),
     }))
     """
 )
