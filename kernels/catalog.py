@@ -101,7 +101,7 @@ class OpSpec:
         params = dict(zip(self.args, args[1:]))
         u = params.pop("u", None)
         if self.sampled and "samples" in self.options:
-            params["samples"] = _samples(args[0], u)
+            params["samples"] = _samples(u)
         return params
 
     def apply(self, x: torch.Tensor, **params) -> torch.Tensor:
@@ -117,7 +117,7 @@ class OpSpec:
         return self.op(x, *rest)
 
 
-def _samples(x, u) -> int:
+def _samples(u) -> int:
     """Samples averaged: the leading dim of the seeds ``(samples,)`` or uniforms ``(samples, *x.shape)``."""
     return int(u.shape[0]) if u is not None and u.dim() > 0 else 1
 
@@ -219,7 +219,3 @@ def spec_of(target) -> Optional[OpSpec]:
 def density(spec: OpSpec, params: Mapping) -> Optional[float]:
     """Fraction of values a pruning op keeps (None for other ops)."""
     return params["n"] / params["m"] if spec.kind == "prune" else None
-
-
-def bits_of(spec: OpSpec, params: Mapping) -> Optional[int]:
-    return params.get("bits") if spec.kind == "quantize" else None

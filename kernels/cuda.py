@@ -87,6 +87,13 @@ if triton is not None:
         return (h >> 8).to(tl.float32) * 5.9604644775390625e-08  # 2^-24
 
     @triton.jit
+    def _sample_uniforms(u_index, s, seed_ptr, u_ptr, u_sample, mask, SEEDED: tl.constexpr):
+        """The uniforms of sample ``s`` of a stochastic quantizer: hashed from seed s, or read from u."""
+        if SEEDED:
+            return _uniform(u_index, tl.load(seed_ptr + s))
+        return tl.load(u_ptr + s * u_sample + u_index, mask=mask, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _sign(x):
         return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
 
@@ -297,10 +304,7 @@ if triton is not None:
         u_index = tl.load(u_outer_ptr + idx // INNER, mask=mask, other=0) + (idx % INNER) * u_inner
         ups = tl.zeros_like(x)
         for s in tl.static_range(SAMPLES):
-            if SEEDED:
-                u = _uniform(u_index, tl.load(seed_ptr + s))
-            else:
-                u = tl.load(u_ptr + s * u_sample + u_index, mask=mask, other=0.0).to(tl.float32)
+            u = _sample_uniforms(u_index, s, seed_ptr, u_ptr, u_sample, mask, SEEDED)
             ups += tl.where(u < p_up, 1.0, 0.0)
         units = base + width * tl.math.div_rn(ups, SAMPLES * 1.0)
         if KIND == 0:
@@ -346,10 +350,7 @@ if triton is not None:
         u_index = tl.load(u_outer_ptr + idx // INNER, mask=mask, other=0) + (idx % INNER) * u_inner
         codes = tl.zeros_like(x)
         for s in tl.static_range(SAMPLES):
-            if SEEDED:
-                u = _uniform(u_index, tl.load(seed_ptr + s))
-            else:
-                u = tl.load(u_ptr + s * u_sample + u_index, mask=mask, other=0.0).to(tl.float32)
+            u = _sample_uniforms(u_index, s, seed_ptr, u_ptr, u_sample, mask, SEEDED)
             codes += lo + tl.where(u < frac, 1.0, 0.0)  # 0 + c == c: the same sum as sr_math
         q = _sign(x) * (tl.math.div_rn(codes, SAMPLES * 1.0) * scale)
         q = tl.minimum(tl.maximum(q, -BIG), BIG)  # saturate at x's dtype range

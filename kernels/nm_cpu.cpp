@@ -544,25 +544,21 @@ void nm_greedy(int dtype, const void* x, void* out, int64_t outer, int64_t k, in
   with_dtype(dtype, [&](auto tag) { prune_dispatch<NM_ELEMENT(tag), false>(x, out, outer, k, inner, n, m, none, threads); });
 }
 
-void nm_luq(int dtype, const void* x, void* out, int64_t outer, int64_t inner, int top, int samples,
-            const float* u, const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner,
-            int threads) {
-  with_dtype(dtype, [&](auto tag) {
-    using T = NM_ELEMENT(tag);
-    luq(static_cast<const T*>(x), static_cast<T*>(out), outer, inner, top, samples, u, seeds, u_outer, u_sample,
-        u_inner, threads);
-  });
-}
+// The elementwise stochastic quantizers share one entry-point signature (kernels/cpu.py): nm_<name>
+// with the kernel's int parameter (LUQ: its top exponent, SR: its bits).
+#define NM_STOCHASTIC_ENTRY(name)                                                                        \
+  void nm_##name(int dtype, const void* x, void* out, int64_t outer, int64_t inner, int param, int samples,  \
+                 const float* u, const int64_t* seeds, const int64_t* u_outer, int64_t u_sample,            \
+                 int64_t u_inner, int threads) {                                                             \
+    with_dtype(dtype, [&](auto tag) {                                                                        \
+      using T = NM_ELEMENT(tag);                                                                             \
+      name(static_cast<const T*>(x), static_cast<T*>(out), outer, inner, param, samples, u, seeds, u_outer,  \
+           u_sample, u_inner, threads);                                                                      \
+    });                                                                                                      \
+  }
 
-void nm_sr(int dtype, const void* x, void* out, int64_t outer, int64_t inner, int bits, int samples,
-           const float* u, const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner,
-           int threads) {
-  with_dtype(dtype, [&](auto tag) {
-    using T = NM_ELEMENT(tag);
-    sr(static_cast<const T*>(x), static_cast<T*>(out), outer, inner, bits, samples, u, seeds, u_outer, u_sample,
-       u_inner, threads);
-  });
-}
+NM_STOCHASTIC_ENTRY(luq)
+NM_STOCHASTIC_ENTRY(sr)
 
 void nm_sawb(int dtype, const void* x, void* out, int64_t numel, double c1, double c2, int bits, int keep,
              float* scale_out, int threads) {

@@ -116,10 +116,6 @@ def sr_scale(amax: torch.Tensor, dtype: torch.dtype, bits: int) -> torch.Tensor:
     return torch.clamp_max(scale, largest_scale(keep)).float()  # NaN stays NaN, Inf is capped
 
 
-def sr_noise_shape(shape: torch.Size | tuple, samples: int) -> tuple:
-    return (samples, *tuple(shape))
-
-
 def sr_math(x: torch.Tensor, u: torch.Tensor, bits: int) -> torch.Tensor:
     """Quantize ``x`` with uniforms ``u`` of shape ``(samples, *x.shape)``; returns the mean of the
     samples in x's dtype. NaN/Inf anywhere make the whole output non-finite."""

@@ -214,11 +214,10 @@ class _Lowerer:
             # a gradient quantizer feeds this GEMM only: its codes are computed here, from its inputs
             tensors = [a for a in o.base.args if isinstance(a, fx.Node)]
             positions = [take(a) for a in tensors]
-            codes_op = getattr(torch.ops.nm, o.spec.codes_op).default
-            rest = o.base.args[len(tensors):]
+            codes_of = _codes_fn(o.spec, tuple(o.base.args[len(tensors):]))
 
             def gradient_codes(xs):
-                codes, scale = codes_op(*(xs[i] for i in positions), *rest)
+                codes, scale = codes_of(*(xs[i] for i in positions))
                 return laid_out(codes), scale
 
             return gradient_codes
