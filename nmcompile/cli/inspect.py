@@ -49,7 +49,7 @@ def run(args) -> int:
     s = report.summary()
     out.print(f"[bold]{args.target}[/bold]: {captured.config.describe()} — {s['rewritten']} of {s['gemms']} GEMMs "
               f"rewritten, {s['skipped']} skipped; backward FLOPs with a sparse gradient {s['sparse_flop_share']:.0%}, "
-              f"with a 4-bit gradient {s['luq_flop_share']:.0%}")
+              f"with a 4-bit gradient {s['quant_flop_share']:.0%}")
     out.print(gemm_table(report, f"GEMMs ({len(report.gemms)}), in {len(captured.graphs)} graph(s)"))
     out.print("[dim]TC speedup: peak tensor-core math ratio vs dense bf16 on H100 (2:4 sparse ×2, both operands "
               "4-bit → FP8 ×2); an upper bound, see docs/cli.md[/dim]")

@@ -40,9 +40,9 @@ def results_table(runs: dict, title: str):
     table.caption = (
         (f"test acc, after epoch 2, final loss: mean ± std over {seeds} seeds. " if seeds > 1 else "")
         + "grad var / grad bias²: the error of the compressed backward GEMMs' outputs, relative to their exact "
-        "‖G‖², on one training batch after epoch 1 of the first seed (nmcompile.NoiseMonitor): MVUE and LUQ are "
+        "‖G‖², on one training batch after epoch 1 of the first seed (nmcompile.NoiseMonitor): MVUE, LUQ and SR are "
         "all variance, greedy all bias. wall s: training incl. compile, all seeds. sparse / 4-bit bwd: share of "
-        "backward-GEMM FLOPs whose gradient operand is N:M-sparse / LUQ 4-bit"
+        "backward-GEMM FLOPs whose gradient operand is N:M-sparse / quantized (LUQ, SR)"
     )
     for name, r in runs.items():
         diverged = sum(_values(r, "diverged"))
@@ -58,7 +58,7 @@ def results_table(runs: dict, title: str):
             f"{max(noise['compression_bias'], 0.0) / signal:.3f}" if signal else "–",
             f"{sum(_values(r, 'wall_s')):.1f}",
             f"{100 * r['seeds'][0]['sparse_flop_share']:.0f}%",
-            f"{100 * r['seeds'][0]['luq_flop_share']:.0f}%",
+            f"{100 * r['seeds'][0]['quant_flop_share']:.0f}%",
         )
     return table
 
@@ -175,7 +175,7 @@ def run_demo(args: argparse.Namespace) -> dict:
     )
     out.print(results_table(runs, title))
     results = {
-        "schema": "nmcompile.demo/2",
+        "schema": "nmcompile.demo/3",  # 3: quant_flop_share per run
         "config": {
             "quick": bool(args.quick),
             "epochs": args.epochs,

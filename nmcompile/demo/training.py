@@ -23,12 +23,16 @@ def steps_per_epoch(data: Split, batch_size: int) -> int:
     return len(data.x_train) // batch_size
 
 
+# the report's shares of backward-GEMM FLOPs kept per run: N:M-sparse, LUQ, any quantized gradient (LUQ, SR)
+FLOP_SHARES = ("sparse_flop_share", "luq_flop_share", "quant_flop_share")
+
+
 def flop_shares(records: list, options: dict) -> dict:
     from nmcompile.passes import NMConfig
     from nmcompile.report import Report
 
     summary = Report(list(records), NMConfig.from_options(options)[0].as_dict()).summary()
-    return {"sparse_flop_share": summary["sparse_flop_share"], "luq_flop_share": summary["luq_flop_share"]}
+    return {key: summary[key] for key in FLOP_SHARES}
 
 
 def train(
@@ -105,7 +109,7 @@ def train(
         "compile_s": compile_s,
         "curves": {"step_loss": losses, "epoch_loss": epoch_loss, "epoch_test_acc": test_acc},
         # without record=True an Inductor cache hit skips the pass and records nothing: no shares then
-        **(flop_shares(records, options) if record else {"sparse_flop_share": None, "luq_flop_share": None}),
+        **(flop_shares(records, options) if record else dict.fromkeys(FLOP_SHARES)),
     }
 
 

@@ -30,6 +30,7 @@ def test_method_list_covers_the_issue():
     assert demo.DEFAULT["seeds"] == [0, 1, 2]
     assert opts["luq4 smp2 + sawb4"] == {"quant": "luq", "smp": 2, "fwd_quant": "sawb"}
     assert opts["mvue 2:4 + luq4"] == {"sparsity": "2:4", "quant": "luq"}
+    assert opts["sr4 smp2 + sawb4"] == {"quant": "sr", "smp": 2, "fwd_quant": "sawb"}  # LUQ vs uniform SR
 
 
 @pytest.mark.parametrize("argv,message", [(["--hidden", "30"], "--hidden=30 must be a positive multiple of 4"),
@@ -86,7 +87,7 @@ def test_quick_demo_writes_a_valid_png(quick_run):
 def test_quick_demo_results_json(quick_run):
     _, _, out = quick_run
     results = json.loads((out / "results.json").read_text())
-    assert results["schema"] == "nmcompile.demo/2"
+    assert results["schema"] == "nmcompile.demo/3"
     assert results["config"]["quick"] is True and results["config"]["inner"] == "aot_eager"
     assert results["config"]["seeds"] == [0, 1]
     assert list(results["runs"]) == METHOD_NAMES
@@ -114,6 +115,11 @@ def test_quick_demo_flop_shares_match_the_methods(quick_run):
     assert runs["luq4 smp2 + sawb4"]["luq_flop_share"] == pytest.approx(1.0)
     assert runs["mvue 2:4 + luq4"]["sparse_flop_share"] > 0
     assert runs["mvue 2:4 + luq4"]["luq_flop_share"] == pytest.approx(1.0)
+    assert runs["sr4 smp2 + sawb4"]["luq_flop_share"] == 0  # SR is a quantized gradient, not LUQ
+    assert runs["sr4 smp2 + sawb4"]["quant_flop_share"] == pytest.approx(1.0)
+    for name, run in runs.items():
+        if name.startswith(("luq", "mvue 2:4 + luq")):
+            assert run["quant_flop_share"] == run["luq_flop_share"], name
 
 
 def test_quick_demo_runs_differ_only_by_method(quick_run):
