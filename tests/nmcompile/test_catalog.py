@@ -150,3 +150,14 @@ def test_the_noise_monitor_measures_every_gradient_op(spec):
     report = NoiseMonitor(model, options_for(spec), draws=2).measure(x)
     measured = [g for g in report.gemms if any(t.startswith(spec.name) for t in g.transforms)]
     assert measured and all(g.compression_noise is not None for g in measured)
+
+
+def test_a_description_missing_a_field_does_not_load():
+    import dataclasses
+
+    fields = {f.name: getattr(OPS["luq"], f.name) for f in dataclasses.fields(OpSpec)}
+    required = [f.name for f in dataclasses.fields(OpSpec) if f.default is dataclasses.MISSING]
+    assert {"label", "form", "onnx_type", "onnx_attrs", "color", "options", "schema", "unbiased"} <= set(required)
+    for name in required:
+        with pytest.raises(TypeError, match=name):
+            OpSpec(**{k: v for k, v in fields.items() if k != name})
