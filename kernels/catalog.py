@@ -17,10 +17,11 @@ import torch
 
 from .fp8 import E4M3, luq_format
 from .grouping import uniform_shape
-from .luq import luq_levels, luq_math, luq_noise_shape
+from .int8 import INT8_MAX
+from .luq import luq_levels, luq_math, luq_noise_shape, luq_scale
 from .random import seeds_for
 from .sawb import SAWB_COEFFICIENTS
-from .sr import sr_levels, sr_math
+from .sr import BITS, sr_levels, sr_math, sr_scale_of
 
 KINDS = ("prune", "quantize")
 STAGES = ("gradient", "forward")  # the neural gradient of a backward GEMM | a forward GEMM's W and X
@@ -38,12 +39,15 @@ class Form:
 
     ``structure``: at most N nonzeros in every group of M along the op's dim. ``max_code``: the
     output is integer codes ``|c| <= max_code`` times one per-tensor scale, exactly. ``float8``: a
-    float8 format holding those codes exactly (None: ``why``)."""
+    float8 format holding those codes exactly (None: ``why``). ``int8``: int8 codes times one fp32
+    scale hold the output exactly (False: ``int8_why``)."""
 
     structure: Optional[tuple[int, int]] = None
     max_code: Optional[int] = None
     float8: Optional[torch.dtype] = None
     why: str = ""
+    int8: bool = False
+    int8_why: str = ""
 
     @property
     def sparse24(self) -> bool:
@@ -69,9 +73,11 @@ class OpSpec:
     onnx_attrs: tuple[str, ...]
     color: str  # node colour in Model Explorer and DOT
     codes_op: Optional[str] = None  # nm op giving the output as float8 codes and a scale, same arguments
+    int8_op: Optional[str] = None  # nm op giving the output as int8 codes and a scale, same arguments
     # elementwise stochastic quantizers: the ops are registered from these (kernels/ops.py)
     math: Optional[Callable] = None  # portable torch math (x, uniforms (samples, *x.shape), **params)
     kernel_arg: Optional[Callable[[Mapping], int]] = None  # the int the CPU (nm_<name>) and Triton kernels take
+    scale: Optional[Callable] = None  # (x, **params) -> the fp32 scale of its int8 codes (one sample)
 
     @property
     def op(self) -> torch._ops.OpOverload:
@@ -135,18 +141,31 @@ def _structure(p: Mapping) -> Form:
     return Form(structure=(p["n"], p["m"]), why="pruning keeps values in the input dtype")
 
 
+def _int8(max_code: int, samples: int, name: str) -> tuple[bool, str]:
+    """Whether one-sample codes up to ``max_code`` fit int8, and why not."""
+    if samples > 1:
+        return False, (f"the mean of smp={samples} samples is not exactly an int8 code times one scale "
+                       "in every dtype")
+    if max_code > INT8_MAX:
+        return False, f"{name} codes reach {max_code}, above int8's {INT8_MAX}"
+    return True, ""
+
+
 def _luq_form(p: Mapping) -> Form:
     top = luq_levels(p["bits"], p["levels"]) - 1
     samples = p.get("samples", 1)
     fmt, why = luq_format(top, samples)
+    int8, int8_why = _int8(2**top, samples, f"luq{p['bits']} ({p['levels']} levels)")
     # levels α·2^k, k = 0..top: codes 2^k with scale α; the mean of s samples: codes Σ2^k, scale α/s
-    return Form(max_code=samples * 2**top, float8=fmt, why=why)
+    return Form(max_code=samples * 2**top, float8=fmt, why=why, int8=int8, int8_why=int8_why)
 
 
 def _sawb_form(p: Mapping) -> Form:
     fits = p["bits"] <= 4  # e4m3 holds the integers up to 16
+    int8, int8_why = _int8(2 ** p["bits"] - 1, 1, f"sawb{p['bits']}")  # unsigned grid: 0..2^bits - 1
     return Form(max_code=2 ** p["bits"] - 1, float8=E4M3 if fits else None,
-                why="" if fits else f"sawb{p['bits']} codes exceed the integers e4m3 holds exactly")
+                why="" if fits else f"sawb{p['bits']} codes exceed the integers e4m3 holds exactly",
+                int8=int8, int8_why=int8_why)
 
 
 def _prune_label(p: Mapping) -> str:
@@ -171,14 +190,15 @@ LUQ = OpSpec(
     options={"bits": "bits", "levels": "levels", "samples": "smp"}, bits=range(2, 9),
     summary="logarithmic unbiased quantization: stochastic underflow and log-domain stochastic rounding",
     label=lambda p: f"luq{p['bits']}", form=_luq_form, onnx_type="LUQ", onnx_attrs=("bits", "levels"),
-    color="#b197fc", codes_op="luq_fp8", math=luq_math, kernel_arg=lambda p: luq_levels(p["bits"], p["levels"]) - 1,
+    color="#b197fc", codes_op="luq_fp8", int8_op="luq_int8", math=luq_math,
+    kernel_arg=lambda p: luq_levels(p["bits"], p["levels"]) - 1, scale=luq_scale,
 )
 SAWB = OpSpec(
     "sawb", kind="quantize", stage="forward", schema="(Tensor x, int bits) -> Tensor", unbiased=False,
     options={"bits": "fwd_bits"}, bits=tuple(sorted(SAWB_COEFFICIENTS)),
     summary="SAWB round-to-nearest quantization of weights and activations (straight-through gradient)",
     label=lambda p: f"sawb{p['bits']}", form=_sawb_form, onnx_type="SAWB", onnx_attrs=("bits",),
-    color="#74c0fc", codes_op="sawb_fp8",
+    color="#74c0fc", codes_op="sawb_fp8", int8_op="sawb_int8",
 )
 
 
@@ -186,10 +206,11 @@ def _sr_form(p: Mapping) -> Form:
     samples = p.get("samples", 1)
     levels = sr_levels(p["bits"])
     fits = samples == 1 and levels <= 16  # e4m3 holds the integers up to 16
+    int8, int8_why = _int8(levels, samples, f"sr{p['bits']}")
     # codes |c| <= L, scale rounded so that c·scale is exact; the mean of s samples: codes Σc, scale/s
     return Form(max_code=samples * levels, float8=E4M3 if fits else None,
                 why="" if fits else ("the mean of several samples" if samples > 1 else f"sr{p['bits']} codes")
-                + " exceeds the integers e4m3 holds exactly")
+                + " exceeds the integers e4m3 holds exactly", int8=int8, int8_why=int8_why)
 
 
 SR = OpSpec(
@@ -197,10 +218,24 @@ SR = OpSpec(
     options={"bits": "bits", "samples": "smp"}, bits=range(2, 9),
     summary="uniform stochastic rounding to 2^(bits-1)-1 magnitudes, per-tensor absmax scale",
     label=lambda p: f"sr{p['bits']}", form=_sr_form, onnx_type="SR", onnx_attrs=("bits",), color="#63e6be",
-    math=sr_math, kernel_arg=lambda p: p["bits"],
+    int8_op="sr_int8", math=sr_math, kernel_arg=lambda p: p["bits"], scale=sr_scale_of,
 )
 
-OPS: dict[str, OpSpec] = {spec.name: spec for spec in (MVUE, GREEDY, LUQ, SR, SAWB)}
+
+def _absmax_form(p: Mapping) -> Form:
+    return Form(max_code=sr_levels(p["bits"]), why="absmax codes go to int8 GEMMs (no float8 codes op)", int8=True)
+
+
+ABSMAX = OpSpec(
+    "absmax", kind="quantize", stage="forward", schema="(Tensor x, int bits) -> Tensor", unbiased=False,
+    options={"bits": "fwd_bits"}, bits=BITS,
+    summary="round-to-nearest onto 2^(bits-1)-1 magnitudes, per-tensor absmax scale: the INT8 forward "
+            "(straight-through gradient)",
+    label=lambda p: f"absmax{p['bits']}", form=_absmax_form, onnx_type="AbsMax", onnx_attrs=("bits",),
+    color="#4dabf7", int8_op="absmax_int8",
+)
+
+OPS: dict[str, OpSpec] = {spec.name: spec for spec in (MVUE, GREEDY, LUQ, SR, SAWB, ABSMAX)}
 SEEDS_COLOR = "#dee2e6"  # the seed draws and other helper nodes the pass inserts
 
 

@@ -38,13 +38,14 @@ FLAGS = ["-O2", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-err
          "-shared", "-fPIC"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _i64, _vp, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-# Every elementwise stochastic quantizer of the catalog has a kernel nm_<name> with one signature
-# (dtype, x, out, outer, inner, its int parameter, samples, u, seeds, u_outer, u_sample, u_inner, threads).
-_STOCHASTIC = [_int, _vp, _vp, _i64, _i64, _int, _int, _vp, _vp, _vp, _i64, _i64, _int]
+# Every elementwise stochastic quantizer of the catalog has a kernel nm_<name> with one signature (dtype,
+# x, out, codes, scale, outer, inner, its int parameter, samples, u, seeds, u_outer, u_sample, u_inner, threads).
+_STOCHASTIC = [_int, _vp, _vp, _vp, _vp, _i64, _i64, _int, _int, _vp, _vp, _vp, _i64, _i64, _int]
 SIGNATURES = {
     "nm_mvue": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _vp, _i64, _vp, _i64, _i64, _int],
     "nm_greedy": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _int],
-    "nm_sawb": [_int, _vp, _vp, _i64, ctypes.c_double, ctypes.c_double, _int, _int, _vp, _int],
+    "nm_sawb": [_int, _vp, _vp, _vp, _i64, ctypes.c_double, ctypes.c_double, _int, _int, _vp, _int],
+    "nm_absmax": [_int, _vp, _vp, _vp, _i64, _int, _vp, _int],
     **{f"nm_{spec.name}": _STOCHASTIC for spec in ops_of(kind="quantize", stage="gradient")},
 }
 
@@ -180,26 +181,53 @@ def _prune(x, u, n, m, dim, mvue):
     return out
 
 
-def stochastic(name: str, x: torch.Tensor, u: torch.Tensor, param: int) -> torch.Tensor:
-    """The elementwise stochastic quantizer ``nm_<name>`` (LUQ: ``param`` is its top exponent).
-    ``u``: float uniforms ``(samples, *x.shape)``, or int64 seeds ``(samples,)``."""
-    src, out = prepare(x)
-    if x.numel() == 0:
-        return out
-    if u.is_floating_point():
-        u = u.float()
-    outer, inner, u_outer, u_inner, u_sample, samples, seeded = sampled_layout(src, u)
-    seeds, u = (u.contiguous(), None) if seeded else (None, u)
-    getattr(library(), f"nm_{name}")(DTYPES[x.dtype], _ptr(src), _ptr(out), outer, inner, param, samples, _ptr(u),
-                                     _ptr(seeds), _ptr(u_outer), u_sample, u_inner, _threads())
-    return out
-
-
-def sawb(x: torch.Tensor, bits: int, c1: float, c2: float, keep: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAWB of ``x`` and its scale (fp32, 0-d), rounded to ``keep`` significant bits."""
-    src, out = prepare(x)
+def _outputs(out: torch.Tensor, codes: bool):
+    """(values tensor or None, int8 codes tensor or None, fp32 scale): what a quantizer kernel writes,
+    both in ``out``'s layout (x's, as the fake kernels promise)."""
     scale = torch.zeros((), dtype=torch.float32)
-    if x.numel() == 0:
-        return out, scale
-    library().nm_sawb(DTYPES[x.dtype], _ptr(src), _ptr(out), x.numel(), c1, c2, bits, keep, _ptr(scale), _threads())
-    return out, scale
+    if codes:
+        return None, torch.empty_like(out, dtype=torch.int8), scale
+    return out, None, scale
+
+
+def stochastic(name: str, x: torch.Tensor, u: torch.Tensor, param: int, codes: bool = False):
+    """The elementwise stochastic quantizer ``nm_<name>`` (LUQ: ``param`` is its top exponent).
+    ``u``: float uniforms ``(samples, *x.shape)``, or int64 seeds ``(samples,)``. Returns the values,
+    or with ``codes`` (int8 codes, fp32 scale) whose product is those values."""
+    src, out = prepare(x)
+    values, int8, scale = _outputs(out, codes)
+    if x.numel() > 0:
+        if u.is_floating_point():
+            u = u.float()
+        outer, inner, u_outer, u_inner, u_sample, samples, seeded = sampled_layout(src, u)
+        seeds, u = (u.contiguous(), None) if seeded else (None, u)
+        getattr(library(), f"nm_{name}")(DTYPES[x.dtype], _ptr(src), _ptr(values), _ptr(int8), _ptr(scale), outer,
+                                         inner, param, samples, _ptr(u), _ptr(seeds), _ptr(u_outer), u_sample, u_inner,
+                                         _threads())
+    else:
+        scale.fill_(1.0)
+    return (int8, scale) if codes else values
+
+
+def sawb(x: torch.Tensor, bits: int, c1: float, c2: float, keep: int, codes: bool = False):
+    """SAWB of ``x`` and its scale (fp32, 0-d), rounded to ``keep`` significant bits; with ``codes``
+    the int8 codes instead of the values (the same scale: 0 for an all-zero x)."""
+    src, out = prepare(x)
+    values, int8, scale = _outputs(out, codes)
+    if x.numel() > 0:
+        library().nm_sawb(DTYPES[x.dtype], _ptr(src), _ptr(values), _ptr(int8), x.numel(), c1, c2, bits, keep,
+                          _ptr(scale), _threads())
+    return (int8 if codes else values), scale
+
+
+def absmax(x: torch.Tensor, bits: int, codes: bool = False):
+    """Round-to-nearest absmax quantization of ``x`` (the values), or with ``codes`` (int8 codes,
+    fp32 scale)."""
+    src, out = prepare(x)
+    values, int8, scale = _outputs(out, codes)
+    if x.numel() > 0:
+        library().nm_absmax(DTYPES[x.dtype], _ptr(src), _ptr(values), _ptr(int8), x.numel(), bits, _ptr(scale),
+                            _threads())
+    else:
+        scale.fill_(1.0)
+    return (int8, scale) if codes else values

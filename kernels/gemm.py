@@ -1,5 +1,10 @@
-"""Low-precision GEMM ops for ``lowering="native"``: exact FP8 and 2:4 semi-structured sparse.
+"""Low-precision GEMM ops for the native lowering: exact INT8, exact FP8 and 2:4 semi-structured sparse.
 
+- ``nm::int8_mm(a, scale_a, b, scale_b, bias, out_dtype)``: (a·scale_a) @ (b·scale_b) (+ bias) for
+  int8 codes (``kernels/int8.py``): ``torch._int_mm`` sums the products in int32, exactly (K is split
+  where a sum could leave int32), then one float64 multiply by the scales (and the bias) rounded once
+  to ``out_dtype``. CPU: oneDNN (AVX512-VNNI, AMX); CUDA: IMMA tensor cores (sm80+). The native
+  lowering inlines its aten ops (``int8_gemm``), so Inductor fuses the scaling into what follows.
 - ``nm::fp8_mm(a, scale_a, b, scale_b, bias, out_dtype)``: (a·scale_a) @ (b·scale_b) (+ bias) for
   float8 codes (``kernels/fp8.py``), fp32 accumulation: ``torch._scaled_mm`` with per-tensor scales,
   on CUDA (sm89+) and on CPU alike.
@@ -15,6 +20,7 @@ falls back to the dense GEMM where a device cannot run one.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable, Optional
 
@@ -22,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .cuda import or_reference
+from .int8 import scaled_sums
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 _HALF = (torch.bfloat16, torch.float16)
@@ -102,6 +109,59 @@ def _(a, scale_a, b, scale_b, bias, out_dtype):
     return a.new_empty(_out_shape(a, b), dtype=out_dtype)
 
 
+# The largest K whose int32 sums of int8 products cannot overflow: K·127·127 < 2^31 (128·128 for -128).
+INT32_K = (2**31 - 1) // (128 * 128)
+
+
+def _check_int8(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor) -> None:
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise ValueError(f"nm.int8_mm: operands must be int8 codes, got {a.dtype} and {b.dtype}")
+    for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
+        if s.numel() != 1 or s.dtype != torch.float32:
+            raise ValueError(
+                f"nm.int8_mm: {name} must be one fp32 value per tensor, got {s.dtype} of shape {tuple(s.shape)}"
+            )
+
+
+def int_sums(a: Tensor, b: Tensor) -> Tensor:
+    """The exact integer sums a @ b of int8 operands: int32 from ``torch._int_mm``, or int64 where K is
+    above ``INT32_K`` (the K chunks' int32 sums added in int64)."""
+    k = a.shape[1]
+    if k <= INT32_K:
+        return torch._int_mm(a, b)
+    sums = None
+    for start in range(0, k, INT32_K):
+        part = torch._int_mm(a[:, start:start + INT32_K], b[start:start + INT32_K]).long()
+        sums = part if sums is None else sums + part
+    return sums
+
+
+def int8_gemm(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor],
+              out_dtype: torch.dtype) -> Tensor:
+    """(a·scale_a) @ (b·scale_b) + bias for int8 codes: exact integer sums, then one float64 multiply
+    by the scales (and the bias) rounded once to ``out_dtype``. Plain aten ops: the native lowering
+    puts them in the graph as they are, so Inductor fuses the scaling into the GEMM output's consumer
+    (GELU, a residual add) instead of writing and reading the output once more."""
+    if a.device.type == "cuda":  # the layouts cuBLASLt's int8 GEMM takes
+        a, b = _row_major(a), _col_major(b)
+    return scaled_sums(int_sums(a, b), scale_a, scale_b, bias, out_dtype)
+
+
+@torch.library.custom_op("nm::int8_mm", mutates_args=())
+def int8_mm(
+    a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor], out_dtype: torch.dtype
+) -> Tensor:
+    """(a·scale_a) @ (b·scale_b) + bias in ``out_dtype``: exact int32 sums, rounded once (kernels/int8.py)."""
+    _out_shape(a, b)
+    _check_int8(a, scale_a, b, scale_b)
+    return int8_gemm(a, scale_a, b, scale_b, bias, out_dtype)
+
+
+@int8_mm.register_fake
+def _(a, scale_a, b, scale_b, bias, out_dtype):
+    return a.new_empty(_out_shape(a, b), dtype=out_dtype)
+
+
 def check_24(a: Tensor) -> None:
     """Raise a ValueError naming the first aligned group of 4 along a's last dim with > 2 nonzeros."""
     rows, k = a.shape
@@ -156,8 +216,8 @@ def _(a, b, scale_a, scale_b, out_dtype):
 # -- the kernels, described --------------------------------------------------------------------
 # cuSPARSELt minimums (sparse rows, sparse cols, dense rows, dense cols); each size a multiple too.
 _CSLT_MIN = {"half": (16, 16, 8, 8), "fp8": (32, 32, 16, 16)}
-_SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float8_e4m3fn: "e4m3",
-          torch.float8_e5m2: "e5m2"}
+_SHORT = {torch.int8: "int8", torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+          torch.float8_e4m3fn: "e4m3", torch.float8_e5m2: "e5m2"}
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -196,6 +256,69 @@ def _sparse_support(fp8: bool):
     return support
 
 
+def _int8_support(capability: tuple, shape: tuple, dtype: torch.dtype) -> Optional[str]:
+    m, n, k = shape
+    if capability < (8, 0):
+        return ("INT8 tensor-core GEMMs (torch._int_mm) need CUDA capability >= 8.0, this GPU has "
+                f"{capability[0]}.{capability[1]}")
+    if m <= 16 or k % 8 or n % 8:
+        return f"torch._int_mm on CUDA needs M > 16 and K, N multiples of 8, got M={m}, K={k}, N={n}"
+    return None
+
+
+_int8_on_cpu: Optional[str] = None  # why int8 GEMMs do not pay or are not exact on this CPU ("": they are)
+
+
+def int8_cpu_support() -> Optional[str]:
+    """None where this CPU runs ``torch._int_mm`` fast and exactly, else why not (decided once).
+
+    Fast: oneDNN's int8 GEMMs use AVX512-VNNI or AMX (without them it falls back to instructions whose
+    int16 intermediate sums can saturate). Exact: a probe with the largest codes of both signs, whose
+    sums need every bit of int32, against the int64 product."""
+    global _int8_on_cpu
+    if _int8_on_cpu is None:
+        if not (torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported()):
+            _int8_on_cpu = "this CPU has neither AVX512-VNNI nor AMX: its int8 GEMMs are neither fast nor exact"
+        else:
+            from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+            with unset_fake_temporarily():  # asked while a graph is traced: real tensors
+                _int8_on_cpu = _probe_int8()
+    return _int8_on_cpu or None
+
+
+def _probe_int8() -> str:
+    """'' if torch._int_mm gives the int64 product on codes ±127 (sums near ±2^26 and of mixed signs)."""
+    g = torch.Generator().manual_seed(0)
+    a = (torch.randint(0, 2, (32, 4096), generator=g, dtype=torch.int8) * 2 - 1) * 127
+    a[0] = 127
+    b = (torch.randint(0, 2, (4096, 24), generator=g, dtype=torch.int8) * 2 - 1) * 127
+    b[:, 0] = 127
+    exact = torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+    return "" if exact else "torch._int_mm is not exact on this CPU (a probe with codes ±127 differs)"
+
+
+_cpu_reference_kernels = False
+
+
+@contextlib.contextmanager
+def cpu_reference_kernels():
+    """Let the lowering choose the FP8 kernels on CPU inside this block: ``torch._scaled_mm`` there is
+    a scalar reference (about 0.1 GFLOP/s), for tests of the GPU graph, never for training."""
+    global _cpu_reference_kernels
+    before, _cpu_reference_kernels = _cpu_reference_kernels, True
+    try:
+        yield
+    finally:
+        _cpu_reference_kernels = before
+
+
+def kernel_choice_key() -> str:
+    """What, besides the graph and the options, decides the kernels the lowering picks in this process:
+    part of the compile caches' key, so that a cache never serves a graph lowered under other rules."""
+    return f"cpu_reference={_cpu_reference_kernels}"
+
+
 @dataclasses.dataclass(frozen=True)
 class GemmKernel:
     """One GEMM kernel a recorded GEMM can run on: what its operands must be, where it runs, how
@@ -203,22 +326,35 @@ class GemmKernel:
 
     name: str
     op: Optional[str]  # the nm op that runs it (None: the ordinary aten GEMM)
-    float8: bool  # both operands are float8 codes with per-tensor scales
+    codes: Optional[str]  # both operands are "float8" or "int8" codes with per-tensor scales (None: values)
     sparse24: bool  # one operand is 2:4 along K (it goes left)
     operands: str  # in words
     events: tuple[str, ...]  # the profiler's aten events that do its math
     # Peak tensor-core math rate vs dense bf16 on an H100 SXM (TFLOPS without / with 2:4 sparsity: BF16
-    # 989 / 1979, FP8 1979 / 3958): an upper bound on what the kernel buys, not an end-to-end speedup.
+    # 989 / 1979, FP8 and INT8 1979 / 3958): an upper bound on what the kernel buys, not an end-to-end speedup.
     tc_speedup: float
     tc_label: str
     cuda_support: Optional[Callable] = None  # (capability, (M, N, K), out dtype) -> None or why not
+    # On CPU: "fast" (it pays), "check" (correct, no faster than dense: lowering="native" only, to test
+    # the native graph), "reference" (a scalar reference: only inside cpu_reference_kernels())
+    cpu: str = "fast"
+    cpu_support: Optional[Callable[[], Optional[str]]] = None
+
+    @property
+    def float8(self) -> bool:
+        return self.codes == "float8"
 
     def support(self, device: torch.device, capability: Optional[tuple], shape: tuple,
-                dtype: torch.dtype) -> Optional[str]:
-        """None if ``device`` can run this kernel on an (M, N, K) GEMM with output ``dtype``, else why not.
-        On CPU every kernel runs (``_scaled_mm`` with per-tensor scales, the structure-checking 2:4 op)."""
+                dtype: torch.dtype, lowering: str = "native") -> Optional[str]:
+        """None if ``device`` can run this kernel on an (M, N, K) GEMM with output ``dtype`` under
+        ``lowering`` ("auto" or "native"), else why not."""
         if device.type == "cpu":
-            return None
+            if self.cpu == "reference" and not _cpu_reference_kernels:
+                return (f"{self.name} GEMMs on CPU run torch's scalar reference (about 0.1 GFLOP/s), "
+                        "which only tests select")
+            if self.cpu == "check" and lowering == "auto":
+                return f"{self.name} on CPU is a dense GEMM after a structure check (lowering='native' runs it)"
+            return self.cpu_support() if self.cpu_support is not None else None
         if device.type != "cuda":
             return f"no native kernels on {device.type}"
         return self.cuda_support(capability, shape, dtype)
@@ -228,6 +364,8 @@ class GemmKernel:
         if self.float8 and not self.sparse24:
             label = "fp8 " + "×".join(sorted({_SHORT[f] for f in formats}, reverse=True))
             impl = "scaled_mm"
+        elif self.codes == "int8":
+            label, impl = "int8", "int_mm"
         elif self.sparse24:
             impl = "cusparselt" if device.type == "cuda" else "cpu"
             label = f"2:4 {impl} " + ("fp8" if self.float8 else _SHORT[dtype])
@@ -261,28 +399,34 @@ class KernelUse(str):
         return {"kernel": self.kernel, "formats": list(self.formats), "impl": self.impl}
 
 
-DENSE = GemmKernel("dense", None, float8=False, sparse24=False, operands="the input dtype on both sides",
+DENSE = GemmKernel("dense", None, codes=None, sparse24=False, operands="the input dtype on both sides",
                    events=("aten::mm", "aten::bmm", "aten::addmm", "aten::convolution", "aten::convolution_backward",
                            "aten::_convolution", "aten::matmul", "aten::linear", "aten::baddbmm",
                            "aten::mkldnn_convolution", "aten::thnn_conv2d"),
                    tc_speedup=1.0, tc_label="dense bf16")
-SPARSE24_FP8 = GemmKernel("2:4 fp8", "sparse24_mm", float8=True, sparse24=True,
+SPARSE24_FP8 = GemmKernel("2:4 fp8", "sparse24_mm", codes="float8", sparse24=True,
                           operands="a 2:4 gradient's e4m3 codes × e4m3 codes",
                           events=("aten::_cslt_sparse_mm", "aten::_scaled_mm"), tc_speedup=4.0,
-                          tc_label="2:4 sparse TC + FP8 TC", cuda_support=_sparse_support(fp8=True))
-FP8 = GemmKernel("fp8", "fp8_mm", float8=True, sparse24=False, operands="float8 codes × float8 codes",
+                          tc_label="2:4 sparse TC + FP8 TC", cuda_support=_sparse_support(fp8=True), cpu="reference")
+FP8 = GemmKernel("fp8", "fp8_mm", codes="float8", sparse24=False, operands="float8 codes × float8 codes",
                  events=("aten::_scaled_mm",), tc_speedup=2.0, tc_label="FP8 TC",
-                 cuda_support=_fp8_support)
-SPARSE24 = GemmKernel("2:4", "sparse24_mm", float8=False, sparse24=True,
+                 cuda_support=_fp8_support, cpu="reference")
+INT8 = GemmKernel("int8", "int8_mm", codes="int8", sparse24=False,
+                  operands="int8 codes × int8 codes (exact int32 sums)", events=("aten::_int_mm",),
+                  tc_speedup=2.0, tc_label="INT8 TC", cuda_support=_int8_support, cpu_support=int8_cpu_support)
+SPARSE24 = GemmKernel("2:4", "sparse24_mm", codes=None, sparse24=True,
                       operands="a 2:4 gradient in bf16/fp16 × the other operand",
                       events=("aten::_cslt_sparse_mm",), tc_speedup=2.0, tc_label="2:4 sparse TC",
-                      cuda_support=_sparse_support(fp8=False))
+                      cuda_support=_sparse_support(fp8=False), cpu="check")
 
-# In the lowering's order of preference.
-KERNELS: dict[str, GemmKernel] = {k.name: k for k in (SPARSE24_FP8, FP8, SPARSE24, DENSE)}
+# In the lowering's order of preference: FP8 before INT8 where both run (sm89+; on CPU FP8 never runs
+# outside tests), a 2:4 gradient in 16 bits only where no exact codes kernel took the GEMM.
+KERNELS: dict[str, GemmKernel] = {k.name: k for k in (SPARSE24_FP8, FP8, INT8, SPARSE24, DENSE)}
 DENSE_USE = KernelUse("dense", "dense")
 
 
 def kernel_for(sparse24: bool, float8: bool) -> GemmKernel:
-    """The kernel whose operands are exactly these: what a GEMM with such operands could run on."""
-    return next(k for k in KERNELS.values() if k.sparse24 == sparse24 and k.float8 == float8)
+    """The kernel whose operands are exactly these (float8: low-precision codes, FP8 on the GPUs the
+    speed model describes): what a GEMM with such operands could run on."""
+    codes = "float8" if float8 else None
+    return next(k for k in KERNELS.values() if k.sparse24 == sparse24 and k.codes == codes)

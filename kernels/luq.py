@@ -23,6 +23,13 @@ def luq_noise_shape(shape: torch.Size | tuple, samples: int) -> tuple:
     return (samples, *tuple(shape))
 
 
+def luq_scale(x: torch.Tensor, bits: int, levels: str) -> torch.Tensor:
+    """α = max|x|·2^-top (fp32): LUQ's output is integer codes 0, ±1, ±2, .., ±2^top times α (one
+    sample), exactly wherever α is a normal fp32 number (max|x| above 2^-120). 1 for an all-zero x."""
+    amax = x.float().abs().amax() if x.numel() else torch.zeros((), device=x.device)
+    return torch.where(amax == 0, 1.0, amax * 2.0 ** -(luq_levels(bits, levels) - 1))
+
+
 def luq_math(x: torch.Tensor, u: torch.Tensor, bits: int, levels: str) -> torch.Tensor:
     """Quantize ``x`` with uniforms ``u`` of shape ``(samples, *x.shape)``; returns the mean of the
     samples in x's dtype. NaN/Inf anywhere make the whole output non-finite."""

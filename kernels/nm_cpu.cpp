@@ -127,6 +127,14 @@ NM_INLINE void store(T* p, int64_t stride, int count, vf v) {
   for (int l = 0; l < count; ++l) p[l * stride] = from_float<T>(v[l]);
 }
 
+// Integer codes (exact integers in fp32, |c| <= 127) as int8: the int8 forms of the quantizers.
+typedef int8_t vc8 __attribute__((vector_size(W)));
+NM_INLINE void store(int8_t* p, int64_t stride, int count, vf v) {
+  const vc8 c = __builtin_convertvector(__builtin_convertvector(v, vi), vc8);
+  if (stride == 1 && count == W) return (void)std::memcpy(p, &c, sizeof c);
+  for (int l = 0; l < count; ++l) p[l * stride] = c[l];
+}
+
 // kernels/random.py: MurmurHash3's finalizer, twice, over the index and the 62-bit seed.
 NM_INLINE vu fmix32(vu h) {
   h ^= h >> 16;
@@ -358,13 +366,19 @@ Stats statistics(const T* x, int64_t numel, int threads) {
 // ---- LUQ -------------------------------------------------------------------------------------
 
 // The elementwise pass of a stochastic quantizer (LUQ, SR) over [outer, inner] in memory order, W
-// elements a step: ``quantize(xf, draw)`` gives the values, ``draw(s)`` the uniforms of sample s (explicit,
-// through the offset tables, or hashed from seeds[s]); all-zero tensors stay zero, and NaN/Inf anywhere
-// (a non-finite amax) makes every output non-finite.
-template <typename T, typename F>
-NM_INLINE void stochastic_pass(const T* x, T* out, int64_t outer, int64_t inner, float amax, const float* u,
+// elements a step: ``quantize(xf, draw)`` gives the values and their integer codes (Quantized), ``draw(s)``
+// the uniforms of sample s (explicit, through the offset tables, or hashed from seeds[s]). O is T (the
+// values) or int8_t (the codes: the int8 form, values = codes · the quantizer's scale). All-zero tensors
+// stay zero; NaN/Inf anywhere (a non-finite amax) makes every value non-finite (codes 0, the scale NaN/Inf).
+struct Quantized {
+  vf value, code;
+};
+
+template <typename T, typename O, typename F>
+NM_INLINE void stochastic_pass(const T* x, O* out, int64_t outer, int64_t inner, float amax, const float* u,
                                const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner,
                                int threads, F&& quantize) {
+  constexpr bool codes = std::is_same_v<O, int8_t>;
   const bool is_finite = std::isfinite(amax), positive = amax > 0.0f;
   const int64_t blocks = (inner + W - 1) / W;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -376,9 +390,10 @@ NM_INLINE void stochastic_pass(const T* x, T* out, int64_t outer, int64_t inner,
     auto draw = [&](int s) {
       return uniforms(u ? u + s * u_sample : nullptr, u ? 0 : static_cast<uint64_t>(seeds[s]), ubase, u_inner, count);
     };
-    vf q = quantize(xf, draw);
-    if (!positive) q = xf;  // all zeros
-    if (!is_finite) q = xf + amax;  // NaN/Inf anywhere: non-finite everywhere
+    const Quantized qz = quantize(xf, draw);
+    vf q = codes ? qz.code : qz.value;
+    if (!positive) q = codes ? vf{} : xf;  // all zeros
+    if (!is_finite) q = codes ? vf{} : xf + amax;  // NaN/Inf anywhere: non-finite everywhere
     store(out + o * inner + first, 1, count, q);
   }
 }
@@ -393,11 +408,13 @@ struct SampleMean {
 
 // The math of luq.luq_math, with floor(log2 r) read from r's exponent bits (exact, where torch's log2
 // needs a correction).
-template <typename T>
-void luq(const T* x, T* out, int64_t outer, int64_t inner, int top, int samples, const float* u,
+template <typename T, typename O>
+void luq(const T* x, O* out, float* scale_out, int64_t outer, int64_t inner, int top, int samples, const float* u,
          const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int threads) {
   const float amax = amax_of(x, outer * inner, threads);
   const float scale_top = std::ldexp(1.0f, top), inv_top = std::ldexp(1.0f, -top);
+  // codes sign·2^k (or 0, 1): values = codes · amax·2^-top, exact wherever that scale is normal
+  if (scale_out != nullptr) *scale_out = amax > 0.0f ? amax * inv_top : (amax == 0.0f ? 1.0f : amax);
   const SampleMean mean(samples);
   stochastic_pass(x, out, outer, inner, amax, u, seeds, u_outer, u_sample, u_inner, threads, [&](vf xf, auto draw) {
     const vf r = vabs(xf) / amax * scale_top;  // |x| / α, in [0, 2^top]
@@ -413,7 +430,7 @@ void luq(const T* x, T* out, int64_t outer, int64_t inner, int top, int samples,
     vf ups = {};
     for (int s = 0; s < samples; ++s) ups = ups + ones(draw(s) < p_up);
     const vf units = base + width * mean(ups);
-    return sign_of(xf) * (units * inv_top) * amax;
+    return Quantized{sign_of(xf) * (units * inv_top) * amax, sign_of(xf) * units};
   });
 }
 
@@ -446,12 +463,13 @@ float sr_scale(float amax, int bits) {
 
 // The math of sr.sr_math: v = min(|x| / scale, L), lo = floor(v), codes summed over samples as
 // lo + [u < v - lo].
-template <typename T>
-void sr(const T* x, T* out, int64_t outer, int64_t inner, int bits, int samples, const float* u,
+template <typename T, typename O>
+void sr(const T* x, O* out, float* scale_out, int64_t outer, int64_t inner, int bits, int samples, const float* u,
         const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int threads) {
   const float amax = amax_of(x, outer * inner, threads);
   const float scale = sr_scale<T>(amax, bits);
   const float safe = scale > 0.0f ? scale : 1.0f;
+  if (scale_out != nullptr) *scale_out = amax == 0.0f ? 1.0f : scale;  // codes · scale: the values
   const float levels = static_cast<float>((1 << (bits - 1)) - 1);
   const float big = max_of<T>();
   const SampleMean mean(samples);
@@ -466,16 +484,19 @@ void sr(const T* x, T* out, int64_t outer, int64_t inner, int bits, int samples,
       codes = s == 0 ? c : codes + c;
     }
     const vf q = sign_of(xf) * (mean(codes) * scale);
-    return sel(q < -big, splat(-big), sel(q > big, splat(big), q));  // saturate at x's dtype range
+    // saturate at x's dtype range
+    return Quantized{sel(q < -big, splat(-big), sel(q > big, splat(big), q)), sign_of(xf) * mean(codes)};
   });
 }
 
 // ---- SAWB ------------------------------------------------------------------------------------
 
-// Round-to-nearest on the SAWB grid (see sawb.py); moments in double, so no x² overflows.
-template <typename T>
-void sawb(const T* x, T* out, int64_t numel, double c1, double c2, int bits, int keep, float* scale_out,
+// Round-to-nearest on the SAWB grid (see sawb.py); moments in double, so no x² overflows. O: T for the
+// values, int8_t for their integer codes (the int8 form: values = codes · scale).
+template <typename T, typename O>
+void sawb(const T* x, O* out, int64_t numel, double c1, double c2, int bits, int keep, float* scale_out,
           int threads) {
+  constexpr bool codes = std::is_same_v<O, int8_t>;
   const Stats st = statistics(x, numel, threads);
   const double half = std::ldexp(1.0, bits - 1);
   float scale = st.amax;  // NaN / Inf: propagated below
@@ -508,7 +529,36 @@ void sawb(const T* x, T* out, int64_t numel, double c1, double c2, int bits, int
     q = sel(q < -top, splat(-top), sel(q > top, splat(top), q));  // saturate at x's dtype range
     if (!positive) q = xf;  // all zeros
     if (!finite) q = xf + scale;  // NaN/Inf anywhere: non-finite everywhere
-    store(out + b * W, 1, count, q);
+    store(out + b * W, 1, count, codes ? (positive && finite ? level : vf{}) : q);
+  }
+}
+
+// ---- absmax: round-to-nearest on SR's grid (the INT8 forward) --------------------------------------
+
+// absmax.absmax_math: level = round(x / scale) clamped to [-L, L] (a guard: the scale is rounded up),
+// q = level · scale, exact in T; the scale is SR's (sr_scale). Deterministic: no uniforms.
+template <typename T, typename O>
+void absmax(const T* x, O* out, int64_t numel, int bits, float* scale_out, int threads) {
+  constexpr bool codes = std::is_same_v<O, int8_t>;
+  const float amax = amax_of(x, numel, threads);
+  const float scale = sr_scale<T>(amax, bits);
+  const bool finite = std::isfinite(amax), positive = amax > 0.0f;
+  const float safe = scale > 0.0f ? scale : 1.0f;
+  if (scale_out != nullptr) *scale_out = amax == 0.0f ? 1.0f : scale;
+  const float levels = static_cast<float>((1 << (bits - 1)) - 1);
+  const float big = max_of<T>();
+  const int64_t blocks = (numel + W - 1) / W;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int count = static_cast<int>(numel - b * W < W ? numel - b * W : W);
+    const vf xf = load(x + b * W, 1, count);
+    vf level = round_even(xf / safe);
+    level = sel(level < -levels, splat(-levels), sel(level > levels, splat(levels), level));
+    vf q = level * scale;
+    q = sel(q < -big, splat(-big), sel(q > big, splat(big), q));  // saturate at x's dtype range
+    if (!positive) q = xf;  // all zeros
+    if (!finite) q = xf + amax;  // NaN/Inf anywhere: non-finite everywhere
+    store(out + b * W, 1, count, codes ? (positive && finite ? level : vf{}) : q);
   }
 }
 
@@ -545,26 +595,42 @@ void nm_greedy(int dtype, const void* x, void* out, int64_t outer, int64_t k, in
 }
 
 // The elementwise stochastic quantizers share one entry-point signature (kernels/cpu.py): nm_<name>
-// with the kernel's int parameter (LUQ: its top exponent, SR: its bits).
-#define NM_STOCHASTIC_ENTRY(name)                                                                        \
-  void nm_##name(int dtype, const void* x, void* out, int64_t outer, int64_t inner, int param, int samples,  \
-                 const float* u, const int64_t* seeds, const int64_t* u_outer, int64_t u_sample,            \
-                 int64_t u_inner, int threads) {                                                             \
+// with the kernel's int parameter (LUQ: its top exponent, SR: its bits). With ``codes`` they write the
+// int8 codes there (and the scale to scale_out) instead of the values to ``out``.
+#define NM_STOCHASTIC_ENTRY(name)                                                                          \
+  void nm_##name(int dtype, const void* x, void* out, int8_t* codes, float* scale_out, int64_t outer,        \
+                 int64_t inner, int param, int samples, const float* u, const int64_t* seeds,                \
+                 const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int threads) {                   \
     with_dtype(dtype, [&](auto tag) {                                                                        \
       using T = NM_ELEMENT(tag);                                                                             \
-      name(static_cast<const T*>(x), static_cast<T*>(out), outer, inner, param, samples, u, seeds, u_outer,  \
-           u_sample, u_inner, threads);                                                                      \
+      if (codes != nullptr)                                                                                  \
+        name(static_cast<const T*>(x), codes, scale_out, outer, inner, param, samples, u, seeds, u_outer,    \
+             u_sample, u_inner, threads);                                                                    \
+      else                                                                                                   \
+        name(static_cast<const T*>(x), static_cast<T*>(out), scale_out, outer, inner, param, samples, u,     \
+             seeds, u_outer, u_sample, u_inner, threads);                                                    \
     });                                                                                                      \
   }
 
 NM_STOCHASTIC_ENTRY(luq)
 NM_STOCHASTIC_ENTRY(sr)
 
-void nm_sawb(int dtype, const void* x, void* out, int64_t numel, double c1, double c2, int bits, int keep,
-             float* scale_out, int threads) {
+// SAWB and absmax: the values to ``out``, or with ``codes`` the int8 codes; the scale to scale_out.
+void nm_sawb(int dtype, const void* x, void* out, int8_t* codes, int64_t numel, double c1, double c2, int bits,
+             int keep, float* scale_out, int threads) {
   with_dtype(dtype, [&](auto tag) {
     using T = NM_ELEMENT(tag);
-    sawb(static_cast<const T*>(x), static_cast<T*>(out), numel, c1, c2, bits, keep, scale_out, threads);
+    if (codes != nullptr) sawb(static_cast<const T*>(x), codes, numel, c1, c2, bits, keep, scale_out, threads);
+    else sawb(static_cast<const T*>(x), static_cast<T*>(out), numel, c1, c2, bits, keep, scale_out, threads);
+  });
+}
+
+void nm_absmax(int dtype, const void* x, void* out, int8_t* codes, int64_t numel, int bits, float* scale_out,
+               int threads) {
+  with_dtype(dtype, [&](auto tag) {
+    using T = NM_ELEMENT(tag);
+    if (codes != nullptr) absmax(static_cast<const T*>(x), codes, numel, bits, scale_out, threads);
+    else absmax(static_cast<const T*>(x), static_cast<T*>(out), numel, bits, scale_out, threads);
   });
 }
 

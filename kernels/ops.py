@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 from . import cpu, cuda
+from .absmax import absmax_math, check_bits as check_absmax_bits
 from .fp8 import luq_codes, luq_format, sawb_codes
+from .int8 import int8_codes
 from .grouping import uniform_shape
 from .catalog import LUQ, OpSpec, ops_of
 from .luq import luq_levels, luq_noise_shape
@@ -162,6 +164,40 @@ def _define_stochastic(spec: OpSpec) -> None:
     op.register_kernel("cpu")(on_cpu)
     op.register_kernel("cuda")(on_cuda)
     op.register_fake(lambda x, u, *args: torch.empty_like(x))
+    if spec.int8_op is not None:
+        _define_int8(spec, params)
+
+
+def _int8_params(spec: OpSpec, x: Tensor, u: Tensor, given: dict) -> dict:
+    """The op's parameters, after checking that its output has int8 codes (one sample, codes <= 127)."""
+    full = {**given, "samples": _samples(x, u)}
+    form = spec.form(full)
+    if not form.int8:
+        raise ValueError(f"nm.{spec.int8_op}: {form.int8_why}")
+    return given
+
+
+def _define_int8(spec: OpSpec, params) -> None:
+    """``nm::<spec.int8_op>``: the same quantizer writing int8 codes and their fp32 scale (codes·scale
+    is bit for bit what ``nm::<name>`` returns): one pass on CPU, no values in between."""
+
+    def portable(x, u, *args):
+        _check_samples(x, u, spec.int8_op)
+        given = _int8_params(spec, x, u, params(args))
+        scale = spec.scale(x, **given)
+        return int8_codes(_stochastic_torch(spec, x, u, given), scale), scale
+
+    def on_cpu(x, u, *args):
+        _check_samples(x, u, spec.int8_op)
+        given = _int8_params(spec, x, u, params(args))
+        if not _on_cpu_kernels(x):
+            return portable(x, u, *args)
+        return cpu.stochastic(spec.name, x, u, spec.kernel_arg(given), codes=True)
+
+    schema = spec.schema.replace("-> Tensor", "-> (Tensor, Tensor)")
+    op = torch.library.custom_op(f"nm::{spec.int8_op}", portable, mutates_args=(), schema=schema)
+    op.register_kernel("cpu")(on_cpu)
+    op.register_fake(lambda x, u, *args: _codes_fake(x, torch.int8))
 
 
 for _spec in ops_of(kind="quantize", stage="gradient"):
@@ -257,6 +293,81 @@ def _(x, u, bits, levels):
     return _codes_fake(x, luq_format(_luq_top(x, u, bits, levels), 1)[0])
 
 
+def _nonzero_scale(codes: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
+    return codes, torch.where(scale == 0, 1.0, scale)  # an all-zero tensor: codes 0, any scale
+
+
+def _sawb_int8_torch(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    q, scale = _sawb_torch(x, bits)
+    return _nonzero_scale(int8_codes(q, torch.where(scale == 0, 1.0, scale)), scale)
+
+
+@torch.library.custom_op("nm::sawb_int8", mutates_args=())
+def sawb_int8(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """``nm.sawb(x, bits)`` as int8 codes (x's layout) and its fp32 scale."""
+    return _sawb_int8_torch(x, bits)
+
+
+@sawb_int8.register_kernel("cpu")
+def _(x, bits):
+    if _on_cpu_kernels(x):
+        return _nonzero_scale(*cpu.sawb(x, bits, *SAWB_COEFFICIENTS[bits], scale_bits(x.dtype, bits), codes=True))
+    return _sawb_int8_torch(x, bits)
+
+
+@sawb_int8.register_fake
+def _(x, bits):
+    return _codes_fake(x, torch.int8)
+
+
+# -- absmax: round-to-nearest INT8 (or narrower) forward quantization (kernels/absmax.py)
+
+
+def _absmax_torch(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    q, scale = absmax_math(x, bits)
+    return _like(x, q), scale
+
+
+@torch.library.custom_op("nm::absmax", mutates_args=())
+def absmax(x: Tensor, bits: int) -> Tensor:
+    """Round-to-nearest ``bits``-bit quantization of ``x`` with a per-tensor absmax scale (straight-through
+    gradient)."""
+    return _absmax_torch(x, bits)[0]
+
+
+@absmax.register_kernel("cpu")
+def _(x, bits):
+    check_absmax_bits(bits)
+    return cpu.absmax(x, bits) if _on_cpu_kernels(x) else _absmax_torch(x, bits)[0]
+
+
+@absmax.register_fake
+def _(x, bits):
+    return torch.empty_like(x)
+
+
+def _absmax_int8_torch(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    q, scale = _absmax_torch(x, bits)
+    return int8_codes(q, scale), scale
+
+
+@torch.library.custom_op("nm::absmax_int8", mutates_args=())
+def absmax_int8(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """``nm.absmax(x, bits)`` as int8 codes (x's layout) and its fp32 scale."""
+    return _absmax_int8_torch(x, bits)
+
+
+@absmax_int8.register_kernel("cpu")
+def _(x, bits):
+    check_absmax_bits(bits)
+    return cpu.absmax(x, bits, codes=True) if _on_cpu_kernels(x) else _absmax_int8_torch(x, bits)
+
+
+@absmax_int8.register_fake
+def _(x, bits):
+    return _codes_fake(x, torch.int8)
+
+
 @torch.library.custom_op("nm::seeds", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
 def seeds(count: int, device: torch.device) -> Tensor:
     """``count`` seeds from torch's generator, the values ``count`` separate ``draw_seed`` calls give.
@@ -276,3 +387,4 @@ def _sawb_backward(ctx, grad):
 
 
 sawb.register_autograd(_sawb_backward)
+absmax.register_autograd(_sawb_backward)

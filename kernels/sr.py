@@ -141,3 +141,10 @@ def sr_math(x: torch.Tensor, u: torch.Tensor, bits: int) -> torch.Tensor:
     q = torch.where(amax > 0, q, xf)  # all-zero tensor: zeros
     q = torch.where(torch.isfinite(amax), q, xf + amax)  # propagate NaN/Inf everywhere
     return q.to(x.dtype)
+
+
+def sr_scale_of(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The scale of x's SR codes (one sample: the output is codes |c| <= L times it, exactly); 1 for
+    an all-zero x, non-finite with x."""
+    amax = x.float().abs().amax() if x.numel() else torch.zeros((), device=x.device)
+    return torch.where(amax == 0, 1.0, sr_scale(amax, x.dtype, bits))

@@ -11,6 +11,8 @@ from typing import Optional
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from nmcompile.kernels.gemm import kernel_choice_key
+
 from .config import NMConfig
 from .rewrite import rewrite_joint_graph
 from .trace_log import log_rewrite
@@ -67,7 +69,9 @@ class NMJointPass(CustomGraphPass):
 
     def uuid(self) -> str:
         # Sources and options: Inductor's caches never serve code compiled under other options.
-        key = f"{source_hash()}|{sorted(self.config.as_dict().items())}|decompose={self.decompose}"
+        # and the kernels the lowering may choose here (tests' FP8 on CPU, this CPU's int8 support)
+        key = (f"{source_hash()}|{sorted(self.config.as_dict().items())}|decompose={self.decompose}"
+               f"|kernels={kernel_choice_key()}")
         return hashlib.sha256(key.encode()).hexdigest()
 
     def __deepcopy__(self, memo):  # config patches may be copied; records must stay shared

@@ -1,19 +1,24 @@
 """Which kernel runs each GEMM the rewrite touched: the ``lowering`` option.
 
 Runs on the rewritten joint graph. ``emulate`` leaves it as it is: compressed values in the input
-dtype, ordinary GEMMs. ``native`` replaces every GEMM whose operands are exact low-precision numbers
-by a low-precision one, the first of ``kernels.gemm.KERNELS`` (in order of preference) whose operand
-forms both operands have and whose device and shape rules the GEMM meets:
+dtype, ordinary GEMMs. ``auto`` (the default) and ``native`` replace every GEMM whose operands are
+exact low-precision numbers by a low-precision one, the first of ``kernels.gemm.KERNELS`` (in order
+of preference) whose operand forms both operands have and whose device and shape rules the GEMM meets:
 
 - ``2:4 fp8``: a 2:4-structured quantized gradient times a quantized operand, float8 codes on cuSPARSELt;
-- ``fp8``: float8 codes on both sides (``torch._scaled_mm``, per-tensor scales);
+- ``fp8``: float8 codes on both sides (``torch._scaled_mm``, per-tensor scales; CUDA sm89+);
+- ``int8``: int8 codes on both sides (``torch._int_mm``, exact int32 sums; CPUs with AVX512-VNNI or
+  AMX, CUDA sm80+);
 - ``2:4``: a 2:4-structured gradient (a pruning op whose N:M is a 2:4 structure) in bf16/fp16.
 
+``auto`` takes the kernels that pay on the device; ``native`` also the CPU's structure-checking 2:4
+product (a dense GEMM: it tests the native graph without a GPU). FP8 GEMMs on CPU are a scalar
+reference that only tests select (``kernels.gemm.cpu_reference_kernels``).
+
 What an operand is comes from the op that produced it (``kernels.catalog``: its exact form, and
-the op that gives its float8 codes). The quantizers then hand out float8 codes and a scale (the
-same values), so FP8 activations and weights are also what the backward keeps. A GEMM that a
-device or shape does not allow stays dense, and its record says why. ``auto`` is ``native`` on
-CUDA and ``emulate`` elsewhere.
+the ops that give its float8 or int8 codes). The quantizers then hand out codes and a scale (the
+same values), so low-precision activations and weights are also what the backward keeps. A GEMM
+that a device or shape does not allow stays dense, and its record says why.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ import torch.fx as fx
 
 from nmcompile.kernels.catalog import OpSpec, spec_of
 from nmcompile.kernels.fp8 import E4M3, dequantize
-from nmcompile.kernels.gemm import DENSE, DENSE_USE, KERNELS, GemmKernel, cusparselt_version
+from nmcompile.kernels.gemm import DENSE, DENSE_USE, KERNELS, GemmKernel, cusparselt_version, int8_gemm
 from .analysis import layout_chain, module_path, val
 from .config import NMConfig
 from .records import GemmRecord, NodeInfo
@@ -40,8 +45,9 @@ class _Operand:
     node: fx.Node  # the GEMM's operand
     base: fx.Node  # the node it is laid out from
     chain: list  # layout ops from base to node
-    spec: Optional[OpSpec] = None  # the quantizer that produced it, when its codes are float8
+    spec: Optional[OpSpec] = None  # the quantizer that produced it
     fp8: Optional[torch.dtype] = None  # its exact float8 format, if any
+    int8: bool = False  # it is exactly int8 codes times one scale
     sparse24: bool = False  # at most 2 nonzeros in every aligned group of 4 along the GEMM's K
     why: str = ""  # why it is neither
 
@@ -78,10 +84,16 @@ def _classify(node: fx.Node, k_dim: int) -> _Operand:
     whys, prune = [], None
     if spec is not None and spec.kind == "quantize":
         form = spec.form(_params(base, spec))
+        op.spec = spec
+        if spec.int8_op is None:
+            whys.append(f"{spec.name} has no int8 codes op")
+        else:
+            op.int8 = form.int8
+            whys.append(form.int8_why)
         if spec.codes_op is None:
             whys.append(f"{spec.name} has no float8 codes op")
         else:
-            op.spec, op.fp8 = spec, form.float8
+            op.fp8 = form.float8
             whys.append(form.why)
         if spec.stage == "forward":  # forward operands are never pruned
             op.why = "; ".join(w for w in whys if w)
@@ -114,21 +126,9 @@ class _Plan:
     right: Optional[_Operand] = None
 
 
-def _device(node: Optional[fx.Node]) -> Optional[torch.device]:
-    tensors = [
-        t
-        for t in torch.utils._pytree.tree_leaves(val(node) if node is not None else None)
-        if isinstance(t, torch.Tensor)
-    ]
-    return tensors[0].device if tensors else None
-
-
 def _plan(node: Optional[fx.Node], rec: GemmRecord, lowering: str) -> _Plan:
     if lowering == "emulate":
         return _Plan(DENSE, None)
-    device = _device(node)
-    if lowering == "auto" and device is not None and device.type != "cuda":
-        return _Plan(DENSE, f"lowering='auto' emulates on {device.type}")
     if node is None or node.target not in _GEMMS:
         return _Plan(DENSE, f"no native kernel for {rec.op} GEMMs (mm and addmm only)")
     if node.target is aten.addmm.default and (node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1):
@@ -142,51 +142,60 @@ def _plan(node: Optional[fx.Node], rec: GemmRecord, lowering: str) -> _Plan:
         return _Plan(DENSE, "symbolic shapes: native kernels need static sizes")
     capability = torch.cuda.get_device_capability(out.device) if out.device.type == "cuda" else None
     sparse = left.sparse24 or right.sparse24
-    float8 = bool(left.fp8 and right.fp8)
+    codes = {"float8": bool(left.fp8 and right.fp8), "int8": left.int8 and right.int8, None: True}
     notes = []
     candidates = []
     for kernel in KERNELS.values():
-        if kernel is DENSE or (kernel.sparse24 and not sparse) or (kernel.float8 and not float8):
+        if kernel is DENSE or (kernel.sparse24 and not sparse) or not codes[kernel.codes]:
             continue
         if kernel.sparse24 and kernel.float8 and not (left.fp8 == E4M3 and right.fp8 == E4M3):
             notes.append(f"{kernel.name}: cuSPARSELt takes e4m3 only")
             continue
         candidates.append(kernel)
+    skipped = []  # (kernel, why not) of better kernels
     for kernel in candidates:
-        why = kernel.support(out.device, capability, (m, n, k), out.dtype)
+        why = kernel.support(out.device, capability, (m, n, k), out.dtype, lowering)
         if why is None:
+            # a CPU's reference kernels are never the choice: naming them beside every choice is noise
+            notes += [f"{k.name}: {w}" for k, w in skipped if not (out.device.type == "cpu" and k.cpu == "reference")]
             return _Plan(kernel, "; ".join(notes) or None, left, right)
-        notes.append(f"{kernel.name}: {why}")
-    if not candidates:
-        whys = [f"{side} operand: {o.why}" for side, o in (("left", left), ("right", right)) if o.why]
+        skipped.append((kernel, why))
+    notes += [f"{k.name}: {w}" for k, w in skipped]
+    whys = [f"{side} operand: {o.why}" for side, o in (("left", left), ("right", right)) if o.why]
+    if whys:  # why the other kernels were not candidates
         notes.append("no exact low-precision form (" + "; ".join(whys) + ")")
     return _Plan(DENSE, "; ".join(notes))
 
 
-def _codes_fn(spec: OpSpec, args: tuple):
-    codes_op = getattr(torch.ops.nm, spec.codes_op).default
+def _codes_op(spec: OpSpec, codes: str) -> str:
+    """The op giving ``spec``'s output as ``codes`` ("float8" or "int8") and a scale."""
+    return spec.codes_op if codes == "float8" else spec.int8_op
+
+
+def _codes_fn(spec: OpSpec, args: tuple, codes: str):
+    codes_op = getattr(torch.ops.nm, _codes_op(spec, codes)).default
     return lambda *xs: codes_op(*xs, *args)
 
 
 class _Lowerer:
     def __init__(self, graph: fx.Graph, decompositions: dict):
         self.graph, self.decompositions = graph, decompositions
-        self.forward_codes: dict = {}  # forward quantizer node -> (codes node, scale node)
+        self.forward_codes: dict = {}  # (forward quantizer node, "float8" | "int8") -> (codes node, scale node)
 
-    def _codes_of_forward(self, base: fx.Node, spec: OpSpec) -> tuple:
+    def _codes_of_forward(self, base: fx.Node, spec: OpSpec, codes: str) -> tuple:
         """A forward quantizer's codes, computed once right after it: the forward GEMM and the
-        backward GEMMs that reuse its output all read them."""
-        if base not in self.forward_codes:
-            self.forward_codes[base] = splice(
+        backward GEMMs that reuse its output all read them (and the backward keeps only them)."""
+        if (base, codes) not in self.forward_codes:
+            self.forward_codes[base, codes] = splice(
                 self.graph,
                 base.next,
-                _codes_fn(spec, tuple(base.args[1:])),
+                _codes_fn(spec, tuple(base.args[1:]), codes),
                 [base.args[0]],
                 serves=base,
-                info=dataclasses.replace(NodeInfo.read(base), op=spec.codes_op),
+                info=dataclasses.replace(NodeInfo.read(base), op=_codes_op(spec, codes)),
                 decompositions=self.decompositions,
             )
-        return self.forward_codes[base]
+        return self.forward_codes[base, codes]
 
     def lower(self, node: fx.Node, rec: GemmRecord, plan: _Plan) -> None:
         inputs: list = []
@@ -204,17 +213,17 @@ class _Lowerer:
                     t = target(t, *args, **kwargs)
                 return t
 
-            if not plan.kernel.float8:
+            if plan.kernel.codes is None:
                 i = take(o.node)
                 return lambda xs: (xs[i], None)
             if o.spec.stage == "forward":
-                codes, scale = self._codes_of_forward(o.base, o.spec)
+                codes, scale = self._codes_of_forward(o.base, o.spec, plan.kernel.codes)
                 i, j = take(codes), take(scale)
                 return lambda xs: (laid_out(xs[i]), xs[j])
             # a gradient quantizer feeds this GEMM only: its codes are computed here, from its inputs
             tensors = [a for a in o.base.args if isinstance(a, fx.Node)]
             positions = [take(a) for a in tensors]
-            codes_of = _codes_fn(o.spec, tuple(o.base.args[len(tensors):]))
+            codes_of = _codes_fn(o.spec, tuple(o.base.args[len(tensors):]), plan.kernel.codes)
 
             def gradient_codes(xs):
                 codes, scale = codes_of(*(xs[i] for i in positions))
@@ -233,6 +242,8 @@ class _Lowerer:
                 if transposed:  # A·B = (Bᵀ·Aᵀ)ᵀ
                     return torch.ops.nm.sparse24_mm.default(b.t(), a.t(), sb, sa, out_dtype).t()
                 return torch.ops.nm.sparse24_mm.default(a, b, sa, sb, out_dtype)
+            if plan.kernel.codes == "int8":  # inlined: Inductor fuses the scaling into the output's consumer
+                return int8_gemm(a, sa, b, sb, xs[bias] if bias is not None else None, out_dtype)
             return torch.ops.nm.fp8_mm.default(a, sa, b, sb, xs[bias] if bias is not None else None, out_dtype)
 
         info = NodeInfo("gemm", node.name, module_path(node), rec.role, kernel=rec.kernel)
@@ -244,7 +255,10 @@ class _Lowerer:
     def finish(self) -> None:
         """Forward quantizer outputs still used by dense GEMMs read the codes back (the same values)."""
         self.graph.eliminate_dead_code()
-        for base, (codes, scale) in self.forward_codes.items():
+        read_back = {}
+        for (base, _), nodes in self.forward_codes.items():
+            read_back.setdefault(base, nodes)
+        for base, (codes, scale) in read_back.items():
             if base.users:
                 dtype = val(base).dtype
                 deq = splice(
@@ -261,7 +275,10 @@ class _Lowerer:
 
 
 def _formats(plan: _Plan) -> tuple:
-    return tuple(o.fp8 if plan.kernel.float8 else val(o.node).dtype for o in (plan.left, plan.right))
+    def fmt(o: _Operand):
+        return {"float8": o.fp8, "int8": torch.int8}.get(plan.kernel.codes) or val(o.node).dtype
+
+    return fmt(plan.left), fmt(plan.right)
 
 
 def lower_gemms(graph: fx.Graph, records: list, config: NMConfig, decompositions: dict) -> None:

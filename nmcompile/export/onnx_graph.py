@@ -373,6 +373,11 @@ def _matmul(b, node, out):
     return b.emit("MatMul", [b.value(node.args[0]), b.value(node.args[1])])[0]
 
 
+def _int_mm(b, node, out):
+    # ONNX's int8 x int8 -> int32 product, zero points 0: the exact sums of an int8 GEMM
+    return b.emit("MatMulInteger", [b.value(node.args[0]), b.value(node.args[1])])[0]
+
+
 def _addmm(b, node, out):
     bias, m1, m2 = node.args[:3]
     beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
@@ -529,6 +534,7 @@ _HANDLERS: dict = {
     aten.mm.default: _matmul,
     aten.bmm.default: _matmul,
     aten.addmm.default: _addmm,
+    aten._int_mm.default: _int_mm,
     aten.permute.default: _permute,
     aten.t.default: _t,
     aten.transpose.int: _transpose,

@@ -194,8 +194,23 @@ def support(name, *args):
 
 def test_native_support_on_cpu_and_cuda(monkeypatch):
     cpu = torch.device("cpu")
-    assert support("fp8", cpu, None, (3, 5, 7), torch.float32) is None
+    # FP8 on CPU is a scalar reference: only inside cpu_reference_kernels(), as tests run it
+    assert "scalar reference" in support("fp8", cpu, None, (3, 5, 7), torch.float32)
+    assert "scalar reference" in support("2:4 fp8", cpu, None, (32, 32, 32), torch.bfloat16)
+    with gemm.cpu_reference_kernels():
+        assert support("fp8", cpu, None, (3, 5, 7), torch.float32) is None
+    # the 2:4 product on CPU is a dense GEMM after a structure check: native only
     assert support("2:4", cpu, None, (3, 5, 8), torch.float32) is None
+    assert "lowering='native'" in gemm.KERNELS["2:4"].support(cpu, None, (3, 5, 8), torch.float32, "auto")
+    # int8: where the CPU has VNNI or AMX and the probe found torch._int_mm exact
+    assert support("int8", cpu, None, (3, 5, 7), torch.float32) == gemm.int8_cpu_support()
+    monkeypatch.setattr(gemm, "_int8_on_cpu", "no VNNI")
+    assert support("int8", cpu, None, (3, 5, 7), torch.float32) == "no VNNI"
+    monkeypatch.undo()
+    assert "8.0" in support("int8", CUDA, (7, 5), (64, 64, 64), torch.bfloat16)
+    assert support("int8", CUDA, (8, 0), (64, 64, 64), torch.float32) is None
+    assert "M > 16" in support("int8", CUDA, (8, 0), (16, 64, 64), torch.float32)
+    assert "K, N multiples of 8" in support("int8", CUDA, (8, 6), (64, 64, 60), torch.float32)
     assert "8.9" in support("fp8", CUDA, (8, 0), (64, 64, 64), torch.bfloat16)
     assert support("fp8", CUDA, (9, 0), (64, 64, 64), torch.bfloat16) is None
     assert "K=24" in support("fp8", CUDA, (9, 0), (64, 64, 24), torch.bfloat16)

@@ -12,7 +12,7 @@ from nmcompile.capture import run_captured
 from nmcompile.export import graph_code, model_explorer_graph, nm_attrs, to_dot
 from nmcompile.kernels import cpu
 from nmcompile.kernels.catalog import KINDS, OPS, STAGES, Form, OpSpec
-from nmcompile.kernels.gemm import DENSE_USE
+from nmcompile.kernels.gemm import DENSE_USE, cpu_reference_kernels, int8_cpu_support
 from nmcompile.noise import NoiseMonitor
 from nmcompile.passes import NMConfig
 from nmcompile.passes.records import Transform
@@ -44,10 +44,11 @@ def model_and_input():
 
 @pytest.fixture(scope="module")
 def runs():
+    """Each op's graphs as the rewrite leaves them (emulated: the op itself, not its codes form)."""
     out = {}
     for spec in SPECS:
         model, x = model_and_input()
-        out[spec.name] = run_captured(model, (x,), options_for(spec))
+        out[spec.name] = run_captured(model, (x,), {**options_for(spec), "lowering": "emulate"})
     return out
 
 
@@ -71,9 +72,13 @@ def test_every_description_is_complete(spec):
         assert set(spec.options) <= set(spec.args) | {"samples"}
         assert all(key in NMConfig.keys() for key in spec.options.values())
         assert form.float8 is not None or form.why
-    if spec.codes_op is not None:
-        codes_op = getattr(torch.ops.nm, spec.codes_op).default
-        assert [a.name for a in codes_op._schema.arguments] == [a.name for a in schema.arguments]
+    for name in (spec.codes_op, spec.int8_op):  # the codes forms take the op's own arguments
+        if name is not None:
+            codes_op = getattr(torch.ops.nm, name).default
+            assert [a.name for a in codes_op._schema.arguments] == [a.name for a in schema.arguments]
+    if spec.int8_op is not None:
+        assert form.int8 or form.int8_why
+        assert spec.stage == "forward" or spec.scale is not None  # the portable codes need the scale
     if spec.kind == "quantize" and spec.sampled:  # registered from the description (kernels/ops.py)
         assert spec.math is not None and isinstance(spec.kernel_arg(params), int)
         if cpu.available():
@@ -139,8 +144,12 @@ def test_every_rewritten_gemm_gets_a_kernel_or_a_reason(spec):
     assert touched
     assert all(r.kernel != DENSE_USE or r.kernel_note for r in touched)
     exact = spec.form(example_params(spec))
+    if spec.int8_op is not None and exact.int8 and spec.stage == "forward" and int8_cpu_support() is None:
+        assert any(r.kernel.spec.codes == "int8" for r in touched if r.role == "fwd")
     if spec.codes_op is not None and exact.float8 is not None and spec.stage == "forward":
-        assert any(r.kernel.spec.float8 for r in touched if r.role == "fwd")
+        with cpu_reference_kernels():  # FP8 on CPU: the tests' scalar reference
+            run = run_captured(model, (x,), {**options_for(spec), "lowering": "native"})
+        assert any(r.kernel.spec.float8 for r in run.records if r.transforms and r.role == "fwd")
 
 
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.stage == "gradient"],

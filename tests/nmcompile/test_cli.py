@@ -12,9 +12,14 @@ import textwrap
 import pytest
 import torch
 
+from nmcompile.capture import run_captured
 from nmcompile.cli import main
+from nmcompile.cli.common import CLIError
+from nmcompile.cli.export import write_onnx
+from nmcompile.kernels.gemm import cpu_reference_kernels, int8_cpu_support
 from nmcompile.passes.records import GemmRecord, Transform
 from nmcompile.report import tensor_core_speedup
+from tests.models import MLP
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 NMCOMPILE = pathlib.Path(sys.executable).with_name("nmcompile")
@@ -104,7 +109,7 @@ def test_export_onnx_builtin(tmp_path):
     onnx = pytest.importorskip("onnx")
     path = tmp_path / "mlp.onnx"
     result = run_cli("export", "mlp", "--format", "onnx", "-o", str(path), "--options",
-                     '{"sparsity": "2:4", "quant": "luq", "fwd_quant": "sawb"}')
+                     '{"sparsity": "2:4", "quant": "luq", "fwd_quant": "sawb", "lowering": "emulate"}')
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == str(path)
     model = onnx.load(str(path))
@@ -265,21 +270,34 @@ def captured_mlp():
     return run_captured(model, inputs, {"sparsity": "2:4", "quant": "luq", "fwd_quant": "sawb"})
 
 
-def test_native_graphs_export_to_model_explorer_and_dot_but_onnx_says_why_not(tmp_path):
+def test_native_graphs_export_to_onnx_model_explorer_and_dot_but_float8_not_to_onnx(tmp_path):
+    onnx = pytest.importorskip("onnx")
     options = (
         '{"sparsity": "2:4", "gemms": ["wgrad", "dgrad"], "quant": "luq", "fwd_quant": "sawb", "lowering": "native"}'
     )
+    int8 = int8_cpu_support() is None
+    result = run_cli("inspect", "mlp", "--json", "--options", options)
+    kernels = {g["kernel"] for g in json.loads(result.stdout)["gemms"]}
+    # the kept first and last layers: a pruned (not quantized) gradient on the 2:4 product, dense forward
+    assert kernels == ({"int8"} if int8 else set()) | {"2:4 cpu fp32", "dense"}, kernels
+    # int8 graphs (this CPU's): standard ONNX, the integer sums as MatMulInteger
     result = run_cli("export", "mlp", "--format", "onnx", "-o", str(tmp_path / "m.onnx"), "--options", options)
-    assert result.returncode != 0 and "float8 codes" in result.stderr and '"lowering": "emulate"' in result.stderr
+    assert result.returncode == 0, result.stderr
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    assert any(n.op_type == "MatMulInteger" for n in model.graph.node) == int8
     result = run_cli(
         "export", "mlp", "--format", "model-explorer", "-o", str(tmp_path / "me.json"), "--options", options
     )
     assert result.returncode == 0, result.stderr
     text = (tmp_path / "me.json").read_text()
-    assert "nm.fp8_mm" in text and "nm.sparse24_mm" in text and '"gemm.kernel"' in text
-    result = run_cli("inspect", "mlp", "--json", "--options", options)
-    kernels = {g["kernel"] for g in json.loads(result.stdout)["gemms"]}
-    assert {"fp8 e4m3", "2:4 cpu fp8", "2:4 cpu fp32"} <= kernels, kernels  # fp32: next to the kept first/last layers
+    assert '"gemm.kernel"' in text and ("nm.sawb_int8" in text) == int8
+    # float8 graphs (the GPUs'; on CPU only tests choose FP8): the reason, and what to do instead
+    with cpu_reference_kernels():
+        run = run_captured(MLP((32, 64, 64, 16)), (torch.randn(4, 16, 32),), json.loads(options))
+    assert "fp8 e4m3" in {r.kernel for r in run.records}
+    with pytest.raises(CLIError, match=r"float8 codes .* \"lowering\": \"emulate\""):
+        write_onnx(run.graphs[0].joint, tmp_path / "f.onnx", "g0/joint", "mlp", {}, True, sys.stderr)
 
 
 def test_onnx_matches_the_fx_graph_numerically(captured_mlp):

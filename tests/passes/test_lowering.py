@@ -59,7 +59,7 @@ def test_nm_ops_are_extern_calls_with_bounded_code(label, inductor_code):
         total = sum(len(c) for c in calls)
         assert total > 0, "the pass inserted nm ops and Inductor calls them"
         if options.get("fwd_quant"):
-            assert "sawb" in calls[0], "forward quantization runs in the forward graph"
+            assert any(c.startswith("sawb") for c in calls[0]), "forward quantization runs in the forward graph"
         assert calls[-1], "gradient compression runs in the backward graph"
         added = sum(len(c) for c in code) - sum(len(c) for c in inductor_code[depth])
         assert added <= CODE_PER_OP * total, (

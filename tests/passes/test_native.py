@@ -27,6 +27,8 @@ from torch._inductor.utils import run_and_get_code
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import nmcompile
+from nmcompile.kernels import gemm
+from nmcompile.kernels.catalog import OPS
 from nmcompile.report import Report
 from tests.models import MLP, AddmmLayer, ConvNet, Encoder
 
@@ -35,7 +37,10 @@ SPARSE = {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"]}
 BOTH = {**LUQ_SAWB, **SPARSE}
 WGRAD = {"quant": "luq", "sparsity": "2:4", "gemms": ["wgrad"], "keep_first_last": False}  # backward only
 U = 2.0**-24
-NATIVE_GEMMS = {torch.ops.nm.fp8_mm.default: "fp8", torch.ops.nm.sparse24_mm.default: "2:4"}
+# (overload packets: Inductor calls _int_mm's out= overload)
+NATIVE_GEMMS = {torch.ops.nm.fp8_mm: "fp8", torch.ops.nm.sparse24_mm: "2:4", torch.ops.aten._int_mm: "int8"}
+INT8 = gemm.int8_cpu_support()  # None where this CPU runs exact int8 GEMMs (VNNI / AMX)
+needs_int8 = pytest.mark.skipif(INT8 is not None, reason=f"int8 GEMMs: {INT8}")
 
 
 def model_and_input(name: str):
@@ -58,15 +63,23 @@ class NativeGemmCalls(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if func in NATIVE_GEMMS:
+        if func.overloadpacket in NATIVE_GEMMS:
             copied = [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-            self.calls.append((NATIVE_GEMMS[func], copied, out.clone()))
+            self.calls.append((NATIVE_GEMMS[func.overloadpacket], copied, out.clone()))
         return out
 
 
-def run(model, x, options: dict, lowering: str, autocast: bool = False, *, capture: bool = False, loss=None):
+def run(model, x, options: dict, lowering: str, autocast: bool = False, *, capture: bool = False, loss=None,
+        fp8: bool = False):
     """Output, input gradient and parameter gradients of one compiled step, with the report (and, with
-    ``capture``, the native GEMM calls of the step). ``loss``: of the output, default mean(y²)."""
+    ``capture``, the native GEMM calls of the step). ``loss``: of the output, default mean(y²).
+    ``fp8``: the FP8 kernels (the GPU graph; on CPU a scalar reference only tests select), which take
+    precedence over int8 where both could run."""
+    with gemm.cpu_reference_kernels() if fp8 else contextlib.nullcontext():
+        return _run(model, x, options, lowering, autocast, capture=capture, loss=loss)
+
+
+def _run(model, x, options: dict, lowering: str, autocast: bool, *, capture: bool, loss):
     model = copy.deepcopy(model)
     x = x.clone().requires_grad_(True)
     options = {**options, "lowering": lowering}
@@ -102,6 +115,9 @@ def exact_product(kind: str, args: list) -> tuple:
     order: γ_{K+3}·(Σ|a_i||b_i| + |bias|) (the two scales and the bias are three more roundings),
     plus at most two roundings to the output dtype (half an ulp each; a second one where the bias is
     added after the product was rounded), and what underflow may lose."""
+    if kind == "int8":  # the integer sums: exact, nothing to bound
+        a, b = args
+        return (a.long() @ b.long()).double(), torch.zeros(())
     if kind == "fp8":
         a, sa, b, sb, bias, out_dtype = args
     else:
@@ -133,36 +149,63 @@ def assert_records(rep_e: Report, rep_n: Report):
 
 def calls_of(report: Report) -> list:
     """The native GEMM calls the report promises for one step: (kind, sorted (M, N), K) each."""
-    kinds = [("fp8" if g.kernel.startswith("fp8") else "2:4", g.shape) for g in report.gemms if g.kernel != "dense"]
+    kinds = [(g.kernel.spec.codes if g.kernel.spec.codes and not g.kernel.spec.sparse24 else "2:4", g.shape)
+             for g in report.gemms if g.kernel != "dense"]
+    kinds = [("fp8" if kind == "float8" else kind, shape) for kind, shape in kinds]
     return sorted((kind, tuple(sorted(int(s) for s in shape[:2])), int(shape[2])) for kind, shape in kinds)
 
 
-CASES = [
-    ("mlp", LUQ_SAWB, False), ("mlp", SPARSE, False), ("mlp", BOTH, False), ("mlp", BOTH, True),
-    ("encoder", BOTH, False), ("encoder", LUQ_SAWB, True), ("conv", BOTH, False), ("addmm", BOTH, False),
-    ("addmm", SPARSE, True),
+INT8_FWD = {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8, "keep_first_last": False}
+CASES = [  # (model, options, autocast, kernels: "fp8" the GPU graph's FP8 / 2:4, "int8" the CPU default)
+    ("mlp", LUQ_SAWB, False, "fp8"), ("mlp", SPARSE, False, "fp8"), ("mlp", BOTH, False, "fp8"),
+    ("mlp", BOTH, True, "fp8"), ("encoder", BOTH, False, "fp8"), ("encoder", LUQ_SAWB, True, "fp8"),
+    ("conv", BOTH, False, "fp8"), ("addmm", BOTH, False, "fp8"), ("addmm", SPARSE, True, "fp8"),
+    ("mlp", LUQ_SAWB, False, "int8"), ("mlp", BOTH, True, "int8"), ("encoder", INT8_FWD, True, "int8"),
+    ("addmm", BOTH, False, "int8"), ("conv", INT8_FWD, False, "int8"),
 ]
 
 
-def case_id(name: str, options: dict, autocast: bool) -> str:
-    return f"{name}-{'+'.join(sorted(options))}-{'bf16' if autocast else 'fp32'}"
+def case_id(name: str, options: dict, autocast: bool, kernels: str = "fp8") -> str:
+    return f"{name}-{'+'.join(sorted(options))}-{'bf16' if autocast else 'fp32'}-{kernels}"
 
 
-@pytest.mark.parametrize("name,options,autocast", CASES, ids=[case_id(*c) for c in CASES])
-def test_each_native_gemm_is_the_exact_product_of_its_operands(name, options, autocast):
+@pytest.mark.parametrize("name,options,autocast,kernels", CASES, ids=[case_id(*c) for c in CASES])
+def test_each_native_gemm_is_the_exact_product_of_its_operands(name, options, autocast, kernels):
     """Each native GEMM against the emulated computation of the same product on the same operands
     (dequantized codes, dense, here in float64): the accumulation bound holds on any CPU, whatever
-    the rounding decisions upstream drew (only the operands' values matter)."""
+    the rounding decisions upstream drew (only the operands' values matter). An int8 GEMM's integer
+    sums are exact; its scaling is checked where Inductor fuses it (``test_int8_scaling_...``)."""
+    if kernels == "int8" and INT8 is not None:
+        pytest.skip(f"int8 GEMMs: {INT8}")
     model, x = model_and_input(name)
     _, _, rep_e = run(model, x, options, "emulate", autocast)
-    _, _, rep_n, calls = run(model, x, options, "native", autocast, capture=True)
+    _, _, rep_n, calls = run(model, x, options, "native", autocast, capture=True, fp8=kernels == "fp8")
     assert_records(rep_e, rep_n)
+    assert {g.kernel.spec.codes for g in rep_n.gemms if g.kernel != "dense" and g.kernel.spec.codes} == (
+        {"float8"} if kernels == "fp8" and options is not SPARSE else {kernels} if kernels == "int8" else set())
     # one call per native record, of its kind and shape (a 2:4 GEMM may run transposed)
     made = sorted((kind, tuple(sorted(out.shape)), args[0].shape[1]) for kind, args, out in calls)
     assert made == calls_of(rep_n)
     for i, (kind, args, out) in enumerate(calls):
-        assert out.dtype == args[-1]
+        assert out.dtype == (torch.int32 if kind == "int8" else args[-1])
         assert_within(out, *exact_product(kind, args), f"native GEMM {i} ({kind}, {tuple(out.shape)})")
+
+
+@needs_int8
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("options", [BOTH, INT8_FWD], ids=["luq+sawb", "luq+absmax8"])
+def test_int8_scaling_fused_by_inductor_rounds_the_exact_product_once(options, autocast):
+    """The forward of a one-GEMM layer under Inductor: its output is the int8 GEMM's scaled sums as
+    Inductor's fused kernel computes them, against ``nm.int8_mm`` on the codes of the same X and W."""
+    model, x = model_and_input("addmm")
+    y, _, rep = run(model, x, options, "auto", autocast)
+    assert kernels(rep)[("", "fwd")] == "int8"
+    dtype = torch.bfloat16 if autocast else torch.float32
+    codes_op = getattr(torch.ops.nm, OPS[options["fwd_quant"]].int8_op)
+    bits = options.get("fwd_bits", 4)
+    (cx, sx), (cw, sw) = codes_op(x.to(dtype), bits), codes_op(model.W.detach().to(dtype), bits)
+    expected = torch.ops.nm.int8_mm(cx, sx, cw, sw, model.b.detach().to(dtype), dtype)
+    assert torch.equal(y, expected.float())
 
 
 # Steps in which every native GEMM's output is a result of the step (an output, or a gradient no one
@@ -171,6 +214,7 @@ def test_each_native_gemm_is_the_exact_product_of_its_operands(name, options, au
 # (aot_eager), so everything that does not read a native output is computed by the same kernels
 # from the same bits in both steps, rounding decisions included.
 END_TO_END = [("addmm", BOTH, False), ("addmm", SPARSE, True), ("mlp", WGRAD, False), ("encoder", WGRAD, True)]
+# (the FP8 / 2:4 graph: an int8 GEMM's output is not one op's output, and its scaling is checked above)
 
 
 def linear_loss(y: torch.Tensor) -> torch.Tensor:
@@ -184,7 +228,7 @@ def test_native_equals_emulate_end_to_end_where_nothing_rounds_a_native_output(n
     names = [n for n, _ in model.named_parameters()]
     options = {**options, "inner": "aot_eager"}
     y_e, g_e, rep_e = run(model, x, options, "emulate", autocast, loss=linear_loss)
-    y_n, g_n, rep_n, calls = run(model, x, options, "native", autocast, capture=True, loss=linear_loss)
+    y_n, g_n, rep_n, calls = run(model, x, options, "native", autocast, capture=True, loss=linear_loss, fp8=True)
     assert_records(rep_e, rep_n)
     assert len(calls) == len(calls_of(rep_n))
     results = {"output": y_n, "input gradient": g_n[0], **{f"gradient of {n}": g for n, g in zip(names, g_n[1:])}}
@@ -230,7 +274,7 @@ def kernels(report: Report) -> dict:
 
 def test_kernels_chosen_for_each_gemm():
     model, x = model_and_input("mlp")
-    _, _, rep = run(model, x, BOTH, "native")
+    _, _, rep = run(model, x, BOTH, "native", fp8=True)
     k = kernels(rep)
     assert {k[(f"fc{i}", "fwd")] for i in (1, 2, 3)} == {"fp8 e4m3"}
     assert {k[(f"fc{i}", r)] for i in (1, 2, 3) for r in ("wgrad", "dgrad") if (f"fc{i}", r) in k} == {"2:4 cpu fp8"}
@@ -239,23 +283,42 @@ def test_kernels_chosen_for_each_gemm():
     assert {g.kernel for g in rep.forward} == {"dense"}
     # the gradient as the right operand (addmm(b, x, W): dW = xᵀ·dY) runs transposed
     model, x = model_and_input("addmm")
-    _, _, rep = run(model, x, BOTH, "native")
+    _, _, rep = run(model, x, BOTH, "native", fp8=True)
     assert kernels(rep)[("", "wgrad")] == "2:4 cpu fp8"
 
 
-def test_fallbacks_say_why():
+@needs_int8
+def test_auto_runs_int8_on_cpu_wherever_both_operands_have_int8_codes():
     model, x = model_and_input("mlp")
-    _, _, rep = run(model, x, BOTH, "auto")
-    assert all(g.kernel == "dense" for g in rep.gemms)
-    assert all("emulates on cpu" in g.kernel_note for g in touched(rep.gemms))
-    _, _, rep = run(model, x, {**BOTH, "smp": 2}, "native")
+    for lowering in ("auto", "native"):
+        _, _, rep = run(model, x, BOTH, lowering)
+        # every GEMM with both operands quantized, the 2:4 + LUQ gradients included (dense int8 on CPU)
+        assert {g.kernel for g in touched(rep.gemms)} == {"int8"}, lowering
+        assert all(g.kernel.formats == ("int8", "int8") and g.kernel.impl == "int_mm" for g in touched(rep.gemms))
+        assert all(g.kernel_note is None for g in touched(rep.gemms)), "no note about the CPU's FP8 reference"
+    # a gradient pruned but not quantized: the CPU's 2:4 product is a dense GEMM, so auto leaves it be
+    _, _, rep = run(model, x, SPARSE, "auto")
+    assert all(g.kernel == "dense" and "lowering='native' runs it" in g.kernel_note for g in touched(rep.backward))
+    _, _, rep = run(model, x, {**LUQ_SAWB, "bits": 6}, "auto")  # LUQ6 has no int8 codes; FP8 never on CPU
+    assert all(g.kernel == "dense" and "above int8's 127" in g.kernel_note and "scalar reference" in g.kernel_note
+               for g in rep.backward)
+
+
+def test_fallbacks_say_why(monkeypatch):
+    model, x = model_and_input("mlp")
+    monkeypatch.setattr(gemm, "_int8_on_cpu", "this CPU has neither AVX512-VNNI nor AMX")
+    _, _, rep = run(model, x, LUQ_SAWB, "auto")
+    assert all(g.kernel == "dense" and "int8: this CPU has neither" in g.kernel_note for g in touched(rep.gemms)
+               if g.role == "fwd")
+    monkeypatch.undo()
+    _, _, rep = run(model, x, {**BOTH, "smp": 2}, "native", fp8=True)
     kernels_used = {g.kernel for g in touched(rep.backward)}
     assert kernels_used == {"2:4 cpu fp32"}, "the 2:4 structure survives the mean of samples"
-    _, _, rep = run(model, x, {**LUQ_SAWB, "smp": 2}, "native")
+    _, _, rep = run(model, x, {**LUQ_SAWB, "smp": 2}, "native", fp8=True)
     assert all(g.kernel == "dense" and "smp=2" in g.kernel_note for g in rep.backward)
-    _, _, rep = run(model, x, {**LUQ_SAWB, "bits": 6}, "native")
+    _, _, rep = run(model, x, {**LUQ_SAWB, "bits": 6}, "native", fp8=True)
     assert {g.kernel for g in rep.backward} == {"fp8 e5m2×e4m3"}
-    _, _, rep = run(model, x, {**LUQ_SAWB, "bits": 7}, "native")
+    _, _, rep = run(model, x, {**LUQ_SAWB, "bits": 7}, "native", fp8=True)
     assert all(g.kernel == "dense" and "above 6 bits" in g.kernel_note for g in rep.backward)
     _, _, rep = run(model, x, {"sparsity": "3:8"}, "native")
     assert all("3:8 is not a 2:4 structure" in g.kernel_note for g in touched(rep.backward))
@@ -263,13 +326,13 @@ def test_fallbacks_say_why():
         _, _, rep = run(model, x, {"sparsity": pattern}, "native")
         assert {g.kernel for g in touched(rep.backward)} == {"2:4 cpu fp32"}, pattern
     model, x = model_and_input("conv")
-    _, _, rep = run(model, x, BOTH, "native")
+    _, _, rep = run(model, x, BOTH, "native", fp8=True)
     assert all("no native kernel for conv" in g.kernel_note for g in touched(g for g in rep.gemms if g.op == "conv"))
 
 
 def test_report_carries_the_kernel():
     model, x = model_and_input("mlp")
-    _, _, rep = run(model, x, BOTH, "native")
+    _, _, rep = run(model, x, BOTH, "native", fp8=True)
     data = json.loads(rep.to_json())
     assert data["schema"] == "nmcompile.report/3"
     assert {g["kernel"] for g in data["gemms"]} >= {"fp8 e4m3", "2:4 cpu fp8"}
@@ -296,29 +359,48 @@ def test_report_carries_the_kernel():
     assert "2:4 cpu fp8" in str(rep)
 
 
-def test_inductor_calls_the_native_ops_and_keeps_fp8_codes_for_backward():
+def native_code_and_saved(options: dict, fp8: bool = False):
+    """Inductor's forward and backward code of one native MLP step, and the dtypes autograd saved."""
     model, x = model_and_input("mlp")
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="nm", options={**BOTH, "lowering": "native"})
-    with torch._inductor.config.patch(force_disable_caches=True):
-        _, (fwd, bwd) = run_and_get_code(lambda: compiled(x).pow(2).mean().backward())
+    options = {**options, "lowering": "native"}
+    with gemm.cpu_reference_kernels() if fp8 else contextlib.nullcontext():
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="nm", options=options)
+        with torch._inductor.config.patch(force_disable_caches=True):
+            _, (fwd, bwd) = run_and_get_code(lambda: compiled(x).pow(2).mean().backward())
+        saved = []
+
+        def pack(t):
+            saved.append(t.dtype)
+            return t
+
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="nm", options=options)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            compiled(x).pow(2).mean().backward()
+    return fwd, bwd, saved
+
+
+def test_inductor_calls_the_native_ops_and_keeps_fp8_codes_for_backward():
+    fwd, bwd, saved = native_code_and_saved(BOTH, fp8=True)
     assert fwd.count("torch.ops.nm.fp8_mm.default(") == 3 and fwd.count("torch.ops.nm.sawb_fp8.default(") == 6
     assert bwd.count("torch.ops.nm.sparse24_mm.default(") == 5 and bwd.count("torch.ops.nm.luq_fp8.default(") == 5
     assert "extern_kernels.mm(" not in bwd and "extern_kernels.addmm(" not in fwd
     assert "torch.ops.nm.sawb.default(" not in fwd, "the emulated SAWB values are not computed as well"
-    saved = []
-
-    def pack(t):
-        saved.append(t.dtype)
-        return t
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="nm", options={**BOTH, "lowering": "native"})
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        compiled(x).pow(2).mean().backward()
     # X of fc1..fc3 for the weight gradients, W of fc2, fc3 for the input gradients (x needs none)
     assert saved.count(torch.float8_e4m3fn) == 5, f"the backward keeps the float8 codes of W and X: {saved}"
     assert torch.float32 in saved  # their scales (and ReLU masks etc.)
+
+
+@needs_int8
+def test_inductor_runs_int8_gemms_and_keeps_int8_codes_for_backward():
+    fwd, bwd, saved = native_code_and_saved(BOTH)
+    assert fwd.count("_int_mm(") == 3 and fwd.count("torch.ops.nm.sawb_int8.default(") == 6
+    assert bwd.count("_int_mm(") == 5 and bwd.count("torch.ops.nm.luq_int8.default(") == 5
+    assert "extern_kernels.mm(" not in bwd and "extern_kernels.addmm(" not in fwd
+    assert "torch.ops.nm.sawb.default(" not in fwd and "torch.ops.nm.luq.default(" not in bwd
+    assert "torch.ops.nm.int8_mm" not in fwd, "the scaling is Inductor's (fused), not an opaque op"
+    assert saved.count(torch.int8) == 5, f"the backward keeps the int8 codes of W and X: {saved}"
 
 
 @pytest.mark.cuda

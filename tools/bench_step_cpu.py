@@ -1,0 +1,234 @@
+"""Training steps on CPU: backend nm on exact int8 GEMMs against Inductor in fp32 and under bf16 autocast.
+
+    python tools/bench_step_cpu.py [--layers 4 --d 1024 --batch 8 --seq 512 --steps 12] [--out step-cpu.json]
+    python tools/bench_step_cpu.py --smoke     # a tiny model, two steps: checks the script, measures nothing
+
+The model is a stack of pre-LayerNorm Transformer blocks (causal ``scaled_dot_product_attention``, GELU
+MLP 4d; ``bench_train.Block``) between a small input projection and a small output head (a Linear at
+each end, which ``keep_first_last`` keeps in high precision), trained with AdamW on next-byte
+prediction over Python's standard-library sources (bytes embedded in 256 dims): batch × seq tokens a
+step, the same batches for every configuration.
+
+Configurations (``--configs``): Inductor in fp32 and under ``torch.autocast("cpu", torch.bfloat16)``
+(the baseline a CPU user has); backend nm with LUQ4 gradients and SAWB4 forward, and with LUQ4
+gradients and the absmax INT8 forward, each in fp32 and under bf16 autocast, default ``lowering``
+(auto: exact int8 GEMMs on CPUs with AVX512-VNNI or AMX); and torchao's int8 mixed-precision training
+(``torchao.prototype.quantized_training.int8_mixed_precision_training``, compiled with Inductor) when
+torchao is installed.
+
+Every model starts from the same weights. Each is compiled by its first step (compile time: that
+step's wall time, caches as the process finds them), warmed up, then the timed steps alternate
+between the configurations (step i of every configuration before step i + 1 of any), so drift hits
+all alike; reported are median step times and their ratios to fp32 Inductor and to bf16 Inductor.
+
+Memory: one more step per configuration under ``torch.profiler`` with ``profile_memory``: the peak of
+the tensor bytes allocated during the step (the profiler's "Total Allocated", which counts what is
+allocated while it runs: activations, gradients, temporaries), plus the bytes alive when the step
+starts (parameters and optimizer state). Gradients are set to None between steps, so they are part of
+the step's allocations. The loss is each configuration's mean over its last 3 timed steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_train import Block, batches, stdlib_text  # noqa: E402
+
+import nmcompile  # noqa: E402
+from nmcompile.demo.environment import cpu_name  # noqa: E402
+
+LUQ_SAWB = {"quant": "luq", "fwd_quant": "sawb"}
+LUQ_INT8 = {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8}
+# name -> (backend options: None for inductor, "torchao" for the peer; bf16 autocast)
+CONFIGS = {
+    "inductor fp32": (None, False),
+    "inductor bf16": (None, True),
+    "nm luq4+sawb4": (LUQ_SAWB, False),
+    "nm luq4+int8fwd": (LUQ_INT8, False),
+    "nm luq4+sawb4 bf16": (LUQ_SAWB, True),
+    "nm luq4+int8fwd bf16": (LUQ_INT8, True),
+    "torchao int8 mp": ("torchao", False),
+}
+
+
+class Net(nn.Module):
+    """Bytes -> 256-dim embedding -> Linear to d -> Transformer blocks -> LayerNorm -> Linear to 256 logits."""
+
+    def __init__(self, layers: int, d: int, heads: int):
+        super().__init__()
+        self.embed = nn.Embedding(256, 256)
+        self.inp = nn.Linear(256, d)
+        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 256)
+
+    def forward(self, idx, targets):
+        x = self.inp(self.embed(idx))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln(x))
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def torchao_version() -> Optional[str]:
+    try:
+        import torchao
+
+        return torchao.__version__
+    except ImportError:
+        return None
+
+
+class Run:
+    """One configuration: its model (compiled), optimizer, and what it measured."""
+
+    def __init__(self, name: str, options, autocast: bool, args, state: dict):
+        self.name, self.options, self.autocast = name, options, autocast
+        model = Net(args.layers, args.d, args.heads)
+        model.load_state_dict(state)
+        if options == "torchao":
+            from torchao import quantize_
+            from torchao.prototype.quantized_training import int8_mixed_precision_training
+
+            # its int8 GEMMs on every Linear of the blocks; the two end layers stay fp32, as nm keeps them
+            quantize_(model.blocks, int8_mixed_precision_training())
+        self.model = model
+        backend = "nm" if isinstance(options, dict) else "inductor"
+        self.step_fn = torch.compile(model, backend=backend, options=options if backend == "nm" else None)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        self.times: list = []
+        self.losses: list = []
+        self.compile_s = None
+        self.kernels: dict = {}
+
+    def step(self, tokens) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+            loss = self.step_fn(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.losses.append(loss.item())
+        return time.perf_counter() - t0
+
+    def state_bytes(self) -> int:
+        tensors = list(self.model.parameters())
+        for state in self.opt.state.values():
+            tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def peak_step_bytes(self, tokens) -> int:
+        """Bytes alive at the step's start plus the peak of those it allocates (see the docstring)."""
+        before = self.state_bytes()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            self.step(tokens)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "trace.json")
+            prof.export_chrome_trace(path)
+            events = json.loads(pathlib.Path(path).read_text())["traceEvents"]
+        allocated = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+        return before + max(allocated, default=0)
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--d", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=12, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
+    p.add_argument("--no-memory", action="store_true", help="skip the profiled memory step")
+    p.add_argument("--smoke", action="store_true", help="a tiny model for two steps: checks the script")
+    p.add_argument("--out", help="write all results as JSON here")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.layers, args.d, args.heads, args.batch, args.seq, args.steps, args.warmup = 1, 64, 2, 2, 32, 2, 0
+    names = [n.strip() for n in args.configs.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+    if "torchao int8 mp" in names and torchao_version() is None:
+        print("torchao is not installed (pip install torchao): skipping its configuration", file=sys.stderr)
+        names.remove("torchao int8 mp")
+
+    torch.manual_seed(0)
+    state = Net(args.layers, args.d, args.heads).state_dict()
+    text = stdlib_text(8 << 20)
+    data = batches(text, args.warmup + args.steps + 2, args.batch, args.seq)
+    runs = []
+    for name in names:
+        options, autocast = CONFIGS[name]
+        print(f"compiling {name} ...", file=sys.stderr, flush=True)
+        run = Run(name, options, autocast, args, state)
+        with nmcompile.backend.recording() as records:
+            run.compile_s = run.step(data[0])
+        for r in records:
+            if r.transforms:
+                run.kernels[str(r.kernel)] = run.kernels.get(str(r.kernel), 0) + 1
+        print(f"  {name}: compiled in {run.compile_s:.1f} s, kernels {run.kernels}", file=sys.stderr, flush=True)
+        for i in range(args.warmup):
+            run.step(data[1 + i])
+        runs.append(run)
+    for i in range(args.steps):
+        for run in runs:
+            run.times.append(run.step(data[1 + args.warmup + i]))
+        print(f"step {i + 1}/{args.steps}: " + ", ".join(f"{r.name} {r.times[-1]:.2f} s" for r in runs),
+              file=sys.stderr, flush=True)
+    memory = {}
+    if not args.no_memory:
+        for run in runs:
+            memory[run.name] = run.peak_step_bytes(data[-1])
+
+    median = {r.name: statistics.median(r.times) for r in runs}
+    base32, base16 = median.get("inductor fp32"), median.get("inductor bf16")
+    rows = []
+    for run in runs:
+        m = median[run.name]
+        rows.append({
+            "config": run.name, "options": run.options, "autocast_bf16": run.autocast, "compile_s": run.compile_s,
+            "step_s": m, "step_times": run.times, "vs_fp32": m / base32 if base32 else None,
+            "vs_bf16": m / base16 if base16 else None, "peak_bytes": memory.get(run.name),
+            "loss_last3": statistics.mean(run.losses[-3:]), "losses": run.losses, "kernels": run.kernels,
+        })
+    mem32 = memory.get("inductor fp32")
+    print(f"\n{args.layers} blocks, d={args.d}, {args.batch}x{args.seq} tokens, AdamW; {cpu_name()}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print("| configuration | step (s) | × fp32 Inductor | × bf16 Inductor | peak memory (MiB) | × fp32 | "
+          "loss (last 3) | compile (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        peak = row["peak_bytes"]
+        print(f"| {row['config']} | {row['step_s']:.3f} | {_x(row['vs_fp32'])} | {_x(row['vs_bf16'])} | "
+              f"{peak / 2**20:.0f} | {_x(peak / mem32 if peak and mem32 else None)} | "
+              f"{row['loss_last3']:.4f} | {row['compile_s']:.1f} |" if peak else
+              f"| {row['config']} | {row['step_s']:.3f} | {_x(row['vs_fp32'])} | {_x(row['vs_bf16'])} | – | – | "
+              f"{row['loss_last3']:.4f} | {row['compile_s']:.1f} |")
+    if args.out:
+        meta = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+                "nmcompile": nmcompile.__version__, "torchao": torchao_version(), "args": vars(args)}
+        pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    return 0
+
+
+def _x(ratio: Optional[float]) -> str:
+    return f"{ratio:.2f}×" if ratio else "–"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
