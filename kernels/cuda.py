@@ -41,6 +41,7 @@ except ImportError:  # CPU-only installs: the ops keep their torch math
 BLOCK = 1024
 STATS_BLOCK = 4096
 _FP8_KIND = {torch.float8_e4m3fn: 1, torch.float8_e5m2: 2}
+_INT8_KIND = 3  # the int8 codes (int8.py): integers, written as int8
 
 
 def available() -> bool:
@@ -312,6 +313,9 @@ if triton is not None:
             q = tl.where(amax > 0, q, x)
             q = tl.where(_finite(amax), q, x + amax)
             tl.store(out_ptr + idx, _to(q, out_ptr.dtype.element_ty), mask=mask)
+        elif KIND == 3:  # int8 codes sign·units (one sample: 0, 1, 2^k), scale amax·2^-TOP; 0 where amax is 0 or not finite
+            code = tl.where((amax > 0) & _finite(amax), _sign(x) * units, 0.0)
+            tl.store(out_ptr + idx, code.to(tl.int8), mask=mask)
         else:  # float8 codes of the same values (fp8.luq_codes): sign·units·2^(LARGEST-TOP)
             code = _sign(x) * (units * (2.0 ** (LARGEST - TOP)))
             code = tl.where(amax == 0, 0.0, code)
@@ -335,6 +339,7 @@ if triton is not None:
         SAMPLES: tl.constexpr,
         LEVELS: tl.constexpr,
         SEEDED: tl.constexpr,
+        CODES: tl.constexpr,
         BLOCK: tl.constexpr,
     ):
         idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -352,11 +357,15 @@ if triton is not None:
         for s in tl.static_range(SAMPLES):
             u = _sample_uniforms(u_index, s, seed_ptr, u_ptr, u_sample, mask, SEEDED)
             codes += lo + tl.where(u < frac, 1.0, 0.0)  # 0 + c == c: the same sum as sr_math
-        q = _sign(x) * (tl.math.div_rn(codes, SAMPLES * 1.0) * scale)
-        q = tl.minimum(tl.maximum(q, -BIG), BIG)  # saturate at x's dtype range
-        q = tl.where(amax > 0, q, x)
-        q = tl.where(_finite(amax), q, x + amax)
-        tl.store(out_ptr + idx, _to(q, out_ptr.dtype.element_ty), mask=mask)
+        if CODES:  # int8 codes (one sample), 0 where amax is 0 or not finite
+            code = tl.where((amax > 0) & _finite(amax), _sign(x) * codes, 0.0)
+            tl.store(out_ptr + idx, code.to(tl.int8), mask=mask)
+        else:
+            q = _sign(x) * (tl.math.div_rn(codes, SAMPLES * 1.0) * scale)
+            q = tl.minimum(tl.maximum(q, -BIG), BIG)  # saturate at x's dtype range
+            q = tl.where(amax > 0, q, x)
+            q = tl.where(_finite(amax), q, x + amax)
+            tl.store(out_ptr + idx, _to(q, out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _sawb_kernel(x_ptr, out_ptr, params_ptr, TOTAL, CODES: tl.constexpr, BLOCK: tl.constexpr):
@@ -376,10 +385,13 @@ if triton is not None:
         signed_zero = (v.to(tl.int32, bitcast=True) & -2147483648).to(tl.float32, bitcast=True)
         level = tl.where(level == 0.0, signed_zero, level)  # and its sign of zero
         level = tl.minimum(tl.maximum(level, lowest), highest)
-        if CODES:  # fp8.sawb_codes: the integer level, 0 for an all-zero tensor, NaN when not finite
+        if CODES == 1:  # fp8.sawb_codes: the integer level, 0 for an all-zero tensor, NaN when not finite
             code = tl.where(positive, level, 0.0)
             code = tl.where(_finite(scale), code, float("nan"))
             tl.store(out_ptr + idx, _fp8_bits(code, 1).to(tl.uint8), mask=mask)
+        elif CODES == 2:  # int8 codes: the integer level, 0 for an all-zero or non-finite tensor
+            code = tl.where(positive & _finite(scale), level, 0.0)
+            tl.store(out_ptr + idx, code.to(tl.int8), mask=mask)
         else:
             ty = out_ptr.dtype.element_ty
             top = tl.load(params_ptr + 1)
@@ -464,13 +476,16 @@ def _launch_stochastic(kernel, src: torch.Tensor, out: torch.Tensor, u: torch.Te
 
 def luq(x: torch.Tensor, u: torch.Tensor, top: int, codes: Optional[torch.dtype] = None):
     """``nm.luq`` (``u``: uniforms ``(samples, *x.shape)`` or int64 seeds ``(samples,)``); with
-    ``codes`` (a float8 dtype, one sample) ``nm.luq_fp8``'s (codes, scale)."""
+    ``codes`` (a float8 dtype or int8, one sample) ``nm.luq_fp8``'s / ``nm.luq_int8``'s (codes, scale)."""
     src, out = prepare(x)
     if codes is not None:
-        out = torch.empty_like(src, dtype=torch.uint8)
+        out = torch.empty_like(src, dtype=torch.int8 if codes == torch.int8 else torch.uint8)
     if x.numel() == 0:
         return out if codes is None else (out.view(codes), torch.ones((), device=x.device))
     amax = _stats(src)[0].float()
+    if codes == torch.int8:
+        _launch_stochastic(_luq_kernel, src, out, u, (amax,), (), TOP=top, KIND=_INT8_KIND, LARGEST=0)
+        return out, torch.where(amax == 0, 1.0, amax * 2.0**-top)
     largest = {None: 0, torch.float8_e4m3fn: 8, torch.float8_e5m2: 15}[codes]
     _launch_stochastic(_luq_kernel, src, out, u, (amax,), (), TOP=top, KIND=_FP8_KIND.get(codes, 0), LARGEST=largest)
     if codes is None:
@@ -479,14 +494,14 @@ def luq(x: torch.Tensor, u: torch.Tensor, top: int, codes: Optional[torch.dtype]
     return out.view(codes), scale
 
 
-def sawb(x: torch.Tensor, bits: int, codes: bool = False):
-    """(``nm.sawb``'s values, or e4m3 codes with ``codes``) and the fp32 scale."""
+def sawb(x: torch.Tensor, bits: int, codes: Optional[torch.dtype] = None):
+    """(``nm.sawb``'s values, or its codes with ``codes``: e4m3 or int8) and the fp32 scale."""
     src, out = prepare(x)
-    if codes:
-        out = torch.empty_like(src, dtype=torch.uint8)
+    if codes is not None:
+        out = torch.empty_like(src, dtype=torch.int8 if codes == torch.int8 else torch.uint8)
     n = x.numel()
     if n == 0:
-        return (out.view(torch.float8_e4m3fn) if codes else out), torch.ones((), device=x.device)
+        return (out if codes is None else out.view(codes)), torch.ones((), device=x.device)
     c1, c2 = SAWB_COEFFICIENTS[bits]
     half = 2.0 ** (bits - 1)
     amax, amin, sum_sq, sum_abs = _stats(src)
@@ -500,18 +515,25 @@ def sawb(x: torch.Tensor, bits: int, codes: bool = False):
     highest = torch.where(unsigned, 2 * half - 1, half - 1)
     top = torch.tensor(torch.finfo(x.dtype).max, device=x.device, dtype=torch.float32)
     params = torch.stack([scale, top, lowest.float(), highest.float()])  # on the device: no sync
-    _sawb_kernel[_grid(n, BLOCK)](src, out, params, n, CODES=codes, BLOCK=BLOCK)
-    if codes:
-        return out.view(torch.float8_e4m3fn), torch.where(scale == 0, 1.0, scale)
+    _sawb_kernel[_grid(n, BLOCK)](src, out, params, n, CODES={None: 0, torch.int8: 2}.get(codes, 1), BLOCK=BLOCK)
+    if codes is not None:
+        return out.view(codes), torch.where(scale == 0, 1.0, scale)
     return out, scale
 
 
-def sr(x: torch.Tensor, u: torch.Tensor, bits: int) -> torch.Tensor:
-    """``nm.sr`` (``u``: uniforms ``(samples, *x.shape)`` or int64 seeds ``(samples,)``)."""
+def sr(x: torch.Tensor, u: torch.Tensor, bits: int, codes: Optional[torch.dtype] = None):
+    """``nm.sr`` (``u``: uniforms ``(samples, *x.shape)`` or int64 seeds ``(samples,)``); with ``codes``
+    (torch.int8, one sample) ``nm.sr_int8``'s (codes, scale)."""
+    assert codes in (None, torch.int8), codes
     src, out = prepare(x)
+    if codes is not None:
+        out = torch.empty_like(src, dtype=torch.int8)
     if x.numel() == 0:
-        return out
+        return (out, torch.ones((), device=x.device)) if codes is not None else out
     amax = _stats(src)[0].float()
     scale = sr_scale(amax, x.dtype, bits)  # on the device: no sync
-    _launch_stochastic(_sr_kernel, src, out, u, (amax, scale), (torch.finfo(x.dtype).max,), LEVELS=sr_levels(bits))
+    _launch_stochastic(_sr_kernel, src, out, u, (amax, scale), (torch.finfo(x.dtype).max,), LEVELS=sr_levels(bits),
+                       CODES=codes is not None)
+    if codes is not None:
+        return out, torch.where(amax == 0, 1.0, torch.where(torch.isfinite(amax), scale, amax))
     return out

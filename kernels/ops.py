@@ -194,9 +194,16 @@ def _define_int8(spec: OpSpec, params) -> None:
             return portable(x, u, *args)
         return cpu.stochastic(spec.name, x, u, spec.kernel_arg(given), codes=True)
 
+    def on_cuda(x, u, *args):
+        _check_samples(x, u, spec.int8_op)
+        given = _int8_params(spec, x, u, params(args))
+        return _triton(x, lambda: getattr(cuda, spec.name)(x, u, spec.kernel_arg(given), codes=torch.int8),
+                       lambda: portable(x, u, *args), spec.int8_op)
+
     schema = spec.schema.replace("-> Tensor", "-> (Tensor, Tensor)")
     op = torch.library.custom_op(f"nm::{spec.int8_op}", portable, mutates_args=(), schema=schema)
     op.register_kernel("cpu")(on_cpu)
+    op.register_kernel("cuda")(on_cuda)
     op.register_fake(lambda x, u, *args: _codes_fake(x, torch.int8))
 
 
@@ -257,7 +264,8 @@ def _(x, bits):
 
 @sawb_fp8.register_kernel("cuda")
 def _(x, bits):
-    return _triton(x, lambda: cuda.sawb(x, bits, codes=True), lambda: sawb_codes(*_sawb_torch(x, bits)), "sawb_fp8")
+    return _triton(x, lambda: cuda.sawb(x, bits, codes=torch.float8_e4m3fn), lambda: sawb_codes(*_sawb_torch(x, bits)),
+                   "sawb_fp8")
 
 
 @sawb_fp8.register_fake
@@ -313,6 +321,11 @@ def _(x, bits):
     if _on_cpu_kernels(x):
         return _nonzero_scale(*cpu.sawb(x, bits, *SAWB_COEFFICIENTS[bits], scale_bits(x.dtype, bits), codes=True))
     return _sawb_int8_torch(x, bits)
+
+
+@sawb_int8.register_kernel("cuda")
+def _(x, bits):
+    return _triton(x, lambda: cuda.sawb(x, bits, codes=torch.int8), lambda: _sawb_int8_torch(x, bits), "sawb_int8")
 
 
 @sawb_int8.register_fake

@@ -147,4 +147,5 @@ def sr_scale_of(x: torch.Tensor, bits: int) -> torch.Tensor:
     """The scale of x's SR codes (one sample: the output is codes |c| <= L times it, exactly); 1 for
     an all-zero x, non-finite with x."""
     amax = x.float().abs().amax() if x.numel() else torch.zeros((), device=x.device)
-    return torch.where(amax == 0, 1.0, sr_scale(amax, x.dtype, bits))
+    scale = torch.where(torch.isfinite(amax), sr_scale(amax, x.dtype, bits), amax)  # Inf: not capped here
+    return torch.where(amax == 0, 1.0, scale)

@@ -51,6 +51,7 @@ RECIPES = [
     ("sr4", {"quant": "sr"}),
     ("luq4 smp2", {"quant": "luq", "smp": 2}),
     ("luq4 + sawb4", {"quant": "luq", "fwd_quant": "sawb"}),
+    ("luq4 + absmax8", {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8}),
     ("mvue 2:4 + luq4", {"sparsity": "2:4", "quant": "luq"}),
 ]
 FNT_OF = "luq4 + sawb4"  # the recipe whose last --fnt-fraction of steps is also run as FNT

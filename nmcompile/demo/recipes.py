@@ -15,6 +15,7 @@ METHODS: list[tuple[str, dict]] = [
     ("greedy 2:4 wgrad+dgrad", {"sparsity": "2:4", "method": "greedy", "gemms": ["wgrad", "dgrad"]}),
     ("luq4 smp2 + sawb4", {"quant": "luq", "smp": 2, "fwd_quant": "sawb"}),
     ("sr4 smp2 + sawb4", {"quant": "sr", "smp": 2, "fwd_quant": "sawb"}),
+    ("luq4 + absmax8", {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8}),
     ("mvue 2:4 + luq4", {"sparsity": "2:4", "quant": "luq"}),
 ]
 # -- end of the recipes table ----------------------------------------------------------------------

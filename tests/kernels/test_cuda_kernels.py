@@ -73,6 +73,11 @@ def test_luq_kernel_gives_the_bits_of_the_torch_math(dtype, bits, levels, sample
                 ref_codes, ref_scale = torch.ops.nm.luq_fp8(t, seeds, bits, levels)
                 assert bits_equal(codes, ref_codes) and same(scale.cpu(), ref_scale), name
                 assert codes.stride() == ref_codes.stride()
+            if samples == 1 and bits <= 4 and levels == "strict":  # the int8 codes, non-finite inputs included
+                codes, scale = cuda.luq(on(t), on(seeds), top, codes=torch.int8)
+                ref_codes, ref_scale = torch.ops.nm.luq_int8(t, seeds, bits, levels)
+                assert torch.equal(codes.cpu(), ref_codes) and same(scale.cpu(), ref_scale), name
+                assert codes.stride() == ref_codes.stride()
         if not x.isfinite().all():
             codes, _ = cuda.luq(on(x), on(torch.tensor([7])), luq_levels(4, "strict") - 1, codes=torch.float8_e4m3fn)
             assert codes.float().isnan().all(), "non-finite gradients give NaN codes everywhere"
@@ -85,9 +90,12 @@ def test_sawb_kernel_gives_the_levels_of_the_op(dtype):
         for t in (finite, finite.abs(), torch.zeros_like(x), x):
             q, scale = cuda.sawb(on(t), 4)
             assert same(q.cpu(), torch.ops.nm.sawb(t, 4)), name
-            codes, code_scale = cuda.sawb(on(t), 4, codes=True)
+            codes, code_scale = cuda.sawb(on(t), 4, codes=torch.float8_e4m3fn)
             ref_codes, ref_scale = torch.ops.nm.sawb_fp8(t, 4)
             assert bits_equal(codes, ref_codes) and same(code_scale.cpu(), ref_scale), name
+            codes, code_scale = cuda.sawb(on(t), 4, codes=torch.int8)
+            ref_codes, ref_scale = torch.ops.nm.sawb_int8(t, 4)
+            assert torch.equal(codes.cpu(), ref_codes) and same(code_scale.cpu(), ref_scale), name
 
 
 @pytest.mark.cuda

@@ -181,13 +181,17 @@ def test_stochastic_codes_portable_path_equals_the_cpu_kernel(case):
             assert torch.equal(scale, expected_scale) and torch.equal(c, portable), (case, dtype)
 
 
-def test_codes_of_non_finite_inputs_are_zero_with_a_non_finite_scale():
+@pytest.mark.parametrize("special", [float("nan"), float("inf")])
+def test_codes_of_non_finite_inputs_are_zero_with_a_non_finite_scale(special):
     x = torch.randn(8, 8)
-    x[2, 3] = float("nan")
-    for name, args in (("luq", (SEED, 4, "strict")), ("sr", (SEED, 4)), ("sawb", (4,)), ("absmax", (8,))):
+    x[2, 3] = special
+    for name, args, params in (("luq", (SEED, 4, "strict"), {"bits": 4, "levels": "strict"}),
+                               ("sr", (SEED, 4), {"bits": 4}), ("sawb", (4,), None), ("absmax", (8,), None)):
         c, scale = getattr(torch.ops.nm, OPS[name].int8_op)(x, *args)
         assert not c.any() and not torch.isfinite(scale), name
-        assert torch.isnan(c.float() * scale).all()
+        assert torch.isnan(c.float() * scale).all()  # non-finite everywhere, as the values are
+        if params is not None:  # the portable path's scale too
+            assert not torch.isfinite(OPS[name].scale(x, **params)), name
 
 
 def test_forms_without_int8_codes_are_refused_with_the_reason():

@@ -458,3 +458,7 @@ def test_triton_kernel_gives_the_bits_of_sr_math(dtype, bits, samples):
             assert y.stride() == torch.empty_like(t).stride(), name
             u = grid_uniforms((samples, *t.shape), seed=3)
             assert same(cuda.sr(on(t), on(u), bits).cpu(), sr_math(t, u, bits)), name
+            if samples == 1:  # the int8 codes (and scale) of the CPU kernel, non-finite inputs included
+                codes, scale = cuda.sr(on(t), on(seeds), bits, codes=torch.int8)
+                ref_codes, ref_scale = torch.ops.nm.sr_int8(t, seeds, bits)
+                assert torch.equal(codes.cpu(), ref_codes) and same(scale.cpu(), ref_scale), name
