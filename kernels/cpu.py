@@ -46,6 +46,7 @@ SIGNATURES = {
     "nm_greedy": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _int],
     "nm_sawb": [_int, _vp, _vp, _vp, _i64, ctypes.c_double, ctypes.c_double, _int, _int, _vp, _int],
     "nm_absmax": [_int, _vp, _vp, _vp, _i64, _int, _vp, _int],
+    "nm_int8_scale": [_int, _vp, _vp, _i64, _i64, ctypes.c_double, _vp, _i64, _i64, _int],
     **{f"nm_{spec.name}": _STOCHASTIC for spec in ops_of(kind="quantize", stage="gradient")},
 }
 
@@ -231,3 +232,16 @@ def absmax(x: torch.Tensor, bits: int, codes: bool = False):
     else:
         scale.fill_(1.0)
     return (int8, scale) if codes else values
+
+
+def int8_scale(sums: torch.Tensor, scale: float, bias: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``int8.scaled_sums`` in one pass: ``dtype``(sums · scale + bias) for the contiguous int32 sums of an
+    int8 GEMM (``scale``: the product of the two scales as a Python float, exact); ``bias`` broadcast."""
+    rows, cols = sums.shape
+    out = torch.empty((rows, cols), dtype=dtype)
+    strides = (0, 0)
+    if bias is not None:
+        bias = bias.to(dtype).expand(rows, cols)
+        strides = bias.stride()
+    library().nm_int8_scale(DTYPES[dtype], _ptr(sums), _ptr(out), rows, cols, scale, _ptr(bias), *strides, _threads())
+    return out

@@ -313,7 +313,7 @@ if triton is not None:
             q = tl.where(amax > 0, q, x)
             q = tl.where(_finite(amax), q, x + amax)
             tl.store(out_ptr + idx, _to(q, out_ptr.dtype.element_ty), mask=mask)
-        elif KIND == 3:  # int8 codes sign·units (one sample: 0, 1, 2^k), scale amax·2^-TOP; 0 where amax is 0 or not finite
+        elif KIND == 3:  # int8 codes sign·units (one sample: 0, 1, 2^k), scale amax·2^-TOP; 0 for amax 0 or non-finite
             code = tl.where((amax > 0) & _finite(amax), _sign(x) * units, 0.0)
             tl.store(out_ptr + idx, code.to(tl.int8), mask=mask)
         else:  # float8 codes of the same values (fp8.luq_codes): sign·units·2^(LARGEST-TOP)

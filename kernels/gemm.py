@@ -27,6 +27,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import cpu
 from .cuda import or_reference
 from .int8 import scaled_sums
 
@@ -155,6 +156,16 @@ def int8_mm(
     _out_shape(a, b)
     _check_int8(a, scale_a, b, scale_b)
     return int8_gemm(a, scale_a, b, scale_b, bias, out_dtype)
+
+
+@int8_mm.register_kernel("cpu")
+def _(a, scale_a, b, scale_b, bias, out_dtype):
+    # eagerly, the scaling in one pass of the C++ kernels (in graphs Inductor fuses int8_gemm's)
+    _out_shape(a, b)
+    _check_int8(a, scale_a, b, scale_b)
+    if out_dtype not in cpu.DTYPES or not cpu.available() or a.shape[1] > INT32_K or 0 in (*a.shape, b.shape[1]):
+        return int8_gemm(a, scale_a, b, scale_b, bias, out_dtype)
+    return cpu.int8_scale(torch._int_mm(a, b), float(scale_a) * float(scale_b), bias, out_dtype)
 
 
 @int8_mm.register_fake

@@ -562,6 +562,42 @@ void absmax(const T* x, O* out, int64_t numel, int bits, float* scale_out, int t
   }
 }
 
+// ---- the int8 GEMM's scaling, for eager calls of nm.int8_mm (in graphs Inductor fuses int8.scaled_sums) -----
+
+typedef int64_t vl __attribute__((vector_size(8 * W)));
+
+// fp32 rounded to odd from double: truncated toward zero, last bit set where inexact (int8.round_via_odd).
+NM_INLINE vf to_float_odd(vd d) {
+  const vf f = __builtin_convertvector(d, vf);
+  const vd back = __builtin_convertvector(f, vd);
+  const vl magnitude = vl{} + 0x7FFFFFFFFFFFFFFFll;
+  const vi inexact = __builtin_convertvector(back != d, vi);
+  const vi away = __builtin_convertvector((reinterpret_cast<vl>(back) & magnitude) > (reinterpret_cast<vl>(d) & magnitude), vi);
+  vi bits = reinterpret_cast<vi>(f) + away;  // away is -1 where |f| > |d|: one ulp toward zero
+  bits = inexact ? (bits | 1) : bits;
+  return reinterpret_cast<vf>(bits);
+}
+
+// out = T(double(c) · scale + bias) (int8.scaled_sums): c the exact int32 sums (contiguous), scale =
+// scale_a · scale_b (exact in double), bias (optional, T) at bias[r·bias_row + j·bias_col]; one pass.
+template <typename T>
+void int8_scale(const int32_t* c, T* out, int64_t rows, int64_t cols, double scale, const T* bias,
+                int64_t bias_row, int64_t bias_col, int threads) {
+  const int64_t blocks = (cols + W - 1) / W;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < rows * blocks; ++t) {
+    const int64_t r = t / blocks, first = (t % blocks) * W;
+    const int count = static_cast<int>(cols - first < W ? cols - first : W);
+    vi sums = {};
+    if (count == W) std::memcpy(&sums, c + r * cols + first, sizeof sums);
+    else for (int l = 0; l < count; ++l) sums[l] = c[r * cols + first + l];
+    vd d = __builtin_convertvector(sums, vd) * scale;
+    if (bias != nullptr) d += __builtin_convertvector(load(bias + r * bias_row + first * bias_col, bias_col, count), vd);
+    if constexpr (std::is_same_v<T, float>) store(out + r * cols + first, 1, count, __builtin_convertvector(d, vf));
+    else store(out + r * cols + first, 1, count, to_float_odd(d));
+  }
+}
+
 // One switch from the C entry points' dtype code (0 float32, 1 bfloat16, 2 float16) to the element
 // type: f gets a null pointer of that type.
 template <typename F>
@@ -631,6 +667,14 @@ void nm_absmax(int dtype, const void* x, void* out, int8_t* codes, int64_t numel
     using T = NM_ELEMENT(tag);
     if (codes != nullptr) absmax(static_cast<const T*>(x), codes, numel, bits, scale_out, threads);
     else absmax(static_cast<const T*>(x), static_cast<T*>(out), numel, bits, scale_out, threads);
+  });
+}
+
+void nm_int8_scale(int dtype, const int32_t* c, void* out, int64_t rows, int64_t cols, double scale,
+                   const void* bias, int64_t bias_row, int64_t bias_col, int threads) {
+  with_dtype(dtype, [&](auto tag) {
+    using T = NM_ELEMENT(tag);
+    int8_scale(c, static_cast<T*>(out), rows, cols, scale, static_cast<const T*>(bias), bias_row, bias_col, threads);
   });
 }
 

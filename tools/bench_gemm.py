@@ -1,6 +1,7 @@
-"""The GEMMs of ``lowering="native"`` against dense bf16, on a GPU: exact FP8, 2:4 (cuSPARSELt), both.
+"""The GEMMs of the native lowering against dense bf16: exact INT8 and FP8, 2:4 (cuSPARSELt), both.
 
     python tools/bench_gemm.py [--quick] [--out bench-gemm.json]      # CUDA
+    python tools/bench_gemm.py --cpu [--quick] [--out bench-gemm-cpu.json]   # CPU: int8 vs bf16 and fp32
     python tools/bench_gemm.py --smoke                                # tiny shapes on CPU (tests the script)
 
 For a transformer MLP layer of width d (ff = 4d) over T tokens, the three GEMMs of its up-projection:
@@ -10,14 +11,24 @@ wgrad are transposed views). Variants, each timed as the median of ``triton.test
 inputs rotated among three sets (so no run reads another's operands from L2):
 
 - ``dense``: torch.mm in bf16 (the baseline of every ratio);
+- ``int8``: the int8 GEMM on int8 codes made beforehand; ``int8+quant``: with the quantizers that make
+  them (LUQ of δ, SAWB of W or X; forward: SAWB of both); both compiled by Inductor, as the native
+  lowering puts them in a training graph (``gemm.int8_gemm``: ``_int_mm`` and one fused scaling pass);
 - ``fp8``: ``nm.fp8_mm`` on float8 codes made beforehand; ``fp8+quant``: with the quantizers that make
-  them (LUQ of δ, SAWB of W or X; forward: SAWB of both);
+  them;
 - ``2:4``: ``nm.sparse24_mm`` on a pruned δ (cuSPARSELt compress + sparse GEMM); ``2:4+prune``: with MVUE;
 - ``2:4 fp8`` and ``2:4 fp8+prune+quant``: the same on float8 codes.
 
-Kernels: MVUE 2:4, LUQ, SAWB and their float8 forms on δ (T × ff), as a fraction of a
+Kernels: MVUE 2:4, LUQ, SAWB and their float8 and int8 forms on δ (T × ff), as a fraction of a
 device-to-device copy of δ measured in the same run (bytes read + written over time, each over the
 copy's). Prints Markdown tables (ratios vs dense; the issue's targets marked) and writes JSON.
+
+``--cpu``: the same three GEMMs on the CPU with fp32 operands, as a CPU user's fp32 training graph has
+them: ``dense`` torch.mm in bf16 on bf16 operands made beforehand (the casts not counted: generous to
+bf16), ``fp32`` torch.mm in fp32, ``int8`` and ``int8+quant`` (the quantizers reading the fp32 operands,
+the output in fp32), each the median of 5 wall-clock runs after one warm-up; the kernels on fp32 δ
+(bytes counted: the input read once and the output written once). Targets: int8+quant ≥ 1.3× bf16 and
+≥ 4× fp32 for M, N, K ≥ 1024; the quantizers ≥ 70% of copy bandwidth.
 """
 from __future__ import annotations
 
@@ -33,12 +44,14 @@ from typing import Callable, Optional
 import torch
 
 import nmcompile  # noqa: F401  (registers torch.ops.nm.*)
-from nmcompile.kernels.gemm import cusparselt_version
+from nmcompile.kernels.gemm import cusparselt_version, int8_gemm
 
 nm = torch.ops.nm
 SHAPES = [(768, 8192), (1024, 16384), (2048, 16384), (2048, 32768), (4096, 16384), (4096, 32768)]
 QUICK = [(768, 8192), (2048, 16384), (4096, 16384), (4096, 32768)]
 SMOKE = [(64, 256)]
+CPU_SHAPES = [(1024, 4096), (2048, 4096)]
+CPU_QUICK = [(1024, 4096)]
 ROTATE = 3
 
 
@@ -76,10 +89,11 @@ def seeds(device, count=1):
     return torch.randint(0, 2**62, (count,), device=device)
 
 
-def gemm_variants(role: str, d: int, tokens: int, device: torch.device) -> dict:
-    """name -> (function of the inputs, input maker) for one GEMM of the layer."""
+def gemm_variants(role: str, d: int, tokens: int, device: torch.device, cpu: bool = False) -> dict:
+    """name -> (function of the inputs, input maker) for one GEMM of the layer. ``cpu``: fp32 operands,
+    the bf16 and fp32 GEMMs and the int8 ones (the CPU has no FP8 or sparse kernels that pay)."""
     ff = 4 * d
-    bf16 = torch.bfloat16
+    bf16 = torch.float32 if cpu else torch.bfloat16  # the operands' (and outputs') dtype
 
     def grad_and_other():
         delta = torch.randn(tokens, ff, device=device, dtype=bf16)
@@ -93,19 +107,32 @@ def gemm_variants(role: str, d: int, tokens: int, device: torch.device) -> dict:
     def codes(x, kind):
         return nm.sawb_fp8(x, 4) if kind == "sawb" else nm.luq_fp8(x, seeds(x.device), 4, "strict")
 
+    def int8(x, kind):
+        return nm.sawb_int8(x, 4) if kind == "sawb" else nm.luq_int8(x, seeds(x.device), 4, "strict")
+
+    def in_bf16(make):
+        return lambda: tuple(t.bfloat16() for t in make())
+
     def pruned(g):
         return nm.mvue(g, seeds(g.device)[0], 2, 4, 1)
 
-    out = {"dense": (lambda a, b: torch.mm(a, b), None)}
+    make = forward_operands if role == "fwd" else grad_and_other
+    kinds = ("sawb", "sawb") if role == "fwd" else ("luq", "sawb")
+    out = {"dense": (lambda a, b: torch.mm(a, b), in_bf16(make) if cpu else make)}
+    if cpu:
+        out["fp32"] = (lambda a, b: torch.mm(a, b), make)
+    # as the training graphs run them: Inductor compiles int8_gemm, fusing its scaling into one pass
+    out["int8"] = (torch.compile(lambda a, sa, b, sb: int8_gemm(a, sa, b, sb, None, bf16), fullgraph=True),
+                   lambda: (lambda a, b: (*int8(a, kinds[0]), *int8(b, kinds[1])))(*make()))
+    out["int8+quant"] = (torch.compile(lambda a, b: int8_gemm(*int8(a, kinds[0]), *int8(b, kinds[1]), None, bf16),
+                                       fullgraph=True), make)
+    if cpu:
+        return out
     if role == "fwd":
-        make = forward_operands
-        out["dense"] = (out["dense"][0], make)
         out["fp8"] = (lambda a, sa, b, sb: nm.fp8_mm(a, sa, b, sb, None, bf16),
                       lambda: (*codes(make()[0], "sawb"), *codes(make()[1], "sawb")))
         out["fp8+quant"] = (lambda a, b: nm.fp8_mm(*codes(a, "sawb"), *codes(b, "sawb"), None, bf16), make)
         return out
-    make = grad_and_other
-    out["dense"] = (out["dense"][0], make)
 
     def fp8_inputs():
         g, b = make()
@@ -133,27 +160,33 @@ def gemm_variants(role: str, d: int, tokens: int, device: torch.device) -> dict:
     return out
 
 
-def kernel_variants(d: int, tokens: int, device: torch.device) -> dict:
-    """name -> (function of δ, bytes it must move) for the prune/quantize kernels."""
+def kernel_variants(d: int, tokens: int, device: torch.device, cpu: bool = False) -> dict:
+    """name -> (function of δ, bytes it must move) for the prune/quantize kernels (δ in bf16; fp32 with ``cpu``)."""
     ff = 4 * d
     n = tokens * ff
-    return {
-        "copy": (lambda x: x.clone(), 4 * n),
-        "mvue 2:4": (lambda x: nm.mvue(x, seeds(device)[0], 2, 4, 1), 4 * n),
-        "luq4": (lambda x: nm.luq(x, seeds(device), 4, "strict"), 4 * n),
-        "sawb4": (lambda x: nm.sawb(x, 4), 4 * n),
-        "luq4 → fp8": (lambda x: nm.luq_fp8(x, seeds(device), 4, "strict"), 3 * n),
-        "sawb4 → fp8": (lambda x: nm.sawb_fp8(x, 4), 3 * n),
+    size = 4 if cpu else 2  # bytes per element of δ
+    out = {
+        "copy": (lambda x: x.clone(), 2 * size * n),
+        "mvue 2:4": (lambda x: nm.mvue(x, seeds(device)[0], 2, 4, 1), 2 * size * n),
+        "luq4": (lambda x: nm.luq(x, seeds(device), 4, "strict"), 2 * size * n),
+        "sawb4": (lambda x: nm.sawb(x, 4), 2 * size * n),
+        "luq4 → int8": (lambda x: nm.luq_int8(x, seeds(device), 4, "strict"), (size + 1) * n),
+        "sawb4 → int8": (lambda x: nm.sawb_int8(x, 4), (size + 1) * n),
+        "absmax8 → int8": (lambda x: nm.absmax_int8(x, 8), (size + 1) * n),
     }
+    if not cpu:
+        out["luq4 → fp8"] = (lambda x: nm.luq_fp8(x, seeds(device), 4, "strict"), 3 * n)
+        out["sawb4 → fp8"] = (lambda x: nm.sawb_fp8(x, 4), 3 * n)
+    return out
 
 
-def run(shapes: list, device: torch.device, save: Callable[[list], None]) -> list:
+def run(shapes: list, device: torch.device, save: Callable[[list], None], cpu: bool = False) -> list:
     """All rows; ``save(rows)`` after each shape, so a run cut short keeps what it measured."""
     time_ms = timer(device)
     rows = []
     for d, tokens in shapes:
         for role in ("fwd", "dgrad", "wgrad"):
-            variants = gemm_variants(role, d, tokens, device)
+            variants = gemm_variants(role, d, tokens, device, cpu)
             m, n, k = {"fwd": (tokens, 4 * d, d), "dgrad": (tokens, d, 4 * d), "wgrad": (4 * d, d, tokens)}[role]
             for name, (fn, make) in variants.items():
                 row = {"d": d, "tokens": tokens, "role": role, "M": m, "N": n, "K": k, "variant": name}
@@ -166,8 +199,9 @@ def run(shapes: list, device: torch.device, save: Callable[[list], None]) -> lis
                 print(f"  d={d} T={tokens} {role:5s} {name:22s} {row.get('ms', float('nan')):9.3f} ms "
                       f"{row.get('error', '')}", file=sys.stderr, flush=True)
                 _free(device)
-        delta_sets = [torch.randn(tokens, 4 * d, device=device, dtype=torch.bfloat16) for _ in range(ROTATE)]
-        for name, (fn, nbytes) in kernel_variants(d, tokens, device).items():
+        dtype = torch.float32 if cpu else torch.bfloat16
+        delta_sets = [torch.randn(tokens, 4 * d, device=device, dtype=dtype) for _ in range(ROTATE)]
+        for name, (fn, nbytes) in kernel_variants(d, tokens, device, cpu).items():
             cycle = itertools.cycle(delta_sets)
             row = {"d": d, "tokens": tokens, "role": "kernel", "variant": name, "bytes": nbytes}
             try:
@@ -192,9 +226,13 @@ def _free(device: torch.device) -> None:
 def tables(rows: list) -> str:
     """Markdown: per GEMM the ratio of each variant to dense; per shape the kernels' copy fraction."""
     out = []
-    gemm_names = ["fp8", "fp8+quant", "2:4", "2:4+prune", "2:4 fp8", "2:4 fp8+prune+quant"]
-    out.append("| d | tokens | GEMM | M×N×K | dense ms | " + " | ".join(f"{n} ×" for n in gemm_names) + " |")
-    out.append("|---|---|---|---|---|" + "---|" * len(gemm_names))
+    gemm_names = [n for n in ("fp32", "int8", "int8+quant", "fp8", "fp8+quant", "2:4", "2:4+prune", "2:4 fp8",
+                              "2:4 fp8+prune+quant") if any(r["variant"] == n for r in rows)]
+    cpu = any(r["variant"] == "fp32" for r in rows)
+    extra = ["int8+quant vs fp32 ×"] if cpu else []
+    out.append("| d | tokens | GEMM | M×N×K | dense bf16 ms | " + " | ".join([f"{n} ×" for n in gemm_names] + extra)
+               + " |")
+    out.append("|---|---|---|---|---|" + "---|" * (len(gemm_names) + len(extra)))
     keyed = {(r["d"], r["tokens"], r["role"], r["variant"]): r for r in rows}
     for d, tokens, role in dict.fromkeys((r["d"], r["tokens"], r["role"]) for r in rows if r["role"] != "kernel"):
         dense = keyed.get((d, tokens, role, "dense"), {})
@@ -207,8 +245,12 @@ def tables(rows: list) -> str:
                 cells.append("error")
             else:
                 ratio = dense["ms"] / r["ms"]
-                target = _target(name, role, d, tokens)
+                target = _target(name, role, d, tokens, keyed.get((d, tokens, role, "fp32")) is not None)
                 cells.append(f"{ratio:.2f}" + (f" ({'✓' if ratio >= target else '✗'} ≥{target})" if target else ""))
+        fp32, int8q = keyed.get((d, tokens, role, "fp32"), {}), keyed.get((d, tokens, role, "int8+quant"), {})
+        if "ms" in fp32 and "ms" in int8q:  # the CPU's other baseline
+            ratio = fp32["ms"] / int8q["ms"]
+            cells.append(f"{ratio:.2f} ({'✓' if ratio >= 4 else '✗'} ≥4)")
         out.append(
             f"| {d} | {tokens} | {role} | {dense.get('M')}×{dense.get('N')}×{dense.get('K')} | "
             f"{dense.get('ms', float('nan')):.3f} | " + " | ".join(cells) + " |"
@@ -232,8 +274,11 @@ def tables(rows: list) -> str:
     return "\n".join(out)
 
 
-def _target(name: str, role: str, d: int, tokens: int) -> Optional[float]:
-    """The issue's targets (same-run ratios on an H100/H200)."""
+def _target(name: str, role: str, d: int, tokens: int, cpu: bool = False) -> Optional[float]:
+    """The issue's targets (same-run ratios on an H100/H200; on CPU int8 against bf16 for M, N, K >= 1024,
+    on an A100-class GPU 1.6)."""
+    if name == "int8+quant":
+        return 1.3 if cpu else 1.6
     if name == "fp8+quant" and d >= 2048:
         return 1.5
     if name == "2:4+prune" and role == "wgrad" and d >= 2048 and tokens >= 16384:
@@ -243,6 +288,13 @@ def _target(name: str, role: str, d: int, tokens: int) -> Optional[float]:
 
 def meta(device: torch.device) -> dict:
     info = {"torch": torch.__version__, "device": str(device), "cusparselt": cusparselt_version()}
+    if device.type == "cpu":
+        from nmcompile.demo.environment import cpu_name
+
+        flags = open("/proc/cpuinfo").read() if sys.platform == "linux" else ""
+        info.update(cpu=cpu_name(), threads=torch.get_num_threads(),
+                    isa=sorted({f for f in ("avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16", "avx512_bf16")
+                                if f" {f}" in flags}))
     if device.type == "cuda":
         import triton
 
@@ -258,11 +310,14 @@ def meta(device: torch.device) -> dict:
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help=f"only {QUICK}")
+    p.add_argument("--cpu", action="store_true", help="on the CPU: int8 against bf16 and fp32 (fp32 operands)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, measures nothing")
     p.add_argument("--out", help="write rows and meta data as JSON here")
     args = p.parse_args(argv)
     if args.smoke:
         device, shapes = torch.device("cpu"), SMOKE
+    elif args.cpu:
+        device, shapes = torch.device("cpu"), CPU_QUICK if args.quick else CPU_SHAPES
     elif not torch.cuda.is_available():
         print("bench_gemm: no CUDA device; nothing measured (use --smoke to check the script on CPU)")
         if args.out:
@@ -279,10 +334,11 @@ def main(argv: Optional[list] = None) -> int:
 
     rows: list = []
     try:
-        rows = run(shapes, device, save)
+        rows = run(shapes, device, save, cpu=args.cpu)
     except Exception:  # noqa: BLE001  (keep what was measured)
         traceback.print_exc()
-    print(f"bench_gemm on {info.get('gpu', info['device'])}, torch {info['torch']}, cuSPARSELt {info['cusparselt']}\n")
+    where = info.get("gpu") or f"{info.get('cpu')} ({', '.join(info.get('isa', []))}; {info.get('threads')} threads)"
+    print(f"bench_gemm on {where}, torch {info['torch']}, cuSPARSELt {info['cusparselt']}\n")
     print(tables(rows))
     return 0 if rows and not all("error" in r for r in rows) else 1
 

@@ -321,10 +321,10 @@ def plot(results: dict, out: pathlib.Path) -> None:
 
     runs = results["runs"]
     colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(runs)}
-    groups = [["dense", "mvue 1:2", "mvue 2:4", "mvue 2:4 wgrad+dgrad", "greedy 2:4", "greedy 2:4 wgrad+dgrad"],
-              ["dense", "luq4", "luq4 smp2", "luq4 + sawb4", "mvue 2:4 + luq4"]]
+    sparsity = ["dense", "mvue 1:2", "mvue 2:4", "mvue 2:4 wgrad+dgrad", "greedy 2:4", "greedy 2:4 wgrad+dgrad"]
+    groups = [sparsity, ["dense"] + [name for name in runs if name not in sparsity]]  # the rest: quantized
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, names, title in zip(axes, groups, ("gradient sparsity", "4-bit")):
+    for ax, names, title in zip(axes, groups, ("gradient sparsity", "quantized")):
         for name in names:
             if name not in runs:
                 continue
@@ -415,6 +415,7 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     if args.tables_from:
         results = json.loads(pathlib.Path(args.tables_from).read_text())
+        out.mkdir(parents=True, exist_ok=True)
         print_tables(results)
         plot(results, out)
         return 0

@@ -78,6 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "--inner", choices=("inductor", "aot_eager"), default=None, help="override the backend's inner compiler"
     )
+    parser.add_argument(
+        "--lowering", choices=("auto", "emulate", "native"), default="auto",
+        help="the backend's lowering (default auto: exact int8 GEMMs where the CPU has VNNI or AMX)",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
                         help="torch seeds, each reset before its runs (default 0 1 2; --quick: 0)")
     parser.add_argument("--lr", type=float, default=0.1, help="peak SGD learning rate (cosine decay; default 0.1)")
@@ -141,11 +145,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     seeds = " ".join(map(str, args.seeds))
     err.print(
         f"[bold]nmcompile demo[/bold]: digits MLP 64-{args.hidden}x3-10, {args.epochs} epochs x {spe} steps, "
-        f"batch {args.batch_size}, seeds {seeds}, inner={args.inner}, torch {torch.__version__}"
+        f"batch {args.batch_size}, seeds {seeds}, inner={args.inner}, lowering={args.lowering}, "
+        f"torch {torch.__version__}"
     )
     runs: dict = {}
     for name, opts in methods:
-        options = {**opts, "inner": args.inner}
+        options = {**opts, "inner": args.inner, "lowering": args.lowering}
         runs[name] = {"options": options, "seeds": [], "noise": None}
         for seed in args.seeds:
             torch.manual_seed(seed)  # same initial weights for every method
@@ -181,6 +186,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             "epochs": args.epochs,
             "hidden": args.hidden,
             "inner": args.inner,
+            "lowering": args.lowering,
             "seeds": args.seeds,
             "lr": args.lr,
             "batch_size": args.batch_size,

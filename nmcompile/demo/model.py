@@ -24,17 +24,19 @@ class DigitsMLP(torch.nn.Module):
         return F.cross_entropy(self.net(x), y)
 
     @torch.no_grad()
-    def logits(self, x: torch.Tensor, fwd_bits: Optional[int] = None, keep_first_last: bool = True) -> torch.Tensor:
-        """Eager inference; with ``fwd_bits`` the Linear layers' weights and inputs go through the
-        same SAWB quantizer the backend uses in training (first and last layer kept in high
-        precision when ``keep_first_last``), so a 4-bit-forward model is evaluated as it trained."""
-        from nmcompile.functional import sawb
+    def logits(self, x: torch.Tensor, fwd_quant: Optional[str] = None, fwd_bits: int = 4,
+               keep_first_last: bool = True) -> torch.Tensor:
+        """Eager inference; with ``fwd_quant`` the Linear layers' weights and inputs go through the
+        same forward quantizer the backend uses in training (first and last layer kept in high
+        precision when ``keep_first_last``), so a low-bit-forward model is evaluated as it trained."""
+        from nmcompile.kernels.catalog import OPS
 
         linears = [m for m in self.net if isinstance(m, torch.nn.Linear)]
-        quantized = set(linears[1:-1] if keep_first_last else linears) if fwd_bits else set()
+        quantized = set(linears[1:-1] if keep_first_last else linears) if fwd_quant else set()
         for module in self.net:
             if module in quantized:
-                x = F.linear(sawb(x, fwd_bits), sawb(module.weight, fwd_bits), module.bias)
+                spec = OPS[fwd_quant]
+                x = F.linear(spec.apply(x, bits=fwd_bits), spec.apply(module.weight, bits=fwd_bits), module.bias)
             else:
                 x = module(x)
         return x
@@ -44,9 +46,9 @@ def evaluate(model: DigitsMLP, x: torch.Tensor, y: torch.Tensor, options: dict, 
     """Test accuracy. A run with forward quantization is evaluated with it, in batches of the
     training batch size: SAWB scales are per tensor (per batch of activations), so this is the
     setting the model was trained in."""
-    bits = options.get("fwd_bits", 4) if options.get("fwd_quant") else None
     correct = 0
     for start in range(0, len(x), batch_size):
-        out = model.logits(x[start:start + batch_size], bits, options.get("keep_first_last", True))
+        out = model.logits(x[start:start + batch_size], options.get("fwd_quant"), options.get("fwd_bits", 4),
+                           options.get("keep_first_last", True))
         correct += (out.argmax(-1) == y[start:start + batch_size]).sum().item()
     return correct / len(x)

@@ -250,3 +250,21 @@ def test_absmax_gradient_is_straight_through_and_bits_are_checked():
 def test_opcheck(op, args):
     # int8 tensors: opcheck's schema test does arithmetic on them that int8 has
     torch.library.opcheck(getattr(torch.ops.nm, op).default, args())
+
+
+@pytest.mark.skipif(not __import__("nmcompile.kernels.cpu", fromlist=["available"]).available(),
+                    reason="needs the CPU kernels")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_the_eager_scaling_pass_equals_the_graphs_scaling(dtype):
+    """nm.int8_mm on CPU scales in one C++ pass; graphs inline int8.scaled_sums for Inductor to fuse: the
+    same bits, bias broadcast as a row or as a full matrix, on sums beyond fp32's integers and near ties."""
+    from nmcompile.kernels import cpu
+    from nmcompile.kernels.int8 import scaled_sums
+
+    g = torch.Generator().manual_seed(5)
+    sums = torch.randint(-2**31 + 1, 2**31 - 1, (37, 53), generator=g, dtype=torch.int32)
+    sums[0, :8] = torch.tensor([2**30 + 2**22 + 1, -(2**30 + 2**22 + 1), 2**24 + 1, 1, -1, 0, 2**31 - 1, 7])
+    sa, sb = torch.tensor(2.0**-15), torch.rand((), generator=g) + 0.5
+    for bias in (None, torch.randn(53, generator=g).to(dtype), torch.randn(37, 53, generator=g).to(dtype)):
+        eager = cpu.int8_scale(sums, float(sa) * float(sb), bias, dtype)
+        assert torch.equal(eager, scaled_sums(sums, sa, sb, bias, dtype)), (dtype, None if bias is None else bias.dim())
