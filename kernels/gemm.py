@@ -63,14 +63,19 @@ def _out_shape(a: Tensor, b: Tensor) -> tuple:
     return a.shape[0], b.shape[1]
 
 
-def _check_scaled(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor) -> None:
-    if a.dtype not in _FP8 or b.dtype not in _FP8:
-        raise ValueError(f"nm.fp8_mm: operands must be float8 codes, got {a.dtype} and {b.dtype}")
+def _check_codes(op: str, a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor, dtypes: tuple, what: str) -> None:
+    """Both operands are codes of ``dtypes`` and both scales one fp32 value each, or a ValueError saying which not."""
+    if a.dtype not in dtypes or b.dtype not in dtypes:
+        raise ValueError(f"nm.{op}: operands must be {what}, got {a.dtype} and {b.dtype}")
     for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
         if s.numel() != 1 or s.dtype != torch.float32:
             raise ValueError(
-                f"nm.fp8_mm: {name} must be one fp32 value per tensor, got {s.dtype} of shape {tuple(s.shape)}"
+                f"nm.{op}: {name} must be one fp32 value per tensor, got {s.dtype} of shape {tuple(s.shape)}"
             )
+
+
+def _check_scaled(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor) -> None:
+    _check_codes("fp8_mm", a, scale_a, b, scale_b, _FP8, "float8 codes")
 
 
 def _dequantized_mm(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -115,13 +120,7 @@ INT32_K = (2**31 - 1) // (128 * 128)
 
 
 def _check_int8(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor) -> None:
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise ValueError(f"nm.int8_mm: operands must be int8 codes, got {a.dtype} and {b.dtype}")
-    for name, s in (("scale_a", scale_a), ("scale_b", scale_b)):
-        if s.numel() != 1 or s.dtype != torch.float32:
-            raise ValueError(
-                f"nm.int8_mm: {name} must be one fp32 value per tensor, got {s.dtype} of shape {tuple(s.shape)}"
-            )
+    _check_codes("int8_mm", a, scale_a, b, scale_b, (torch.int8,), "int8 codes")
 
 
 def int_sums(a: Tensor, b: Tensor) -> Tensor:
