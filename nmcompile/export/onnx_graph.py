@@ -530,6 +530,19 @@ def _nm(b: _OnnxBuilder, node: fx.Node, out):
                   **{key: info[key] for key in spec.onnx_attrs})[0]
 
 
+def _codes(spec, codes: str):
+    """A quantizer's codes form (``nm.luq_int8``, ``nm.sawb_fp8``, ...): the quantizer's node with a
+    ``codes`` attribute ("int8" / "float8") and two outputs, the codes and their fp32 scale."""
+
+    def handle(b: _OnnxBuilder, node: fx.Node, out):
+        params = dict(zip(spec.args, node.args[1:]))
+        inputs = 2 if spec.sampled else 1
+        return b.emit(spec.onnx_type, [b.value(a) for a in node.args[:inputs]], [f"{node.name}_0", f"{node.name}_1"],
+                      domain=NM_DOMAIN, codes=codes, **{key: params[key] for key in spec.onnx_attrs})
+
+    return handle
+
+
 _HANDLERS: dict = {
     aten.mm.default: _matmul,
     aten.bmm.default: _matmul,
@@ -598,6 +611,8 @@ _HANDLERS: dict = {
     aten._log_softmax.default: _softmax("LogSoftmax"),
     aten.gelu.default: _gelu,
     **{spec.op: _nm for spec in OPS.values()},
+    **{getattr(torch.ops.nm, name).default: _codes(spec, codes) for spec in OPS.values()
+       for name, codes in ((spec.codes_op, "float8"), (spec.int8_op, "int8")) if name is not None},
 }
 _HANDLERS = {k: v for k, v in _HANDLERS.items() if v is not None}
 for _op in (aten.bitwise_not.default, aten.logical_not.default):

@@ -286,6 +286,9 @@ def test_native_graphs_export_to_onnx_model_explorer_and_dot_but_float8_not_to_o
     model = onnx.load(str(tmp_path / "m.onnx"))
     onnx.checker.check_model(model, full_check=True)
     assert any(n.op_type == "MatMulInteger" for n in model.graph.node) == int8
+    codes = [n for n in model.graph.node if n.domain == "com.nmcompile" and len(n.output) == 2]  # codes forms
+    assert {(n.op_type, onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "codes")))
+            for n in codes} == ({("SAWB", b"int8"), ("LUQ", b"int8")} if int8 else set())
     result = run_cli(
         "export", "mlp", "--format", "model-explorer", "-o", str(tmp_path / "me.json"), "--options", options
     )
