@@ -326,7 +326,7 @@ def cpu_reference_kernels():
 def kernel_choice_key() -> str:
     """What, besides the graph and the options, decides the kernels the lowering picks in this process:
     part of the compile caches' key, so that a cache never serves a graph lowered under other rules."""
-    return f"cpu_reference={_cpu_reference_kernels}"
+    return f"cpu_reference={_cpu_reference_kernels}|int8_cpu={int8_cpu_support()}"
 
 
 @dataclasses.dataclass(frozen=True)
