@@ -56,6 +56,8 @@ order, so all three give the same bits.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .sawb import scale_bits
@@ -76,7 +78,7 @@ def check_bits(bits: int) -> None:
 def subnormal_exponent(dtype: torch.dtype) -> int:
     """s with 2^s the smallest positive subnormal of ``dtype`` (-149 fp32, -133 bf16, -24 fp16)."""
     info = torch.finfo(dtype)
-    return round(torch.log2(torch.tensor(info.smallest_normal * info.eps, dtype=torch.float64)).item())
+    return round(math.log2(info.smallest_normal * info.eps))  # Python floats: no tensor in a traced graph
 
 
 def _pow2(exponent: torch.Tensor) -> torch.Tensor:
