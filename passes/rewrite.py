@@ -157,13 +157,21 @@ class _Rewriter:
                 rec.transforms.append(self._forward_transform("W,X"))
 
     # -- backward GEMMs -------------------------------------------------------------------------
-    def _gradient_steps(self, rec: GemmRecord, role: str, k, dim: int, dim_name: str) -> list:
-        """The Transforms to apply to a gradient operand reduced over ``dim`` of size ``k``; records them."""
+    def _gradient_steps(self, rec: GemmRecord, role: str, k, dim: int, dim_name: str, group: int = 0) -> list:
+        """The Transforms to apply to a gradient operand reduced over ``dim`` of size ``k``; records them.
+        ``group``: the reduction splits into independent groups of this size (a grouped convolution's
+        C_out / groups), which N:M groups must not cross."""
         cfg, steps = self.config, []
         if cfg.pattern is not None and role in cfg.gemms:
             n, m = cfg.pattern
             k_int = k if isinstance(k, int) else None
-            if k_int is not None and k_int < m:
+            if group and group % m:
+                rec.notes.append(
+                    f"{cfg.sparsity} skipped: a grouped convolution reduces each input channel's gradient over "
+                    f"its own {group} output channel(s) (C_out/groups), not a multiple of M={m}"
+                    + (": depthwise, no reduction to prune" if group == 1 else "")
+                )
+            elif k_int is not None and k_int < m:
                 rec.notes.append(f"{cfg.sparsity} skipped: reduction size {k_int} < M={m}")
             else:
                 steps.append(Transform(cfg.method, {"n": n, "m": m, "dim": dim}, dim_name))
@@ -251,10 +259,13 @@ class _Rewriter:
                     rec.transforms.append(self._forward_transform("W" if role == "dgrad" else "X"))
                 g = grad
                 if grad in grads and self._selected(rec):
-                    # dgrad reduces over output channels (dim 1); wgrad over N·H·W: group along W.
+                    # dgrad reduces over output channels (dim 1), within each conv group; wgrad over N·H·W:
+                    # group along W.
                     dim = 1 if role == "dgrad" else val(grad).dim() - 1
+                    groups = _conv_groups(node)
+                    group = val(grad).shape[1] // groups if role == "dgrad" and groups > 1 else 0
                     steps = self._gradient_steps(
-                        rec, role, val(grad).shape[dim], dim, "C_out" if role == "dgrad" else "W (tokens)"
+                        rec, role, val(grad).shape[dim], dim, "C_out" if role == "dgrad" else "W (tokens)", group
                     )
                     if steps:
                         g = self._compress(grad, node, steps, role)
@@ -302,12 +313,21 @@ def _conv_fwd_shape(node: fx.Node) -> tuple:
     return (tokens, w.shape[0], w.shape[1:].numel())
 
 
+def _conv_groups(node: fx.Node) -> int:
+    """``groups`` of a convolution_backward node (1 for a transposed convolution, whose weight layout differs)."""
+    groups, transposed = node.args[9], node.args[7]
+    return groups if isinstance(groups, int) and not transposed else 1
+
+
 def _conv_bwd_shape(node: fx.Node, role: str) -> tuple:
+    """(M, N, K) of a convolution's backward GEMM, K per conv group: dgrad reduces each input channel's
+    gradient over the C_out/groups output channels of its group (× the kernel positions)."""
     grad, x, w = (val(a) for a in node.args[:3])
     if grad is None or x is None or w is None:
         return ("?", "?", "?")
     if role == "dgrad":
-        return (x.shape[0] * x.shape[2:].numel(), w.shape[1], w.shape[0] * w.shape[2:].numel())
+        groups = _conv_groups(node)
+        return (x.shape[0] * x.shape[2:].numel(), w.shape[1] * groups, w.shape[0] // groups * w.shape[2:].numel())
     return (w.shape[0], w.shape[1:].numel(), grad.shape[0] * grad.shape[2:].numel())
 
 

@@ -42,6 +42,38 @@ def test_conv_roles():
     assert conv2["wgrad"].shape == (16, 72, 128)  # C_out x C_in·kh·kw x N·H·W
 
 
+class GroupedConvNet(nn.Module):
+    """A 16-channel stem, a grouped 3x3 convolution (``groups``), a 1x1 convolution and a head."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=groups)
+        self.point = nn.Conv2d(16, 8, 1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.point(torch.relu(self.grouped(torch.relu(self.stem(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_grouped_convolutions_prune_within_groups_and_report_the_per_group_reduction():
+    x = torch.randn(2, 3, 8, 8)
+    opts = dict(sparsity="2:4", gemms=["wgrad", "dgrad"], **AOT)
+    for groups, k in ((16, 9), (2, 72), (4, 36)):
+        grouped = {g.role: g for g in nmcompile.explain(GroupedConvNet(groups), x, **opts).find(module="grouped")}
+        # dgrad: each input channel's gradient sums C_out/groups output channels × 3·3 kernel positions
+        assert grouped["dgrad"].shape == (128, 16, k), groups
+        assert grouped["wgrad"].shape == (16, k, 128) and grouped["wgrad"].transforms == ["mvue 2:4 along W (tokens)"]
+        if groups == 16:  # depthwise: one output channel per input channel, nothing to prune
+            assert grouped["dgrad"].transforms == [] and "depthwise" in grouped["dgrad"].notes[0]
+        else:  # 8 or 4 output channels a group: groups of 4 along C_out never cross a conv group
+            assert grouped["dgrad"].transforms == ["mvue 2:4 along C_out"] and not grouped["dgrad"].notes
+    r = nmcompile.explain(GroupedConvNet(8), x, quant="luq", sparsity="2:4", gemms=["dgrad"], **AOT)
+    (dgrad,) = r.find(module="grouped", role="dgrad")
+    assert dgrad.transforms == ["luq4"] and "own 2 output channel(s)" in dgrad.notes[0]  # quantized, not pruned
+
+
 def test_transformer_layer_roles_including_attention_bmm():
     x = torch.randn(2, 8, 32, requires_grad=True)
     r = nmcompile.explain(Encoder(), x, sparsity="2:4", gemms=["wgrad", "dgrad"], **AOT)
