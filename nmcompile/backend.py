@@ -9,11 +9,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import json
+import sys
 from typing import Callable, Optional
 
 import torch
 
 from nmcompile.passes import NMConfig, NMJointPass
+from nmcompile.passes.config import ENV_OPTIONS, environment_options
 from nmcompile.passes.joint_pass import chain_with_existing
 
 
@@ -59,10 +62,25 @@ def recording():
         _recorder.reset(token)
 
 
+_announced: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("nm_env_announced", default=None)
+
+
 def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
                options: Optional[dict] = None, **_ignored):
-    """Compile ``gm`` with Inductor (or aot_eager) plus the nm joint-graph pass."""
-    config, inductor_patches = NMConfig.from_options(options)
+    """Compile ``gm`` with Inductor (or aot_eager) plus the nm joint-graph pass. ``options`` go on top of
+    those in the ``NMCOMPILE_OPTIONS`` environment variable (for frameworks that pass a backend name only)."""
+    env = environment_options()
+    if env and env != _announced.get():  # once per distinct environment options: nothing silent
+        _announced.set(env)
+        print(f"nmcompile: backend options from {ENV_OPTIONS}: {json.dumps(env)}"
+              + (f", under those given to torch.compile: {json.dumps(options)}" if options else ""), file=sys.stderr)
+    try:
+        config, inductor_patches = NMConfig.from_options({**env, **(options or {})})
+    except ValueError as err:
+        if not env:
+            raise
+        raise ValueError(f"{err} (options from {ENV_OPTIONS}={json.dumps(env)} under {json.dumps(options or {})})") \
+            from None
     if not config.is_noop:
         from nmcompile.kernels import cpu
 

@@ -5,6 +5,8 @@ The methods an option may name are the ops of ``kernels.catalog``: ``method`` a 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 from typing import Any, Optional
 
@@ -156,3 +158,33 @@ class NMConfig:
         if self.fwd_quant:
             parts.append(OPS[self.fwd_quant].transform_label(self.params_for(OPS[self.fwd_quant]), "forward"))
         return ", ".join(parts) or "no transforms"
+
+
+# -- options without a dict: frameworks that hand torch.compile a backend name only ------------------
+ENV_OPTIONS = "NMCOMPILE_OPTIONS"
+PRESETS: dict[str, dict] = {  # names NMCOMPILE_OPTIONS may hold instead of JSON
+    "2:4": {"sparsity": "2:4"},
+    "luq4": {"quant": "luq"},
+    "luq4+sawb4": {"quant": "luq", "fwd_quant": "sawb"},
+    "luq4+absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
+    "2:4+luq4": {"sparsity": "2:4", "quant": "luq"},
+}
+
+
+def environment_options(environ: Optional[dict] = None) -> dict:
+    """The options ``NMCOMPILE_OPTIONS`` holds: a JSON object, or a preset name (``PRESETS``); {} when
+    unset. A value that is neither raises a ValueError naming the variable, the value and what is allowed
+    (the keys and values themselves are checked where they are used, as any options are)."""
+    text = (environ if environ is not None else os.environ).get(ENV_OPTIONS, "").strip()
+    if not text:
+        return {}
+    if text in PRESETS:
+        return dict(PRESETS[text])
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as err:
+        presets = ", ".join(PRESETS)
+        raise ValueError(f"{ENV_OPTIONS}={text!r} is neither a preset ({presets}) nor JSON ({err})") from None
+    if not isinstance(options, dict):
+        raise ValueError(f"{ENV_OPTIONS}={text!r} must be a JSON object of options or a preset ({', '.join(PRESETS)})")
+    return options

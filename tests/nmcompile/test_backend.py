@@ -166,3 +166,36 @@ def test_the_cli_capture_runs_a_user_joint_pass_too():
     with torch._inductor.config.patch(joint_custom_pre_pass=users_pass(calls)):
         run = run_captured(torch.nn.Linear(8, 4), (torch.randn(8, 8),), {"sparsity": "2:4"})
     assert calls == [0] and run.records[-1].transforms  # theirs ran (first), then ours
+
+
+def test_options_from_the_environment_for_frameworks_that_pass_a_backend_name_only(monkeypatch, capsys):
+    """NMCOMPILE_OPTIONS (a JSON object or a preset) gives the options; those given to torch.compile
+    override it key by key; a bad value fails with the variable's name, and using it is said once."""
+    from nmcompile.passes.config import PRESETS, environment_options
+
+    assert environment_options({}) == {}
+    assert environment_options({"NMCOMPILE_OPTIONS": "luq4+absmax8"}) == PRESETS["luq4+absmax8"]
+    assert environment_options({"NMCOMPILE_OPTIONS": ' {"sparsity": "1:2"} '}) == {"sparsity": "1:2"}
+    with pytest.raises(ValueError, match=r"NMCOMPILE_OPTIONS='luq' is neither a preset \(2:4, luq4, .*\) nor JSON"):
+        environment_options({"NMCOMPILE_OPTIONS": "luq"})
+    with pytest.raises(ValueError, match="must be a JSON object of options or a preset"):
+        environment_options({"NMCOMPILE_OPTIONS": '["2:4"]'})
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    x = torch.randn(8, 16)
+
+    def transforms(options=None) -> set:
+        torch._dynamo.reset()
+        with nmcompile.backend.recording() as records:
+            torch.compile(model, backend="nm", options=options)(x).sum().backward()
+        return {str(t) for r in records for t in r.transforms}
+
+    monkeypatch.setenv("NMCOMPILE_OPTIONS", '{"sparsity": "2:4", "quant": "luq"}')
+    assert transforms() == {"mvue 2:4 along K (tokens)", "luq4"}
+    assert capsys.readouterr().err.count('backend options from NMCOMPILE_OPTIONS: {"sparsity": "2:4"') == 1
+    assert transforms({"sparsity": "1:2"}) == {"mvue 1:2 along K (tokens)", "luq4"}  # the dict wins, key by key
+    monkeypatch.setenv("NMCOMPILE_OPTIONS", '{"sparsity": "3:2"}')
+    with pytest.raises(Exception, match=r"sparsity='3:2' is not a valid N:M pattern.*options from NMCOMPILE_OPTIONS"):
+        transforms()
+    monkeypatch.delenv("NMCOMPILE_OPTIONS")
+    assert transforms() == set()  # unset: no options, nothing compressed
