@@ -491,12 +491,35 @@ void sr(const T* x, O* out, float* scale_out, int64_t outer, int64_t inner, int 
 
 // ---- SAWB ------------------------------------------------------------------------------------
 
+// Round to nearest (half to even, like torch.round) onto {k · scale : lowest <= k <= highest} (SAWB, absmax):
+// the values, saturated at T's range, or with O = int8_t the levels k. scale <= 0 (an all-zero x): the values
+// stay x, codes 0; a non-finite scale (NaN/Inf in x): every value non-finite (x + scale), codes 0.
+template <typename T, typename O>
+void round_to_grid(const T* x, O* out, int64_t numel, float scale, float lowest, float highest, int threads) {
+  constexpr bool codes = std::is_same_v<O, int8_t>;
+  const float top = max_of<T>();
+  const bool finite = std::isfinite(scale), positive = scale > 0.0f;
+  const float safe = positive ? scale : 1.0f;
+  const int64_t blocks = (numel + W - 1) / W;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int count = static_cast<int>(numel - b * W < W ? numel - b * W : W);
+    const vf xf = load(x + b * W, 1, count);
+    vf level = round_even(xf / safe);
+    level = sel(level < lowest, splat(lowest), sel(level > highest, splat(highest), level));
+    vf q = level * safe;
+    q = sel(q < -top, splat(-top), sel(q > top, splat(top), q));  // saturate at x's dtype range
+    if (!positive) q = xf;  // all zeros
+    if (!finite) q = xf + scale;  // NaN/Inf anywhere: non-finite everywhere
+    store(out + b * W, 1, count, codes ? (positive && finite ? level : vf{}) : q);
+  }
+}
+
 // Round-to-nearest on the SAWB grid (see sawb.py); moments in double, so no x² overflows. O: T for the
 // values, int8_t for their integer codes (the int8 form: values = codes · scale).
 template <typename T, typename O>
 void sawb(const T* x, O* out, int64_t numel, double c1, double c2, int bits, int keep, float* scale_out,
           int threads) {
-  constexpr bool codes = std::is_same_v<O, int8_t>;
   const Stats st = statistics(x, numel, threads);
   const double half = std::ldexp(1.0, bits - 1);
   float scale = st.amax;  // NaN / Inf: propagated below
@@ -514,23 +537,7 @@ void sawb(const T* x, O* out, int64_t numel, double c1, double c2, int bits, int
   if (scale_out != nullptr) *scale_out = scale;
   const float lowest = is_unsigned ? 0.0f : static_cast<float>(-half);
   const float highest = static_cast<float>(is_unsigned ? 2.0 * half - 1.0 : half - 1.0);
-  const float top = max_of<T>();
-  const bool finite = std::isfinite(scale), positive = scale > 0.0f;
-  const float safe = positive ? scale : 1.0f;
-  const int64_t blocks = (numel + W - 1) / W;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int count = static_cast<int>(numel - b * W < W ? numel - b * W : W);
-    const vf xf = load(x + b * W, 1, count);
-    vf level = xf / safe;
-    level = round_even(level);  // half to even, like torch.round
-    level = sel(level < lowest, splat(lowest), sel(level > highest, splat(highest), level));
-    vf q = level * safe;
-    q = sel(q < -top, splat(-top), sel(q > top, splat(top), q));  // saturate at x's dtype range
-    if (!positive) q = xf;  // all zeros
-    if (!finite) q = xf + scale;  // NaN/Inf anywhere: non-finite everywhere
-    store(out + b * W, 1, count, codes ? (positive && finite ? level : vf{}) : q);
-  }
+  round_to_grid(x, out, numel, scale, lowest, highest, threads);
 }
 
 // ---- absmax: round-to-nearest on SR's grid (the INT8 forward) --------------------------------------
@@ -539,27 +546,11 @@ void sawb(const T* x, O* out, int64_t numel, double c1, double c2, int bits, int
 // q = level · scale, exact in T; the scale is SR's (sr_scale). Deterministic: no uniforms.
 template <typename T, typename O>
 void absmax(const T* x, O* out, int64_t numel, int bits, float* scale_out, int threads) {
-  constexpr bool codes = std::is_same_v<O, int8_t>;
   const float amax = amax_of(x, numel, threads);
-  const float scale = sr_scale<T>(amax, bits);
-  const bool finite = std::isfinite(amax), positive = amax > 0.0f;
-  const float safe = scale > 0.0f ? scale : 1.0f;
+  const float scale = sr_scale<T>(amax, bits);  // 0 for amax 0; amax itself where it is not finite
   if (scale_out != nullptr) *scale_out = amax == 0.0f ? 1.0f : scale;
   const float levels = static_cast<float>((1 << (bits - 1)) - 1);
-  const float big = max_of<T>();
-  const int64_t blocks = (numel + W - 1) / W;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int count = static_cast<int>(numel - b * W < W ? numel - b * W : W);
-    const vf xf = load(x + b * W, 1, count);
-    vf level = round_even(xf / safe);
-    level = sel(level < -levels, splat(-levels), sel(level > levels, splat(levels), level));
-    vf q = level * scale;
-    q = sel(q < -big, splat(-big), sel(q > big, splat(big), q));  // saturate at x's dtype range
-    if (!positive) q = xf;  // all zeros
-    if (!finite) q = xf + amax;  // NaN/Inf anywhere: non-finite everywhere
-    store(out + b * W, 1, count, codes ? (positive && finite ? level : vf{}) : q);
-  }
+  round_to_grid(x, out, numel, scale, -levels, levels, threads);
 }
 
 // ---- the int8 GEMM's scaling, for eager calls of nm.int8_mm (in graphs Inductor fuses int8.scaled_sums) -----

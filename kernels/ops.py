@@ -307,7 +307,7 @@ def _nonzero_scale(codes: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
 
 def _sawb_int8_torch(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     q, scale = _sawb_torch(x, bits)
-    return _nonzero_scale(int8_codes(q, torch.where(scale == 0, 1.0, scale)), scale)
+    return _nonzero_scale(int8_codes(q, scale), scale)  # int8_codes: codes 0 where the scale is 0
 
 
 @torch.library.custom_op("nm::sawb_int8", mutates_args=())
