@@ -89,13 +89,14 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
     records = state.records if state is not None else None
     index = state.graphs.next() if state is not None else 0
     if config.inner == "aot_eager":
-        return aot_eager(gm, example_inputs, NMJointPass(config, decompose=False, records=records, graph=index))
+        return aot_eager(gm, example_inputs,
+                         NMJointPass.for_graph(config, example_inputs, decompose=False, records=records, graph=index))
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
     patches = dict(list_mode_options(mode)) if mode and mode != "default" else {}
     patches.update(inductor_patches)
-    ours = NMJointPass(config, decompose=True, records=records, graph=index)
+    ours = NMJointPass.for_graph(config, example_inputs, decompose=True, records=records, graph=index)
     patches["joint_custom_pre_pass"] = chain_with_existing(
         patches.get("joint_custom_pre_pass", _users_joint_pass()), ours
     )
@@ -103,7 +104,8 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
     if records is not None and ours.calls == 0 and torch.is_grad_enabled():
         # Inductor's caches served this graph, so the pass did not run on it: trace it once more,
         # without Inductor, to record what the cached code does (only while recording).
-        aot_eager(gm, example_inputs, NMJointPass(config, decompose=True, records=records, graph=index))
+        aot_eager(gm, example_inputs, NMJointPass(config, decompose=True, records=records, graph=index,
+                                                       ends=ours.ends))
     return compiled
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from nmcompile.backend import GraphCounter, aot_eager
+from nmcompile.graph_breaks import collecting
 from nmcompile.passes import NMConfig, NMJointPass
 
 
@@ -98,7 +99,7 @@ def capture_backend(config: NMConfig, graphs: list, records: list,
             if wrap is not None:
                 wrap(graph, kind, entry.index)
 
-        joint_pass = NMJointPass(config, decompose=False, records=records, graph=entry.index)
+        joint_pass = NMJointPass.for_graph(config, example_inputs, decompose=False, records=records, graph=entry.index)
         return aot_eager(gm, example_inputs, joint_pass, on_joint=on_joint, on_graph=on_graph)
 
     return backend
@@ -116,12 +117,13 @@ class Run:
     graphs: list
     records: list
     compiled: Any = None
+    graph_breaks: list = dataclasses.field(default_factory=list)
 
     @functools.cached_property
     def report(self):
         from nmcompile.report import Report
 
-        return Report(list(self.records), self.config.as_dict())
+        return Report(list(self.records), self.config.as_dict(), graph_breaks=list(self.graph_breaks))
 
 
 def records_by_node(run: Run, index: int) -> dict:
@@ -157,6 +159,6 @@ def run_captured(model: torch.nn.Module, inputs: tuple, options: dict, wrap=None
     records: list = []
     backend = capture_backend(config, graphs, records, wrap)
     compiled = torch.compile(model, backend=backend)
-    with functorch_config.patch(enable_autograd_cache=False):
+    with functorch_config.patch(enable_autograd_cache=False), collecting() as breaks:
         run_step(compiled, model, inputs)
-    return Run(model, inputs, options, config, graphs, records, compiled)
+    return Run(model, inputs, options, config, graphs, records, compiled, breaks)

@@ -7,20 +7,22 @@ import torch
 
 from nmcompile.backend import nm_backend, recording
 from nmcompile.capture import reduce_output
+from nmcompile.graph_breaks import collecting
 from nmcompile.report import Report
 from nmcompile.passes import NMConfig
 
 
 def explain(model: torch.nn.Module, *inputs: Any, **options: Any) -> Report:
     """Compile ``model`` with ``backend="nm"`` and ``options``, run one forward and one backward on
-    ``inputs``, and return the Report. The model's gradients and buffers are left as they were."""
+    ``inputs``, and return the Report (with the graph breaks Dynamo hit). The model's gradients and buffers are
+    left as they were."""
     config, _ = NMConfig.from_options(options)  # bad options fail before any work
     grads = {p: p.grad for p in model.parameters()}
     for p in grads:
         p.grad = None
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     try:
-        with recording() as records, torch._inductor.config.patch(force_disable_caches=True):
+        with recording() as records, collecting() as breaks, torch._inductor.config.patch(force_disable_caches=True):
             # static shapes: the report describes exactly these inputs
             compiled = torch.compile(model, backend=nm_backend, options=dict(options), dynamic=False)
             reduce_output(compiled(*inputs)).backward()
@@ -30,4 +32,4 @@ def explain(model: torch.nn.Module, *inputs: Any, **options: Any) -> Report:
         with torch.no_grad():
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
-    return Report(list(records), config.as_dict())
+    return Report(list(records), config.as_dict(), graph_breaks=breaks)

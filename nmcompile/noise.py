@@ -373,7 +373,8 @@ class NoiseMonitor:
             self._unmeasured.extend(unmeasured)
             return lambda *args: _Measuring(graph, plans, self, index).run(*args)
 
-        joint_pass = NMJointPass(self.config, decompose=False, records=self._records, graph=index)
+        joint_pass = NMJointPass.for_graph(self.config, example_inputs, decompose=False, records=self._records,
+                                           graph=index)
         return aot_eager(gm, example_inputs, joint_pass, on_graph=on_graph)
 
     def measure(self, *inputs, step: Optional[int] = None) -> NoiseReport:

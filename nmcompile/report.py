@@ -7,15 +7,16 @@ from typing import Optional
 
 import torch
 
+from nmcompile.graph_breaks import GraphBreak
 from nmcompile.kernels.gemm import DENSE_USE, KernelUse, kernel_for
 from nmcompile.passes.records import GemmRecord, Transform
 
 # 2: each GEMM has kernel, kernel_note, cusparselt; 3: and the typed forms of its transforms ("ops")
-# and kernel ("kernel_use")
-SCHEMA = "nmcompile.report/3"
+# and kernel ("kernel_use"); 4: and the run's graph breaks
+SCHEMA = "nmcompile.report/4"
 # Older reports read with their transforms and kernel as labels only (shown, not modelled), and a
 # version-1 report with kernel "dense".
-_READS = ("nmcompile.report/1", "nmcompile.report/2", SCHEMA)
+_READS = ("nmcompile.report/1", "nmcompile.report/2", "nmcompile.report/3", SCHEMA)
 
 
 @dataclasses.dataclass
@@ -23,6 +24,7 @@ class Report:
     gemms: list
     options: dict
     torch_version: str = torch.__version__
+    graph_breaks: list = dataclasses.field(default_factory=list)  # GraphBreaks: what ran outside the graphs
 
     @property
     def backward(self) -> list:
@@ -55,6 +57,7 @@ class Report:
             "luq_flop_share": share("quantize", "luq"),
             "quant_flop_share": share("quantize"),
             "native_flop_share": sum(g.flops or 0 for g in bwd if g.kernel != "dense") / total if total else 0.0,
+            "graph_breaks": sum(b.count for b in self.graph_breaks),
         }
 
     def as_dict(self) -> dict:
@@ -62,7 +65,8 @@ class Report:
 
         return {"schema": SCHEMA, "nmcompile": __version__, "torch": self.torch_version,
                 "options": self.options, "summary": self.summary(),
-                "gemms": [g.as_dict() for g in self.gemms]}
+                "gemms": [g.as_dict() for g in self.gemms],
+                "graph_breaks": [b.as_dict() for b in self.graph_breaks]}
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.as_dict(), indent=indent)
@@ -84,7 +88,8 @@ class Report:
             use = d.get("kernel_use")
             g.kernel = KernelUse(g.kernel, **use) if use else DENSE_USE if g.kernel == "dense" else g.kernel
             gemms.append(g)
-        return cls(gemms, data["options"], data["torch"])
+        breaks = [GraphBreak(**b) for b in data.get("graph_breaks", [])]
+        return cls(gemms, data["options"], data["torch"], breaks)
 
     def __str__(self) -> str:
         lines = [f"nm report: {self.summary()['rewritten']} of {len(self.gemms)} GEMMs rewritten"]
@@ -97,6 +102,10 @@ class Report:
                 f"  [{g.graph}] {g.module or '<top>':30s} {g.role:5s} {g.op:5s} "
                 f"{'x'.join(map(str, g.shape)):>18s}  {what}{kernel}"
             )
+        if self.graph_breaks:
+            lines.append(f"graph breaks ({sum(b.count for b in self.graph_breaks)}): what follows them runs eagerly, "
+                         "its GEMMs uncompressed and not listed above, unless Dynamo resumes in a new graph")
+            lines.extend(f"  {b}" for b in self.graph_breaks)
         return "\n".join(lines)
 
 
@@ -179,6 +188,23 @@ def gemm_table(report, title: str):
         table.add_section()
         table.add_row("", "[bold]all GEMMs[/bold]", "", "", "", _flops(sum(r.flops or 0 for r in report.gemms)),
                       "FLOP-weighted (Amdahl) over every GEMM", "", f"[bold]{overall:.2f}×[/bold]")
+    return table
+
+
+def graph_break_table(report, title: str):
+    """The graph breaks of the run: where, Dynamo's reason and what it means for the GEMMs after it."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("where", "reason", "then", "×"):
+        table.add_column(col, justify="right" if col == "×" else "left")
+    for b in report.graph_breaks:
+        where = escape(b.where) + (f"\n[dim]{escape(b.code)}[/dim]" if b.code else "")
+        reason = f"[yellow]{escape(b.reason)}[/yellow]" + (f"\n[dim]{escape(b.detail)}[/dim]" if b.detail else "")
+        then = ("[red]the whole function runs eagerly: its GEMMs are neither compressed nor reported[/red]" if b.eager
+                else "a new graph starts after it (code Dynamo cannot trace runs eagerly in between)")
+        table.add_row(where, reason, then, str(b.count))
     return table
 
 

@@ -14,6 +14,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from nmcompile.kernels.gemm import kernel_choice_key
 
 from .config import NMConfig
+from .ends import ModelEnds, find_model_ends
 from .rewrite import rewrite_joint_graph
 from .trace_log import log_rewrite
 
@@ -53,25 +54,37 @@ class NMJointPass(CustomGraphPass):
     for tlparse (``trace_log``).
     """
 
-    def __init__(self, config: NMConfig, decompose: bool = True, records: Optional[list] = None, graph: int = 0):
+    def __init__(self, config: NMConfig, decompose: bool = True, records: Optional[list] = None, graph: int = 0,
+                 ends: Optional[ModelEnds] = None):
         self.config = config
+        self.ends = ends  # where the model's first and last layer are among the graph's inputs (keep_first_last)
         self.decompose = decompose
         self.records = records if records is not None else []
         self.graph = graph  # the Dynamo graph's index (nmcompile.backend.GraphCounter): its records carry it
         self.calls = 0  # joint graphs rewritten (0 after a compile served from Inductor's caches)
 
+    @classmethod
+    def for_graph(cls, config: NMConfig, example_inputs, *, decompose: bool, records: Optional[list],
+                  graph: int) -> "NMJointPass":
+        """The pass for the Dynamo graph a backend is compiling now (with these ``example_inputs``): it also
+        finds where the model's first and last layer are among them, for ``keep_first_last``."""
+        ends = find_model_ends(example_inputs) if config.keep_first_last and config.fwd_quant else None
+        return cls(config, decompose=decompose, records=records, graph=graph, ends=ends)
+
     def __call__(self, graph: fx.Graph) -> None:
         self.calls += 1
-        records = rewrite_joint_graph(graph, self.config, decompose=self.decompose, graph_index=self.graph)
+        records = rewrite_joint_graph(graph, self.config, decompose=self.decompose, graph_index=self.graph,
+                                      ends=self.ends)
         if records:  # inference graphs are left alone and give none
             log_rewrite(graph, records)
         self.records.extend(records)
 
     def uuid(self) -> str:
-        # Sources and options: Inductor's caches never serve code compiled under other options.
-        # and the kernels the lowering may choose here (tests' FP8 on CPU, this CPU's int8 support)
+        # Sources, options, the kernels the lowering may choose here (tests' FP8 on CPU, this CPU's int8
+        # support) and which inputs are the model's first and last layer: Inductor's caches never serve code
+        # compiled under other ones.
         key = (f"{source_hash()}|{sorted(self.config.as_dict().items())}|decompose={self.decompose}"
-               f"|kernels={kernel_choice_key()}")
+               f"|kernels={kernel_choice_key()}|ends={self.ends}")
         return hashlib.sha256(key.encode()).hexdigest()
 
     def __deepcopy__(self, memo):  # config patches may be copied; records must stay shared

@@ -16,6 +16,8 @@ from .analysis import (
     matmul_operands, matmul_role, module_path, size_str, tangent_descendants, val,
 )
 from .config import NMConfig
+from .ends import ModelEnds
+from .grouped import grouped_role, grouped_shape, is_grouped_mm, is_opaque_grouped_mm, offsets, within_experts
 from .lowering import lower_gemms
 from .records import GemmRecord, NodeInfo, Transform
 from .seeds import merge_seed_draws
@@ -25,8 +27,10 @@ aten = torch.ops.aten
 
 
 class _Rewriter:
-    def __init__(self, graph: fx.Graph, config: NMConfig, decompose: bool, graph_index: int):
+    def __init__(self, graph: fx.Graph, config: NMConfig, decompose: bool, graph_index: int,
+                 ends: Optional[ModelEnds] = None):
         self.graph, self.config, self.decompose, self.graph_index = graph, config, decompose, graph_index
+        self.ends = ends
         self.records: list[GemmRecord] = []
         self.quantized: dict = {}  # forward operand source -> its SAWB-quantized node
         self.quantized_gemms: set = set()  # forward GEMMs whose operands were quantized
@@ -126,15 +130,42 @@ class _Rewriter:
             return self._replay(chain, self.quantized[base], before=gemm)
         return None
 
+    def _kept(self, gemms: list) -> dict:
+        """The forward GEMMs ``keep_first_last`` keeps, each with the reason its record gives: those whose
+        weight is the model's first or last layer, or, with no model found, the graph's own first and last."""
+        if not self.config.keep_first_last or not gemms:
+            return {}
+        if self.ends is None:
+            which = {gemms[0]: "first", gemms[-1]: "last" if gemms[-1] is not gemms[0] else "first and last"}
+            return {node: f"{w} forward GEMM of graph {self.graph_index} kept in high precision (keep_first_last=True; "
+                          "its parameters belong to no module running when it compiled, so each graph keeps its own)"
+                    for node, w in which.items()}
+        primals = (n for n in self.graph.nodes if n.op == "placeholder" and not is_tangent(n))
+        inputs = {n: i for i, n in enumerate(primals)}  # the joint graph's primals are the Dynamo graph's inputs
+        kept = {}
+        for node in gemms:
+            operands = [node.args[1]] if node.target is CONV_FWD else list(matmul_operands(node))
+            roles = {self.ends.role(inputs.get(layout_chain(op)[0], -1)) for op in operands} - {None}
+            if roles:
+                which = " and ".join(sorted(roles))
+                names = " and ".join(dict.fromkeys(getattr(self.ends, w) for w in which.split(" and ")))
+                kept[node] = (f"{which} layer of the model ({self.ends.model}.{names}) kept in high precision "
+                              "(keep_first_last=True)")
+        return kept
+
     def forward_gemms(self, gemms: list) -> None:
         cfg = self.config
-        kept = {gemms[0], gemms[-1]} if cfg.keep_first_last and gemms else set()
+        kept = self._kept(gemms)
         for node in gemms:
-            rec = self._record(node, "conv" if node.target is CONV_FWD else MATMULS[node.target], "fwd", ("?",) * 3)
+            op = "conv" if node.target is CONV_FWD else "grouped_mm" if is_grouped_mm(node) else MATMULS[node.target]
+            rec = self._record(node, op, "fwd", ("?",) * 3)
             with self._transaction(rec):
                 if node.target is CONV_FWD:
                     rec.shape = _shape(_conv_fwd_shape(node))
                     operands = [node.args[0], node.args[1]]
+                elif op == "grouped_mm":
+                    rec.shape = _shape(grouped_shape(node)[0])
+                    operands = []
                 else:
                     left, right = matmul_operands(node)
                     rec.shape = _shape(_matmul_shape(left, right))
@@ -142,11 +173,10 @@ class _Rewriter:
                 if cfg.fwd_quant is None:
                     continue
                 if node in kept:
-                    which = " and ".join(w for w, n in (("first", gemms[0]), ("last", gemms[-1])) if n is node)
-                    rec.skipped = (
-                        f"{which} forward GEMM of graph {self.graph_index} kept in high precision "
-                        "(keep_first_last=True applies to every compiled graph)"
-                    )
+                    rec.skipped = kept[node]
+                    continue
+                if not operands:
+                    rec.skipped = f"{cfg.fwd_quant} forward quantization of grouped (expert) GEMMs is not implemented"
                     continue
                 if not self._selected(rec):
                     continue
@@ -157,15 +187,21 @@ class _Rewriter:
                 rec.transforms.append(self._forward_transform("W,X"))
 
     # -- backward GEMMs -------------------------------------------------------------------------
-    def _gradient_steps(self, rec: GemmRecord, role: str, k, dim: int, dim_name: str, group: int = 0) -> list:
+    def _gradient_steps(self, rec: GemmRecord, role: str, k, dim: int, dim_name: str, group: int = 0,
+                        experts: object = 0) -> list:
         """The Transforms to apply to a gradient operand reduced over ``dim`` of size ``k``; records them.
         ``group``: the reduction splits into independent groups of this size (a grouped convolution's
-        C_out / groups), which N:M groups must not cross."""
+        C_out / groups), which N:M groups must not cross. ``experts``: the reduction is each of this many
+        experts' own tokens (a grouped GEMM's wgrad), of sizes known only at run time."""
         cfg, steps = self.config, []
         if cfg.pattern is not None and role in cfg.gemms:
             n, m = cfg.pattern
             k_int = k if isinstance(k, int) else None
-            if group and group % m:
+            if experts:
+                steps.append(Transform(cfg.method, {"n": n, "m": m, "dim": dim}, dim_name))
+                rec.notes.append(f"{cfg.sparsity} groups start at each of the {experts} experts' first token; an "
+                                 "expert's last partial group is filled with zeros")
+            elif group and group % m:
                 rec.notes.append(
                     f"{cfg.sparsity} skipped: a grouped convolution reduces each input channel's gradient over "
                     f"its own {group} output channel(s) (C_out/groups), not a multiple of M={m}"
@@ -202,6 +238,48 @@ class _Rewriter:
             info=info,
             decompositions=self.decompositions,
         )
+
+    def _compress_within_experts(self, operand: fx.Node, offs: fx.Node, gemm: fx.Node, steps: list, role: str,
+                                 dim: int) -> fx.Node:
+        prune, rest = steps[0], steps[1:]
+        params = {**prune.params, "dim": 0}
+        pruned = within_experts(lambda x: prune.spec.apply(x, **params), prune.params["m"], dim)
+        after = self._apply_fn(rest)
+        info = NodeInfo("+".join(t.op for t in steps), gemm.name, module_path(gemm), role)
+        return splice(self.graph, gemm, lambda x, o: after(pruned(x, o)), [operand, offs], serves=gemm, info=info,
+                      decompositions=self.decompositions)
+
+    def backward_grouped(self, node: fx.Node, grads: set) -> None:
+        """A grouped (expert) GEMM of the backward: dgrad pruned along the features like any dgrad, wgrad along
+        each expert's own tokens; quantizers per tensor."""
+        rec = self._record(node, "grouped_mm", "?", ("?",) * 3)
+        with self._transaction(rec):
+            shape, experts = grouped_shape(node)
+            rec.shape = _shape(shape)
+            role, why, index = grouped_role(node, grads)
+            if role is None:
+                rec.skipped = why
+                return
+            rec.role = role
+            if not self._selected(rec):
+                return
+            grad = node.args[index]
+            if role == "dgrad":  # gy[T, N] times the experts' weights: reduced over N
+                steps = self._gradient_steps(rec, role, val(grad).shape[1], 1, "K (features)")
+                new = self._compress(grad, node, steps, role) if steps else None
+            else:  # reduced over the tokens: dim 1 of a [P, T] left operand, dim 0 of a [T, Q] right one
+                dim = 1 if index == 0 else 0
+                steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim, "K (tokens, per expert)",
+                                             experts=experts)
+                if steps and steps[0].spec.kind == "prune":
+                    new = self._compress_within_experts(grad, offsets(node), node, steps, role, dim)
+                else:
+                    new = self._compress(grad, node, steps, role) if steps else None
+            if new is None:
+                if not rec.notes:
+                    rec.skipped = self._why_unchanged(role)
+                return
+            node.replace_input_with(grad, new)
 
     def backward_matmul(self, node: fx.Node, grads: set, partners: dict) -> None:
         rec = self._record(node, MATMULS[node.target], "?", ("?",) * 3)
@@ -331,21 +409,23 @@ def _conv_bwd_shape(node: fx.Node, role: str) -> tuple:
     return (w.shape[0], w.shape[1:].numel(), grad.shape[0] * grad.shape[2:].numel())
 
 
-def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, graph_index: int = 0) -> list:
+def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, graph_index: int = 0,
+                        ends: Optional[ModelEnds] = None) -> list:
     """Rewrite ``graph`` in place; returns one GemmRecord per GEMM (forward and backward).
 
-    Graphs without tangents (inference) are left untouched and give no records.
+    Graphs without tangents (inference) are left untouched and give no records. ``ends``: where the model's
+    first and last layer are among the graph's inputs (``passes.ends``), for ``keep_first_last``.
     """
     if not any(is_tangent(n) for n in graph.nodes):
         return []
     grads = tangent_descendants(graph)
     partners = forward_partners(graph)
-    rw = _Rewriter(graph, config, decompose, graph_index)
+    rw = _Rewriter(graph, config, decompose, graph_index, ends)
     nodes = [n for n in graph.nodes if n.op == "call_function"]
     fwd = [
         n
         for n in nodes
-        if (n.target in MATMULS or n.target is CONV_FWD)
+        if (n.target in MATMULS or n.target is CONV_FWD or is_grouped_mm(n))
         and n not in grads
         and n.meta.get("partitioner_tag") != "is_backward"
     ]
@@ -369,6 +449,15 @@ def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, g
             )
         elif node.target is CONV_BWD:
             rw.backward_conv(node, grads, partners)
+        elif is_grouped_mm(node) and node not in fwd:
+            rw.backward_grouped(node, grads)
+        elif is_opaque_grouped_mm(node):
+            rw.records.append(GemmRecord(
+                graph_index, node.name, "grouped_mm", "?", module_path(node), ("?",) * 3,
+                str(getattr(val(node.args[0]), "dtype", "?")).replace("torch.", ""),
+                skipped=f"{node.target.namespace}.{node.target.__name__}: a library's own grouped-GEMM op, its GEMMs "
+                "not visible to the pass (transformers uses it where torch cannot compile torch._grouped_mm, "
+                "e.g. in fp32: train in bf16 to have the experts' GEMMs rewritten)"))
     lower_gemms(graph, rw.records, config, rw.decompositions)
     if decompose:  # for Inductor: one seed buffer, not a kernel per draw
         merge_seed_draws(graph)

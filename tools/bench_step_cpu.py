@@ -4,8 +4,9 @@
     python tools/bench_step_cpu.py --smoke     # a tiny model, two steps: checks the script, measures nothing
 
 The model is a stack of pre-LayerNorm Transformer blocks (causal ``scaled_dot_product_attention``, GELU
-MLP 4d; ``bench_train.Block``) between a small input projection and a small output head (a Linear at
-each end, which ``keep_first_last`` keeps in high precision), trained with AdamW on next-byte
+MLP 4d; ``bench_train.Block``) between a small input projection and a small output head (the model's
+first layer is the byte embedding, its last the head, which ``keep_first_last`` keeps in high precision),
+trained with AdamW on next-byte
 prediction over Python's standard-library sources (bytes embedded in 256 dims): batch × seq tokens a
 step, the same batches for every configuration.
 

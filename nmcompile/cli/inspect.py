@@ -44,16 +44,20 @@ def run(args) -> int:
     from rich.syntax import Syntax
 
     from nmcompile.export import graph_code
-    from nmcompile.report import gemm_table, module_tree
+    from nmcompile.report import gemm_table, graph_break_table, module_tree
 
     s = report.summary()
     out.print(f"[bold]{args.target}[/bold]: {captured.config.describe()} — {s['rewritten']} of {s['gemms']} GEMMs "
               f"rewritten, {s['skipped']} skipped; backward FLOPs with a sparse gradient {s['sparse_flop_share']:.0%}, "
-              f"with a 4-bit gradient {s['quant_flop_share']:.0%}")
+              f"with a 4-bit gradient {s['quant_flop_share']:.0%}"
+              + (f"; [yellow]{s['graph_breaks']} graph break(s)[/yellow] (below)" if s["graph_breaks"] else ""))
     out.print(gemm_table(report, f"GEMMs ({len(report.gemms)}), in {len(captured.graphs)} graph(s)"))
     out.print("[dim]TC speedup: peak tensor-core math ratio vs dense bf16 on H100 (2:4 sparse ×2, both operands "
               "4-bit → FP8 ×2); an upper bound, see docs/cli.md[/dim]")
     out.print(module_tree(report, f"{args.target} by module"))
+    if report.graph_breaks:
+        out.print(graph_break_table(report, f"Graph breaks ({s['graph_breaks']}): GEMMs in code that runs eagerly "
+                                            "never reach the pass"))
     if args.graph != "none":
         for entry in captured.graphs:
             gm = entry.get(args.graph)

@@ -138,7 +138,7 @@ def test_remainder_and_tiny_gemms_are_reported():
 def test_report_json_round_trip():
     r = nmcompile.explain(MLP(), torch.randn(48, 32), sparsity="2:4", **AOT)
     data = __import__("json").loads(r.to_json())
-    assert data["schema"] == "nmcompile.report/3" and data["options"]["sparsity"] == "2:4"
+    assert data["schema"] == "nmcompile.report/4" and data["options"]["sparsity"] == "2:4"
     assert data["summary"]["sparse_flop_share"] > 0 and len(data["gemms"]) == len(r.gemms)
     back = nmcompile.Report.from_json(r.to_json())
     assert back.gemms == r.gemms
@@ -167,9 +167,42 @@ def test_backward_of_a_high_precision_gemm_never_sees_quantized_operands():
     assert r.find("head", "wgrad")[0].transforms == [] and "keep_first_last" in r.find("head", "fwd")[0].skipped
 
 
-def test_keep_first_last_applies_to_every_compiled_graph_and_says_so():
-    """With a graph break each Dynamo graph keeps its own first and last forward GEMM (documented),
-    and every kept GEMM's record says which one it is and of which graph."""
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(16, 32), nn.Linear(32, 16)
+
+    def forward(self, x):
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class _TinyLM(nn.Module):
+    """An embedding (a lookup: the first layer, no GEMM), three blocks, and a head (the last layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.blocks = nn.ModuleList(_Block() for _ in range(3))
+        self.norm, self.head = nn.LayerNorm(16), nn.Linear(16, 50)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+def _forward_decisions(compile_model, model, inputs):
+    torch._dynamo.reset()
+    compiled = compile_model(model)
+    with nmcompile.backend.recording() as records:
+        compiled(*inputs).float().pow(2).mean().backward()
+    return [(r.graph, r.module, r.skipped or ", ".join(map(str, r.transforms))) for r in records if r.role == "fwd"]
+
+
+def test_keep_first_last_means_the_models_layers_across_graph_breaks():
+    """A graph break splits the model in two graphs; only the model's first (a) and last (d) layer are kept, each
+    record saying which layer of which model, and the GEMMs next to the break (b, c) are quantized."""
 
     class Broken(nn.Module):
         def __init__(self):
@@ -181,12 +214,42 @@ def test_keep_first_last_applies_to_every_compiled_graph_and_says_so():
             torch._dynamo.graph_break()
             return self.d(torch.relu(self.c(x)))
 
-    r = nmcompile.explain(Broken(), torch.randn(8, 16), fwd_quant="sawb", **AOT)
-    kept = {g.module: g.skipped for g in r.forward if g.skipped}
-    assert set(kept) == {"a", "b", "c", "d"}
-    assert kept["a"].startswith("first forward GEMM of graph 0") and kept["b"].startswith(
-        "last forward GEMM of graph 0"
-    )
-    assert kept["c"].startswith("first forward GEMM of graph 1") and kept["d"].startswith(
-        "last forward GEMM of graph 1"
-    )
+    options = {"fwd_quant": "sawb", **AOT}
+    got = _forward_decisions(lambda m: torch.compile(m, backend="nm", options=options), Broken(),
+                             (torch.randn(8, 16),))
+    assert got == [(0, "a", "first layer of the model (Broken.a) kept in high precision (keep_first_last=True)"),
+                   (0, "b", "sawb4 W,X"), (1, "c", "sawb4 W,X"),
+                   (1, "d", "last layer of the model (Broken.d) kept in high precision (keep_first_last=True)")]
+
+
+def test_keep_first_last_is_the_same_compiled_whole_or_block_by_block():
+    """Per-block compilation (one graph that every block reuses) quantizes what compiling the whole model
+    quantizes: all the blocks' GEMMs; the embedding is the first layer and the head, the last, is kept."""
+    options = {"quant": "luq", "fwd_quant": "sawb", **AOT}
+    model, tokens = _TinyLM(), torch.randint(0, 50, (2, 8))
+
+    def per_block(m):
+        for block in m.blocks:
+            block.compile(backend="nm", options=options)
+        return m
+
+    blocks = _forward_decisions(per_block, model, (tokens,))
+    assert blocks == [(0, "up", "sawb4 W,X"), (0, "down", "sawb4 W,X")]  # one graph, shared by the 3 blocks
+    model = _TinyLM()
+    whole = _forward_decisions(lambda m: torch.compile(m, backend="nm", options=options), model, (tokens,))
+    assert whole[:-1] == [(0, f"blocks.{i}.{name}", "sawb4 W,X") for i in range(3) for name in ("up", "down")]
+    assert whole[-1] == (0, "head", "last layer of the model (_TinyLM.head) kept in high precision "
+                                    "(keep_first_last=True)")
+
+
+def test_keep_first_last_without_a_model_keeps_each_graphs_own_and_says_why():
+    """A compiled function whose parameters belong to no module running when it compiles: the graph's own first
+    and last forward GEMM are kept, and the records say why."""
+    a, b, c = (nn.Linear(16, 16) for _ in range(3))
+    options = {"fwd_quant": "sawb", **AOT}
+    got = _forward_decisions(lambda f: torch.compile(f, backend="nm", options=options),
+                             lambda x: c(torch.relu(b(torch.relu(a(x))))), (torch.randn(8, 16),))
+    assert [d for _, _, d in got][1] == "sawb4 W,X"
+    for (_, _, reason), which in zip(got[::2], ("first", "last")):
+        assert reason == (f"{which} forward GEMM of graph 0 kept in high precision (keep_first_last=True; its "
+                          "parameters belong to no module running when it compiled, so each graph keeps its own)")
