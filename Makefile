@@ -6,12 +6,15 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup browser demo test clean
 
-# torch 2.13.0 first: its CPU build is what a bare `pip install torch` would not pick.
+# torch 2.13.0 first: its CPU build is what a bare `pip install torch` would not pick. torchtitan 0.3.0 without its
+# dependencies: it pins datasets<4.8, which pins huggingface-hub<2, which transformers 5 refuses; the tests use its
+# models and parallelisms only (what they import is in [test]), not its data loading.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[test,onnx,demo,viewers]'
+	$(BIN)/python -m pip install -q --no-deps torchtitan==0.3.0
 	touch $(STAMP)
 
 setup: $(STAMP)

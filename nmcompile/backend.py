@@ -65,22 +65,28 @@ def recording():
 _announced: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("nm_env_announced", default=None)
 
 
-def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
-               options: Optional[dict] = None, **_ignored):
-    """Compile ``gm`` with Inductor (or aot_eager) plus the nm joint-graph pass. ``options`` go on top of
-    those in the ``NMCOMPILE_OPTIONS`` environment variable (for frameworks that pass a backend name only)."""
+def resolve_options(options: Optional[dict]) -> tuple:
+    """``NMConfig.from_options`` of ``options`` on top of those in ``NMCOMPILE_OPTIONS`` (said once on stderr,
+    and named in errors); returns the config and the Inductor settings among the options."""
     env = environment_options()
     if env and env != _announced.get():  # once per distinct environment options: nothing silent
         _announced.set(env)
         print(f"nmcompile: backend options from {ENV_OPTIONS}: {json.dumps(env)}"
               + (f", under those given to torch.compile: {json.dumps(options)}" if options else ""), file=sys.stderr)
     try:
-        config, inductor_patches = NMConfig.from_options({**env, **(options or {})})
+        return NMConfig.from_options({**env, **(options or {})})
     except ValueError as err:
         if not env:
             raise
         raise ValueError(f"{err} (options from {ENV_OPTIONS}={json.dumps(env)} under {json.dumps(options or {})})") \
             from None
+
+
+def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] = None,
+               options: Optional[dict] = None, **_ignored):
+    """Compile ``gm`` with Inductor (or aot_eager) plus the nm joint-graph pass. ``options`` go on top of
+    those in the ``NMCOMPILE_OPTIONS`` environment variable (for frameworks that pass a backend name only)."""
+    config, inductor_patches = resolve_options(options)
     if not config.is_noop:
         from nmcompile.kernels import cpu
 

@@ -5,18 +5,17 @@ from typing import Any
 
 import torch
 
-from nmcompile.backend import nm_backend, recording
+from nmcompile.backend import nm_backend, recording, resolve_options
 from nmcompile.capture import reduce_output
 from nmcompile.graph_breaks import collecting
 from nmcompile.report import Report
-from nmcompile.passes import NMConfig
 
 
 def explain(model: torch.nn.Module, *inputs: Any, **options: Any) -> Report:
     """Compile ``model`` with ``backend="nm"`` and ``options``, run one forward and one backward on
     ``inputs``, and return the Report (with the graph breaks Dynamo hit). The model's gradients and buffers are
     left as they were."""
-    config, _ = NMConfig.from_options(options)  # bad options fail before any work
+    config, _ = resolve_options(options)  # bad options fail before any work; NMCOMPILE_OPTIONS under them
     grads = {p: p.grad for p in model.parameters()}
     for p in grads:
         p.grad = None

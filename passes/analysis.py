@@ -38,13 +38,15 @@ def matmul_operands(node: fx.Node) -> tuple[fx.Node, fx.Node]:
 
 
 def module_path(node: fx.Node) -> str:
-    """Qualified module name from the node's (fwd_)nn_module_stack, without Dynamo's L['self']."""
+    """Qualified module name from the node's (fwd_)nn_module_stack, without the name Dynamo gives the compiled
+    module (``L['self']``; ``L['args'][0]`` or ``L['fn']`` under ``module.compile()``; ``G['model']`` for a
+    module a compiled function reads from its globals)."""
     stack = node.meta.get("fwd_nn_module_stack") or node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
     path = str(list(stack.values())[-1][0])
-    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
     path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"^[LG]\['[^']*'\](\[\d+\])*\.?", "", path)
     path = re.sub(r"\[(\d+)\]", r".\1", path)
     return path.strip(".")
 
