@@ -1,0 +1,328 @@
+"""The long run: does gradient compression hold at 20+ bytes of training text per parameter?
+
+    python tools/long_run.py                         # every recipe, 2 seeds: docs/results_long.json (resumable)
+    python tools/long_run.py --budget-minutes 60     # stop starting runs after an hour; rerun to go on
+    python tools/long_run.py --quick --out /tmp/x    # smoke test (CI): seconds
+    python tools/long_run.py --tables-from docs/results_long.json   # tables and plots from saved results
+
+The byte-level GPT of ``tools/reproduce_lm.py`` (same data: Python's standard-library sources, split by file),
+made small enough that 20 bytes per parameter fit a CPU session: 2 blocks, d = 64, 4 heads, context 128. Every
+run: AdamW, warm-up then cosine LR, ``torch.compile(backend="nm")`` with Inductor and the default lowering (exact
+int8 GEMMs where the recipe's operands allow), attention through the math SDPA kernel so its GEMMs are
+compressed too. The noise monitor measures every ``--noise-every`` steps; at the end, the end-to-end noise of
+every parameter tensor (``nmcompile.end_to_end_noise``).
+
+Besides the fixed recipes:
+- **FNT** (LUQ paper §5.2): the ``luq4 + sawb4`` runs go on after their full schedule for ``--fnt-fraction``
+  more steps with a high-precision backward (forward still SAWB4, LR along Eq. 17), next to the same extra
+  steps in 4 bits with the same LR: the same number of steps either way.
+- **Switch**: ``luq4 + sawb4`` under ``nmcompile.PrecisionSwitch``, which moves to the FNT recipe (high-
+  precision backward) once the running ‖∇L‖²/(3·E‖Ĝ−G‖²) of the update GEMMs stays below 1.
+
+Resumable: each finished (recipe, seed) is written to ``--out`` at once, and a rerun with the same settings
+skips it; ``--budget-minutes`` stops before a run that would not finish in the budget.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import reproduce_lm as lm  # noqa: E402  (the model, the data, the LR schedule, the scoring)
+
+import nmcompile  # noqa: E402
+from nmcompile.demo.environment import environment  # noqa: E402
+from nmcompile.fnt import fnt_options, fnt_scheduler  # noqa: E402
+from nmcompile.passes import NMConfig  # noqa: E402
+
+RECIPES = {
+    "dense": {},
+    "mvue 2:4": {"sparsity": "2:4"},
+    "luq4": {"quant": "luq"},
+    "luq4 smp2": {"quant": "luq", "smp": 2},
+    "luq4 + sawb4": {"quant": "luq", "fwd_quant": "sawb"},
+    "luq4 + absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
+    "sr4": {"quant": "sr"},
+}
+FNT_OF = SWITCH_OF = "luq4 + sawb4"
+SWITCHED = f"{SWITCH_OF}, switch"
+QUICK = ["dense", FNT_OF, SWITCHED]
+SETTINGS = ("d", "layers", "heads", "block", "batch", "lr", "warmup", "tokens_per_param", "fnt_fraction",
+            "noise_every", "eval_every", "inner")  # a saved run is reused only when these match
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def steps_for(args, params: int) -> int:
+    return math.ceil(args.tokens_per_param * params / (args.batch * args.block))
+
+
+def recipe_options(name: str, args) -> dict:
+    return {**RECIPES[SWITCH_OF if name == SWITCHED else name], "inner": args.inner}
+
+
+def run_one(name: str, seed: int, data: dict, args) -> dict:
+    """One training run; the FNT recipe also runs its two extra phases, the switched one its switch."""
+    torch._dynamo.reset()
+    torch.manual_seed(seed)
+    model = lm.ByteGPT(args.d, args.layers, args.heads, args.block)
+    params = sum(p.numel() for p in model.parameters())
+    args.steps = steps_for(args, params)
+    opt = torch.optim.AdamW(model.parameters(), lr=lm.lr_at(0, args), betas=(0.9, 0.95), weight_decay=0.1)
+    options = recipe_options(name, args)
+    switch = None
+    if name == SWITCHED:
+        switch = nmcompile.PrecisionSwitch(model, options, then=fnt_options(options), every=args.noise_every,
+                                           threshold=args.switch_threshold, seed=seed, log=log)
+        compiled = switch
+    else:
+        compiled = torch.compile(model, backend="nm", options=options)
+    monitor = None
+    if switch is None and NMConfig.from_options(options)[0].compresses_gradients:
+        monitor = nmcompile.NoiseMonitor(model, options, every=args.noise_every, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    out = {"params": params, "steps": args.steps, "curve": [], "train_loss": [], "noise": [], "diverged": False}
+    start = time.perf_counter()
+    for step in range(args.steps):
+        if step % args.eval_every == 0:
+            out["curve"].append([step, lm.bits_per_byte(compiled, data["val_small"])])
+        x, y = batch(data, gen, args)
+        if switch is not None:
+            switch.on_step(step, x, y)  # measures (its own noise record) and may switch before this step
+        elif monitor is not None and step % args.noise_every == 0:
+            report = monitor.measure(x, y, step=step)
+            out["noise"].append({"step": step, "summary": report.summary(),
+                                 "gemms": [lm.compact(g.as_dict()) for g in report.gemms]})
+        for group in opt.param_groups:
+            group["lr"] = lm.lr_at(step, args)
+        loss = compiled(x, y)
+        if not torch.isfinite(loss):
+            out["diverged"] = True
+            break
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 10 == 0:
+            out["train_loss"].append([step, float(loss.detach())])
+    out["curve"].append([args.steps, lm.bits_per_byte(compiled, data["val_small"])])
+    out["final_bpb"] = lm.bits_per_byte(compiled, data["val"])
+    out["wall_s"] = time.perf_counter() - start
+    if switch is not None:
+        out["switch"] = {"events": [{"step": e.step, "ratio": e.ratio, "to": e.to_options} for e in switch.events],
+                         "measurements": [vars(m) for m in switch.measurements]}
+    if NMConfig.from_options(options)[0].compresses_gradients:
+        x, y = batch(data, torch.Generator().manual_seed(10_000 + seed), args)
+        e2e = nmcompile.end_to_end_noise(model, x, y, options=options, draws=args.e2e_draws, seed=seed)
+        out["end_to_end"] = [{k: v for k, v in p.as_dict().items() if k != "shape"} for p in e2e.params]
+    if name == FNT_OF and not out["diverged"]:
+        out["extra"] = extra_phases(model, opt, options, gen, data, args)
+    return out
+
+
+def batch(data: dict, gen: torch.Generator, args):
+    train = data["train"]
+    return lm.windows(train, torch.randint(0, len(train) - args.block - 1, (args.batch,), generator=gen), args.block)
+
+
+def extra_phases(model, opt, options: dict, gen: torch.Generator, data: dict, args) -> dict:
+    """From the end of the schedule, ``fnt_fraction``·steps more, twice from the same state and batches: as FNT
+    (high-precision backward) and in the recipe itself, both with the LR of the LUQ paper's Eq. 17."""
+    total = max(1, round(args.fnt_fraction * args.steps))
+    state = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), gen.get_state())
+    lr_end = lm.lr_at(args.steps - 1, args)
+    out = {"steps": total}
+    for phase, phase_options in (("fnt", fnt_options(options)), ("same", options)):
+        torch._dynamo.reset()
+        model.load_state_dict(state[0])
+        phase_opt = torch.optim.AdamW(model.parameters(), lr=lr_end, betas=(0.9, 0.95), weight_decay=0.1)
+        phase_opt.load_state_dict(state[1])
+        sched = fnt_scheduler(phase_opt, total=total, lr_start=lr_end, lr_base=args.lr)
+        compiled = torch.compile(model, backend="nm", options=phase_options)
+        phase_gen = torch.Generator()
+        phase_gen.set_state(state[2])
+        for _ in range(total):
+            x, y = batch(data, phase_gen, args)
+            compiled(x, y).backward()
+            phase_opt.step()
+            phase_opt.zero_grad(set_to_none=True)
+            sched.step()
+        out[phase] = lm.bits_per_byte(compiled, data["val"])
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+def fmt(values: list, digits: int = 3) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values)
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
+
+
+def stall_ratios(run: dict) -> list:
+    """(step, ‖∇L‖²/(3·E‖Ĝ−G‖²) of the update GEMMs) of one run's measurements."""
+    if "switch" in run:
+        return [(m["step"], m["gradient"] / (3 * m["noise"])) for m in run["switch"]["measurements"] if m["noise"] > 0]
+    out = []
+    for point in run["noise"]:
+        s = point["summary"].get("wgrad")
+        if s and s["minibatch_noise"] is not None and s["compression_noise"] > 0:
+            out.append((point["step"], (s["signal"] - s["minibatch_noise"]) / (3 * s["compression_noise"])))
+    return out
+
+
+def print_tables(results: dict) -> None:
+    runs = results["runs"]
+    dense = {seed: r["final_bpb"] for seed, r in runs.get("dense", {}).items()}
+    log("\n| recipe | seeds | val bits/byte, final | Δ vs dense (same seed) | stall ratio, last quarter (share < 1) | "
+        "switched at step |")
+    log("|---|---|---|---|---|---|")
+    for name, seeds in runs.items():
+        final = [r["final_bpb"] for r in seeds.values()]
+        delta = [r["final_bpb"] - dense[s] for s, r in seeds.items() if s in dense]
+        late = [ratio for r in seeds.values() for step, ratio in stall_ratios(r) if step >= 0.75 * r["steps"]]
+        stall = f"{statistics.median(late):.3g} ({sum(x < 1 for x in late) / len(late):.0%})" if late else "–"
+        switched = ", ".join(str(r["switch"]["events"][0]["step"]) if r.get("switch", {}).get("events") else "never"
+                             for r in seeds.values()) if name == SWITCHED else "–"
+        log(f"| {name} | {len(seeds)} | {fmt(final)} | {fmt(delta) if name != 'dense' else '–'} | {stall} | "
+            f"{switched} |")
+    extra = [r["extra"] for r in runs.get(FNT_OF, {}).values() if "extra" in r]
+    if extra:
+        log(f"\n| {FNT_OF}, {extra[0]['steps']} more steps | val bits/byte |")
+        log("|---|---|")
+        log(f"| FNT (backward in high precision) | {fmt([e['fnt'] for e in extra])} |")
+        log(f"| the same recipe | {fmt([e['same'] for e in extra])} |")
+
+
+def plot(results: dict, out: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = results["runs"]
+    colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(runs)}
+    fig, (ax, nx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for name, seeds in runs.items():
+        for i, run in enumerate(seeds.values()):
+            steps, bpb = zip(*run["curve"])
+            ax.plot(steps, bpb, color=colours[name], alpha=0.8, label=name if i == 0 else None)
+            for event in run.get("switch", {}).get("events", []):
+                ax.axvline(event["step"], color=colours[name], linestyle=":", alpha=0.6)
+            points = stall_ratios(run)
+            if points:
+                nx.plot(*zip(*points), color=colours[name], alpha=0.8, label=name if i == 0 else None)
+    ax.set(xlabel="step", ylabel="validation bits/byte", title="validation bits per byte (dotted: the switch)")
+    ax.set_ylim(top=min(6.0, ax.get_ylim()[1]))
+    nx.axhline(1.0, color="black", linewidth=0.8)
+    nx.set(xlabel="step", ylabel="‖∇L‖² / (3·E‖Ĝ−G‖²), update GEMMs", yscale="log",
+           title="stall ratio (below 1: compression noise dominates)")
+    for a in (ax, nx):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "long_run.png", dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"1 seed, {', '.join(QUICK)}, a few steps (smoke test)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--recipes", nargs="+", metavar="NAME", help="a subset (default: all, then the switch)")
+    parser.add_argument("--tokens-per-param", type=float, default=20.0, help="training bytes per parameter")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--block", type=int, default=128, help="context length in bytes")
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps")
+    parser.add_argument("--eval-every", type=int, default=100)
+    parser.add_argument("--eval-batches", type=int, default=16, help="validation batches for the final score")
+    parser.add_argument("--noise-every", type=int, default=100)
+    parser.add_argument("--e2e-draws", type=int, default=8, help="draws of the end-to-end noise at the end")
+    parser.add_argument("--fnt-fraction", type=float, default=0.1)
+    parser.add_argument("--switch-threshold", type=float, default=1.0)
+    parser.add_argument("--inner", choices=("inductor", "aot_eager"), default="inductor",
+                        help="aot_eager: the same rewritten graphs without code generation (--quick)")
+    parser.add_argument("--budget-minutes", type=float, default=120.0,
+                        help="start no run that would end later, by the longest run so far (the first always runs)")
+    parser.add_argument("--out", default="docs", help="where results_long.json and long_run.png go")
+    parser.add_argument("--tables-from", metavar="JSON", help="print tables and redraw the plot from saved results")
+    args = parser.parse_args(argv)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.tables_from:
+        results = json.loads(pathlib.Path(args.tables_from).read_text())
+        print_tables(results)
+        plot(results, out)
+        return 0
+    names = args.recipes or [*RECIPES, SWITCHED]
+    if args.quick:
+        args.seeds, args.tokens_per_param, args.eval_every, args.noise_every, args.eval_batches = [0], 0.5, 4, 4, 2
+        args.e2e_draws, args.switch_threshold, args.inner = 2, 1e9, "aot_eager"  # the switch fires at once
+        names = args.recipes or QUICK
+    bad = [n for n in names if n not in RECIPES and n != SWITCHED]
+    if bad:
+        parser.error(f"unknown recipe(s) {bad}; choose from {[*RECIPES, SWITCHED]}")
+    path = out / "results_long.json"
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    results = json.loads(path.read_text()) if path.exists() else None
+    if results is not None and results["settings"] != settings:
+        parser.error(f"{path} holds runs made with other settings ({results['settings']}); use another --out")
+    if results is None:
+        results = {"settings": settings, "runs": {}, "sessions": []}
+    train, val, corpus = lm.stdlib_corpus()
+    vgen = torch.Generator().manual_seed(1234)
+    starts = torch.randint(0, len(val) - args.block - 1, (args.eval_batches * args.batch,), generator=vgen)
+    val_batches = [lm.windows(val, s, args.block) for s in starts.split(args.batch)]
+    data = {"train": train, "val": val_batches, "val_small": val_batches[: max(1, args.eval_batches // 4)]}
+    results["corpus"] = corpus
+    session = {"environment": {**environment(), "nmcompile": nmcompile.__version__},
+               "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+               "runs": [], "wall_s": 0.0}  # kept in the results once it has finished a run
+    start, longest = time.perf_counter(), 0.0
+    todo = [(n, s) for n in names for s in args.seeds if str(s) not in results["runs"].get(n, {})]
+    log(f"{len(todo)} run(s) to do, {sum(len(v) for v in results['runs'].values())} already in {path}")
+    with sdpa_kernel(SDPBackend.MATH):
+        for name, seed in todo:
+            elapsed = time.perf_counter() - start
+            if longest and elapsed + longest > 60 * args.budget_minutes:  # the first run gives the estimate
+                log(f"budget: {elapsed / 60:.0f} of {args.budget_minutes:.0f} min used and a run takes up to "
+                    f"{longest / 60:.0f}; {len(todo) - len(session['runs'])} run(s) left: rerun to go on")
+                break
+            began = time.perf_counter()
+            run = run_one(name, seed, data, args)
+            longest = max(longest, time.perf_counter() - began)
+            results["runs"].setdefault(name, {})[str(seed)] = run
+            if not session["runs"]:
+                results["sessions"].append(session)
+            session["runs"].append([name, seed])
+            session["wall_s"] = time.perf_counter() - start
+            path.write_text(json.dumps(results, indent=1))  # each finished run is kept at once
+            extra = "".join(f", {k} {v:.3f}" for k, v in run.get("extra", {}).items() if k != "steps")
+            events = run.get("switch", {}).get("events")
+            switched = f", switched at step {events[0]['step']}" if events else ""
+            log(f"  {name:24s} seed {seed}: {run['steps']} steps ({run['params']} parameters), val "
+                f"{run['final_bpb']:.3f} bits/byte{extra}{switched}{' DIVERGED' if run['diverged'] else ''} "
+                f"({time.perf_counter() - began:.0f} s)")
+    print_tables(results)
+    plot(results, out)
+    log(f"\nthis session {session['wall_s']:.0f} s; wrote {path} and {out / 'long_run.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
