@@ -4,10 +4,12 @@ with a more precise one, keeping the model and the optimizer as they are.
 Chmiel et al. (2025, "FP4 all the way") predict that training stalls once ‖∇L‖² falls below 3·σ_q², the
 quantization noise of the gradient. The noise monitor (``nmcompile.NoiseMonitor``) measures both at every
 compressed update (wgrad) GEMM: ‖∇L‖² as the squared norm of the minibatch's update less the minibatch's own
-variance, and E‖Ĝ−G‖² from independent draws of the compression. One batch gives noisy estimates, so the
-switch keeps running means of the two sums (exponential, weight ``smoothing`` on the past) and compares
-those: when ``ratio = mean(‖G‖² − minibatch var) / (3·mean E‖Ĝ−G‖²)`` stays below ``threshold`` for
-``patience`` measurements in a row, it compiles the model once more under the next recipe and says so.
+variance, and E‖Ĝ−G‖² from independent draws of the compression. One batch gives noisy estimates (the first
+is often negative), so the switch sums both over the last ``window`` measurements and compares those sums: when
+``ratio = Σ(‖G‖² − minibatch var) / (3·Σ E‖Ĝ−G‖²)`` stays below ``threshold`` for ``patience`` measurements in a
+row, it compiles the model once more under the next recipe and says so. A window, not an exponential mean:
+both sums shrink by orders of magnitude over training, and an exponential mean would be ruled by the large
+early measurements for long after they stopped describing the run.
 
     switch = nmcompile.PrecisionSwitch(model, {"quant": "luq", "fwd_quant": "sawb"}, then=[{"quant": "luq",
                                        "smp": 2}, {}], every=50, loss_fn=lambda out: out.loss)
@@ -36,7 +38,7 @@ class Measurement:
     step: int
     gradient: float  # Σ over the update GEMMs of ‖G‖² − minibatch variance: an estimate of ‖∇L‖² there
     noise: float  # Σ of E‖Ĝ − G‖²
-    ratio: Optional[float]  # running mean(gradient) / (3·running mean(noise))
+    ratio: Optional[float]  # Σ gradient / (3·Σ noise) over the last `window` measurements
 
 
 @dataclasses.dataclass
@@ -48,7 +50,8 @@ class SwitchEvent:
     to_options: dict
 
     def __str__(self) -> str:
-        return (f"step {self.step}: compression noise dominates the gradient (running ‖∇L‖²/(3·E‖Ĝ−G‖²) = "
+        return (f"step {self.step}: compression noise dominates the gradient (‖∇L‖²/(3·E‖Ĝ−G‖²) over the recent "
+                f"measurements = "
                 f"{self.ratio:.3g} for {self.measurements} measurement(s) in a row): switching from "
                 f"{json.dumps(self.from_options)} to {json.dumps(self.to_options)} (compiling once more)")
 
@@ -59,20 +62,19 @@ class PrecisionSwitch:
     call; ``events`` says when and why it switched; ``measurements`` holds every measurement."""
 
     def __init__(self, model: torch.nn.Module, options: dict, then: Union[dict, Sequence[dict]] = ({},), *,
-                 every: int = 50, draws: int = 2, smoothing: float = 0.8, threshold: float = 1.0,
+                 every: int = 50, draws: int = 2, window: int = 4, threshold: float = 1.0,
                  patience: int = 2, loss_fn: Optional[Callable] = None, seed: int = 0, log=None):
         recipes = [then] if isinstance(then, dict) else list(then)
         if not recipes or not all(isinstance(r, dict) for r in recipes):
             raise ValueError(f"then={then!r} must be a dict of backend options or a non-empty list of them")
-        if not 0 <= smoothing < 1:
-            raise ValueError(f"smoothing={smoothing!r} must be in [0, 1): the weight of the past in the running means")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window={window!r} must be a positive integer number of measurements")
         if not threshold > 0:
             raise ValueError(f"threshold={threshold!r} must be > 0 (1 is the stall criterion itself)")
         if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
             raise ValueError(f"patience={patience!r} must be a positive integer number of measurements")
         self.raw, self.recipes = model, [dict(options), *map(dict, recipes)]
-        self.every, self.draws, self.smoothing, self.threshold, self.patience = every, draws, smoothing, threshold, \
-            patience
+        self.every, self.draws, self.window, self.threshold, self.patience = every, draws, window, threshold, patience
         self.loss_fn, self.seed = loss_fn, seed
         self.log = log if log is not None else (lambda msg: print(f"nmcompile: {msg}", file=sys.stderr))
         self.stage = 0
@@ -93,7 +95,7 @@ class PrecisionSwitch:
         self._monitor = (NoiseMonitor(self.raw, self.options, every=self.every, draws=self.draws,
                                       loss_fn=self.loss_fn, seed=self.seed)
                          if config.compresses_gradients and self.stage < len(self.recipes) - 1 else None)
-        self._sums = None  # running means restart with each recipe
+        self._recent: list = []  # (gradient, noise) of the last `window` measurements; restarts with each recipe
         self._below = 0
 
     def __call__(self, *args, **kwargs):
@@ -107,16 +109,13 @@ class PrecisionSwitch:
         return self.observe(self._monitor.measure(*inputs, step=step), step)
 
     def observe(self, report: NoiseReport, step: int) -> Optional[SwitchEvent]:
-        """Take one measurement into the running means; switch if the criterion holds ``patience`` times."""
+        """Take one measurement into the window; switch if the criterion holds ``patience`` times in a row."""
         rows = [g for g in report.gemms if g.role == "wgrad" and g.minibatch_noise is not None]
         gradient = sum(g.signal - g.minibatch_noise for g in rows)
         noise = sum(g.compression_noise for g in rows)
-        if self._sums is None:
-            self._sums = [gradient, noise]
-        else:
-            s = self.smoothing
-            self._sums = [s * self._sums[0] + (1 - s) * gradient, s * self._sums[1] + (1 - s) * noise]
-        ratio = self._sums[0] / (_STALL_FACTOR * self._sums[1]) if self._sums[1] > 0 else None
+        self._recent = [*self._recent, (gradient, noise)][-self.window:]
+        total_noise = sum(n for _, n in self._recent)
+        ratio = sum(g for g, _ in self._recent) / (_STALL_FACTOR * total_noise) if total_noise > 0 else None
         self.measurements.append(Measurement(step, gradient, noise, ratio))
         self._below = self._below + 1 if ratio is not None and ratio < self.threshold else 0
         if self._below < self.patience or self.stage == len(self.recipes) - 1:

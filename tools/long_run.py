@@ -17,7 +17,8 @@ Besides the fixed recipes:
   more steps with a high-precision backward (forward still SAWB4, LR along Eq. 17), next to the same extra
   steps in 4 bits with the same LR: the same number of steps either way.
 - **Switch**: ``luq4 + sawb4`` under ``nmcompile.PrecisionSwitch``, which moves to the FNT recipe (high-
-  precision backward) once the running ‖∇L‖²/(3·E‖Ĝ−G‖²) of the update GEMMs stays below 1.
+  precision backward, forward still SAWB4) once ‖∇L‖²/(3·E‖Ĝ−G‖²) of the update GEMMs over its recent
+  measurements stays below 1; and ``luq4``, which moves to dense training.
 
 Resumable: each finished (recipe, seed) is written to ``--out`` at once, and a rerun with the same settings
 skips it; ``--budget-minutes`` stops before a run that would not finish in the budget.
@@ -53,8 +54,11 @@ RECIPES = {
     "luq4 + absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
     "sr4": {"quant": "sr"},
 }
-FNT_OF = SWITCH_OF = "luq4 + sawb4"
-SWITCHED = f"{SWITCH_OF}, switch"
+FNT_OF = "luq4 + sawb4"
+# runs under PrecisionSwitch: name -> (the recipe it starts with, what it switches to)
+SWITCHES = {"luq4 + sawb4, switch": ("luq4 + sawb4", "fnt"),  # to the FNT recipe: backward in high precision
+            "luq4, switch": ("luq4", "dense")}
+SWITCHED = "luq4 + sawb4, switch"
 QUICK = ["dense", FNT_OF, SWITCHED]
 SETTINGS = ("d", "layers", "heads", "block", "batch", "lr", "warmup", "tokens_per_param", "fnt_fraction",
             "noise_every", "eval_every", "inner")  # a saved run is reused only when these match
@@ -69,7 +73,11 @@ def steps_for(args, params: int) -> int:
 
 
 def recipe_options(name: str, args) -> dict:
-    return {**RECIPES[SWITCH_OF if name == SWITCHED else name], "inner": args.inner}
+    return {**RECIPES[SWITCHES[name][0] if name in SWITCHES else name], "inner": args.inner}
+
+
+def switch_target(name: str, options: dict) -> dict:
+    return fnt_options(options) if SWITCHES[name][1] == "fnt" else {"inner": options["inner"]}
 
 
 def run_one(name: str, seed: int, data: dict, args) -> dict:
@@ -82,8 +90,8 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=lm.lr_at(0, args), betas=(0.9, 0.95), weight_decay=0.1)
     options = recipe_options(name, args)
     switch = None
-    if name == SWITCHED:
-        switch = nmcompile.PrecisionSwitch(model, options, then=fnt_options(options), every=args.noise_every,
+    if name in SWITCHES:
+        switch = nmcompile.PrecisionSwitch(model, options, then=switch_target(name, options), every=args.noise_every,
                                            threshold=args.switch_threshold, seed=seed, log=log)
         compiled = switch
     else:
@@ -119,7 +127,8 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
     out["final_bpb"] = lm.bits_per_byte(compiled, data["val"])
     out["wall_s"] = time.perf_counter() - start
     if switch is not None:
-        out["switch"] = {"events": [{"step": e.step, "ratio": e.ratio, "to": e.to_options} for e in switch.events],
+        out["switch"] = {"window": switch.window, "patience": switch.patience, "threshold": switch.threshold,
+                         "events": [{"step": e.step, "ratio": e.ratio, "to": e.to_options} for e in switch.events],
                          "measurements": [vars(m) for m in switch.measurements]}
     if NMConfig.from_options(options)[0].compresses_gradients:
         x, y = batch(data, torch.Generator().manual_seed(10_000 + seed), args)
@@ -169,15 +178,27 @@ def fmt(values: list, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
-def stall_ratios(run: dict) -> list:
-    """(step, ‖∇L‖²/(3·E‖Ĝ−G‖²) of the update GEMMs) of one run's measurements."""
+def measurements(run: dict) -> list:
+    """(step, Σ over the update GEMMs of ‖G‖² − minibatch var, of E‖Ĝ−G‖²) of each of one run's measurements."""
     if "switch" in run:
-        return [(m["step"], m["gradient"] / (3 * m["noise"])) for m in run["switch"]["measurements"] if m["noise"] > 0]
+        return [(m["step"], m["gradient"], m["noise"]) for m in run["switch"]["measurements"]]
     out = []
     for point in run["noise"]:
         s = point["summary"].get("wgrad")
-        if s and s["minibatch_noise"] is not None and s["compression_noise"] > 0:
-            out.append((point["step"], (s["signal"] - s["minibatch_noise"]) / (3 * s["compression_noise"])))
+        if s and s["minibatch_noise"] is not None:
+            out.append((point["step"], s["signal"] - s["minibatch_noise"], s["compression_noise"]))
+    return out
+
+
+def stall_ratios(run: dict, window: int = 1) -> list:
+    """(step, ‖∇L‖²/(3·E‖Ĝ−G‖²) of the update GEMMs) at each measurement, both summed over the last ``window``
+    measurements (1: each on its own; PrecisionSwitch's default: 4)."""
+    points, out = measurements(run), []
+    for i, (step, _, _) in enumerate(points):
+        recent = points[max(0, i + 1 - window): i + 1]
+        noise = sum(n for _, _, n in recent)
+        if noise > 0:
+            out.append((step, sum(g for _, g, _ in recent) / (3 * noise)))
     return out
 
 
@@ -193,7 +214,7 @@ def print_tables(results: dict) -> None:
         late = [ratio for r in seeds.values() for step, ratio in stall_ratios(r) if step >= 0.75 * r["steps"]]
         stall = f"{statistics.median(late):.3g} ({sum(x < 1 for x in late) / len(late):.0%})" if late else "–"
         switched = ", ".join(str(r["switch"]["events"][0]["step"]) if r.get("switch", {}).get("events") else "never"
-                             for r in seeds.values()) if name == SWITCHED else "–"
+                             for r in seeds.values()) if name in SWITCHES else "–"
         log(f"| {name} | {len(seeds)} | {fmt(final)} | {fmt(delta) if name != 'dense' else '–'} | {stall} | "
             f"{switched} |")
     extra = [r["extra"] for r in runs.get(FNT_OF, {}).values() if "extra" in r]
@@ -204,6 +225,13 @@ def print_tables(results: dict) -> None:
         log(f"| the same recipe | {fmt([e['same'] for e in extra])} |")
 
 
+def _mean_curve(curves: list) -> tuple:
+    """The mean over seeds of curves [(step, value)], at the steps all of them have."""
+    steps = sorted(set.intersection(*(set(s for s, _ in c) for c in curves))) if curves else []
+    values = [statistics.fmean(dict(c)[s] for c in curves) for s in steps]
+    return steps, values
+
+
 def plot(results: dict, out: pathlib.Path) -> None:
     import matplotlib
 
@@ -212,26 +240,36 @@ def plot(results: dict, out: pathlib.Path) -> None:
 
     runs = results["runs"]
     colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(runs)}
-    fig, (ax, nx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    dense = _mean_curve([r["curve"] for r in runs.get("dense", {}).values()])
+    fig, (ax, dx, nx) = plt.subplots(1, 3, figsize=(18, 5))
     for name, seeds in runs.items():
-        for i, run in enumerate(seeds.values()):
-            steps, bpb = zip(*run["curve"])
-            ax.plot(steps, bpb, color=colours[name], alpha=0.8, label=name if i == 0 else None)
+        steps, bpb = _mean_curve([r["curve"] for r in seeds.values()])
+        ax.plot(steps, bpb, color=colours[name], label=name)
+        if dense[0] and name != "dense":
+            base = dict(zip(*dense))
+            dx.plot([s for s in steps if s in base], [b - base[s] for s, b in zip(steps, bpb) if s in base],
+                    color=colours[name], label=name)
+        for run in seeds.values():
             for event in run.get("switch", {}).get("events", []):
-                ax.axvline(event["step"], color=colours[name], linestyle=":", alpha=0.6)
-            points = stall_ratios(run)
-            if points:
-                nx.plot(*zip(*points), color=colours[name], alpha=0.8, label=name if i == 0 else None)
-    ax.set(xlabel="step", ylabel="validation bits/byte", title="validation bits per byte (dotted: the switch)")
-    ax.set_ylim(top=min(6.0, ax.get_ylim()[1]))
+                for a in (ax, dx):
+                    a.axvline(event["step"], color=colours[name], linestyle=":", alpha=0.7)
+        ratios = [stall_ratios(r, window=4) for r in seeds.values() if measurements(r)]
+        if ratios:
+            steps, values = _mean_curve(ratios)
+            nx.plot(steps, [max(v, 1e-2) for v in values], color=colours[name], label=name)
+    low = min(v for _, v in runs["dense"]["0"]["curve"]) if "dense" in runs and "0" in runs["dense"] else 2.5
+    ax.set(xlabel="step", ylabel="validation bits/byte", title="validation bits per byte (mean of the seeds)",
+           ylim=(low - 0.1, low + 1.2))
+    dx.axhline(0.0, color="black", linewidth=0.8)
+    dx.set(xlabel="step", ylabel="Δ bits/byte vs dense", title="gap to dense over training (dotted: the switches)")
     nx.axhline(1.0, color="black", linewidth=0.8)
     nx.set(xlabel="step", ylabel="‖∇L‖² / (3·E‖Ĝ−G‖²), update GEMMs", yscale="log",
-           title="stall ratio (below 1: compression noise dominates)")
-    for a in (ax, nx):
+           title="stall ratio over the last 4 measurements (below 1: noise dominates)")
+    for a in (ax, dx, nx):
         a.grid(alpha=0.3)
-        a.legend(fontsize=8)
+        a.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "long_run.png", dpi=110)
+    fig.savefig(out / "long_run.png", dpi=100)
     plt.close(fig)
 
 
@@ -269,14 +307,14 @@ def main(argv=None) -> int:
         print_tables(results)
         plot(results, out)
         return 0
-    names = args.recipes or [*RECIPES, SWITCHED]
+    names = args.recipes or [*RECIPES, *SWITCHES]
     if args.quick:
         args.seeds, args.tokens_per_param, args.eval_every, args.noise_every, args.eval_batches = [0], 0.5, 4, 4, 2
         args.e2e_draws, args.switch_threshold, args.inner = 2, 1e9, "aot_eager"  # the switch fires at once
         names = args.recipes or QUICK
-    bad = [n for n in names if n not in RECIPES and n != SWITCHED]
+    bad = [n for n in names if n not in RECIPES and n not in SWITCHES]
     if bad:
-        parser.error(f"unknown recipe(s) {bad}; choose from {[*RECIPES, SWITCHED]}")
+        parser.error(f"unknown recipe(s) {bad}; choose from {[*RECIPES, *SWITCHES]}")
     path = out / "results_long.json"
     settings = {k: getattr(args, k) for k in SETTINGS}
     results = json.loads(path.read_text()) if path.exists() else None

@@ -103,7 +103,7 @@ def test_a_list_of_recipes_is_walked_in_order():
     assert [e.to_options for e in switch.events] == [{**HEAVY, "bits": 3}, DENSE]
 
 
-@pytest.mark.parametrize("kwargs,word", [({"then": []}, "then="), ({"smoothing": 1.0}, "smoothing="),
+@pytest.mark.parametrize("kwargs,word", [({"then": []}, "then="), ({"window": 0}, "window="),
                                          ({"threshold": 0}, "threshold="), ({"patience": 0}, "patience=")])
 def test_bad_arguments_are_named(kwargs, word):
     with pytest.raises(ValueError, match=word):
