@@ -349,7 +349,7 @@ def main(argv=None) -> int:
                 results["sessions"].append(session)
             session["runs"].append([name, seed])
             session["wall_s"] = time.perf_counter() - start
-            path.write_text(json.dumps(results, indent=1))  # each finished run is kept at once
+            path.write_text(json.dumps(results, separators=(",", ":")))  # each finished run is kept at once
             extra = "".join(f", {k} {v:.3f}" for k, v in run.get("extra", {}).items() if k != "steps")
             events = run.get("switch", {}).get("events")
             switched = f", switched at step {events[0]['step']}" if events else ""
