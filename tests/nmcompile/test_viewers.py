@@ -164,7 +164,8 @@ def browser():
             session.quit()
 
 
-def _wait(browser, condition, what: str, timeout: float = 60):
+def _wait(browser, condition, what: str, timeout: float = 180):
+    # generous: on a 2-core machine busy with other work, Model Explorer took over 60 s to render a selection
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
