@@ -29,10 +29,10 @@ class ModelEnds:
     model: str  # the model's class name
     first: str  # qualified name of its first layer within the model
     last: str
-    inputs: tuple  # ((graph input index, "first" | "last" | "first and last"), ...): those layers' weights
+    inputs: tuple  # ((graph input index, ("first",) | ("last",) | ("first", "last")), ...): those layers' weights
 
-    def role(self, index: int) -> Optional[str]:
-        return dict(self.inputs).get(index)
+    def roles(self, index: int) -> tuple:
+        return dict(self.inputs).get(index, ())
 
 
 def layers(model: nn.Module) -> list:
@@ -79,8 +79,7 @@ def find_model_ends(example_inputs) -> Optional[ModelEnds]:
     for which, module in (("first", first_module), ("last", last_module)):
         for p in module.parameters(recurse=False):
             if p.dim() >= 2 and id(p) in params:
-                index = params[id(p)]
-                roles[index] = which if index not in roles else f"{roles[index]} and {which}"
+                roles[params[id(p)]] = roles.get(params[id(p)], ()) + (which,)
     return ModelEnds(type(model).__name__, first, last, tuple(sorted(roles.items())))
 
 

@@ -145,12 +145,12 @@ class _Rewriter:
         kept = {}
         for node in gemms:
             operands = [node.args[1]] if node.target is CONV_FWD else list(matmul_operands(node))
-            roles = {self.ends.role(inputs.get(layout_chain(op)[0], -1)) for op in operands} - {None}
+            roles = {r for op in operands for r in self.ends.roles(inputs.get(layout_chain(op)[0], -1))}
             if roles:
-                which = " and ".join(sorted(roles))
-                names = " and ".join(dict.fromkeys(getattr(self.ends, w) for w in which.split(" and ")))
-                kept[node] = (f"{which} layer of the model ({self.ends.model}.{names}) kept in high precision "
-                              "(keep_first_last=True)")
+                which = [w for w in ("first", "last") if w in roles]
+                names = " and ".join(dict.fromkeys(getattr(self.ends, w) for w in which))
+                kept[node] = (f"{' and '.join(which)} layer of the model ({self.ends.model}.{names}) kept in high "
+                              "precision (keep_first_last=True)")
         return kept
 
     def forward_gemms(self, gemms: list) -> None:
@@ -227,27 +227,18 @@ class _Rewriter:
             return f"{role} not in gemms={list(cfg.gemms)} and no quant set"
         return "no gradient transform configured"
 
-    def _compress(self, operand: fx.Node, gemm: fx.Node, steps: list, role: str) -> fx.Node:
+    def _compress(self, operand: fx.Node, gemm: fx.Node, steps: list, role: str, experts=None) -> fx.Node:
+        """``operand`` rebuilt as ``steps`` applied to it, spliced in before ``gemm``. ``experts=(offs, dim)``: the
+        first step prunes in groups that start at each expert's first token along ``dim`` (a grouped GEMM's wgrad)."""
+        fn, inputs = self._apply_fn(steps), [operand]
+        if experts is not None:
+            offs, dim = experts
+            prune, after = steps[0], self._apply_fn(steps[1:])
+            params = {**prune.params, "dim": 0}
+            pruned = within_experts(lambda x: prune.spec.apply(x, **params), prune.params["m"], dim)
+            fn, inputs = (lambda x, o: after(pruned(x, o))), [operand, offs]
         info = NodeInfo("+".join(t.op for t in steps), gemm.name, module_path(gemm), role)
-        return splice(
-            self.graph,
-            gemm,
-            self._apply_fn(steps),
-            [operand],
-            serves=gemm,
-            info=info,
-            decompositions=self.decompositions,
-        )
-
-    def _compress_within_experts(self, operand: fx.Node, offs: fx.Node, gemm: fx.Node, steps: list, role: str,
-                                 dim: int) -> fx.Node:
-        prune, rest = steps[0], steps[1:]
-        params = {**prune.params, "dim": 0}
-        pruned = within_experts(lambda x: prune.spec.apply(x, **params), prune.params["m"], dim)
-        after = self._apply_fn(rest)
-        info = NodeInfo("+".join(t.op for t in steps), gemm.name, module_path(gemm), role)
-        return splice(self.graph, gemm, lambda x, o: after(pruned(x, o)), [operand, offs], serves=gemm, info=info,
-                      decompositions=self.decompositions)
+        return splice(self.graph, gemm, fn, inputs, serves=gemm, info=info, decompositions=self.decompositions)
 
     def backward_grouped(self, node: fx.Node, grads: set) -> None:
         """A grouped (expert) GEMM of the backward: dgrad pruned along the features like any dgrad, wgrad along
@@ -271,10 +262,8 @@ class _Rewriter:
                 dim = 1 if index == 0 else 0
                 steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim, "K (tokens, per expert)",
                                              experts=experts)
-                if steps and steps[0].spec.kind == "prune":
-                    new = self._compress_within_experts(grad, offsets(node), node, steps, role, dim)
-                else:
-                    new = self._compress(grad, node, steps, role) if steps else None
+                within = (offsets(node), dim) if steps and steps[0].spec.kind == "prune" else None
+                new = self._compress(grad, node, steps, role, within) if steps else None
             if new is None:
                 if not rec.notes:
                     rec.skipped = self._why_unchanged(role)

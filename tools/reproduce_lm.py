@@ -390,25 +390,31 @@ def plot(results: dict, out: pathlib.Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
+def add_training_arguments(parser: argparse.ArgumentParser, *, d: int, warmup: float, every: int) -> None:
+    """The model, batch, schedule, evaluation, noise and FNT arguments this tool shares with tools/long_run.py;
+    ``every``: the default of --eval-every and --noise-every."""
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--block", type=int, default=128, help="context length in bytes")
+    parser.add_argument("--d", type=int, default=d)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup", type=float, default=warmup, help="warm-up fraction of the steps")
+    parser.add_argument("--eval-every", type=int, default=every)
+    parser.add_argument("--eval-batches", type=int, default=16, help="validation batches for the final score")
+    parser.add_argument("--noise-every", type=int, default=every)
+    parser.add_argument("--fnt-fraction", type=float, default=0.1)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"1 seed, {', '.join(QUICK)}, 12 steps (a smoke test)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--recipes", nargs="+", metavar="NAME", help="a subset of the recipes (default: all)")
     parser.add_argument("--steps", type=int, default=250)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--block", type=int, default=128, help="context length in bytes")
-    parser.add_argument("--d", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=float, default=0.1, help="warm-up fraction of the steps")
-    parser.add_argument("--eval-every", type=int, default=25)
-    parser.add_argument("--eval-batches", type=int, default=16, help="validation batches for the final score")
-    parser.add_argument("--noise-every", type=int, default=25)
+    add_training_arguments(parser, d=128, warmup=0.1, every=25)
     parser.add_argument("--noise-seeds", type=int, nargs="*", default=None,
                         help="seeds whose runs the noise monitor measures (default: all)")
-    parser.add_argument("--fnt-fraction", type=float, default=0.1)
     parser.add_argument("--out", default="docs", help="where results_lm.json and the PNGs go")
     parser.add_argument("--tables-from", metavar="JSON", help="print tables and redraw plots from saved results")
     args = parser.parse_args(argv)
