@@ -34,6 +34,7 @@ from torch.fx.node import map_arg
 
 from nmcompile.kernels.catalog import ops_of, spec_of
 from nmcompile.passes.records import NodeInfo
+from nmcompile.passes.roles import is_update
 
 aten = torch.ops.aten
 SCHEMA = "nmcompile.noise/1"
@@ -95,7 +96,7 @@ class NoiseReport:
     def summary(self) -> dict:
         """Sums over the measured GEMMs, per role and in total, with the same ratios."""
         out = {}
-        for role in ("wgrad", "dgrad", "total"):
+        for role in (*dict.fromkeys(g.role for g in self.gemms), "total"):
             rows = [g for g in self.gemms if role == "total" or g.role == role]
             if not rows:
                 continue
@@ -239,12 +240,12 @@ class _Measuring(fx.Interpreter):
         noise = sum(_sq(s - exact) for s in samples) / k
         bias = _sq(mean - exact) - variance / k
         minibatch, note = None, None
-        if rec.role == "wgrad":
+        if is_update(rec.role):
             new = list(args)
             new[position] = exact_operand
             minibatch, note = _minibatch_noise(node, new, kwargs, exact, pick)
         else:
-            note = "a dgrad output is per sample: its minibatch noise shows in the update GEMMs upstream"
+            note = f"a {rec.role} output is per sample: its minibatch noise shows in the update GEMMs upstream"
         return GemmNoise(self.graph_index, node.name, rec.module, rec.role, list(rec.transforms), _sq(exact), noise,
                          variance, bias, minibatch, note)
 

@@ -10,13 +10,14 @@ import torch
 from nmcompile.graph_breaks import GraphBreak
 from nmcompile.kernels.gemm import DENSE_USE, KernelUse, kernel_for
 from nmcompile.passes.records import GemmRecord, Transform
+from nmcompile.passes.roles import ROLES
 
 # 2: each GEMM has kernel, kernel_note, cusparselt; 3: and the typed forms of its transforms ("ops")
-# and kernel ("kernel_use"); 4: and the run's graph breaks
-SCHEMA = "nmcompile.report/4"
+# and kernel ("kernel_use"); 4: and the run's graph breaks; 5: each GEMM's role_why (and the roles act_lhs, act_rhs)
+SCHEMA = "nmcompile.report/5"
 # Older reports read with their transforms and kernel as labels only (shown, not modelled), and a
 # version-1 report with kernel "dense".
-_READS = ("nmcompile.report/1", "nmcompile.report/2", "nmcompile.report/3", SCHEMA)
+_READS = ("nmcompile.report/1", "nmcompile.report/2", "nmcompile.report/3", "nmcompile.report/4", SCHEMA)
 
 
 @dataclasses.dataclass
@@ -99,9 +100,11 @@ class Report:
                 f"  [{g.kernel}]" if g.kernel != "dense" else (f"  [dense: {g.kernel_note}]" if g.kernel_note else "")
             )
             lines.append(
-                f"  [{g.graph}] {g.module or '<top>':30s} {g.role:5s} {g.op:5s} "
+                f"  [{g.graph}] {g.module or '<top>':30s} {g.role:7s} {g.op:5s} "
                 f"{'x'.join(map(str, g.shape)):>18s}  {what}{kernel}"
             )
+            if g.role in ROLES and not ROLES[g.role].quantized and g.role != "fwd" and g.role_why:
+                lines.append(f"{'':42s}{g.role}: {g.role_why}")  # the roles no default compresses say why
         if self.graph_breaks:
             lines.append(f"graph breaks ({sum(b.count for b in self.graph_breaks)}): what follows them runs eagerly, "
                          "its GEMMs uncompressed and not listed above, unless Dynamo resumes in a new graph")
@@ -178,8 +181,10 @@ def gemm_table(report, title: str):
             what = f"[dim]skipped: {r.skipped or 'nothing to do'}[/dim]"
         if r.notes:
             what += f" [yellow]({'; '.join(r.notes)})[/yellow]"
+        if r.role_why:
+            what += f"\n[dim]{r.role}: {r.role_why}[/dim]"
         speed, why = tensor_core_speedup(r)
-        role_style = {"fwd": "cyan", "dgrad": "green", "wgrad": "magenta"}.get(r.role, "red")
+        role_style = ROLES[r.role].style if r.role in ROLES else "red"
         table.add_row(str(r.graph), r.module or "<top>", f"[{role_style}]{r.role}[/{role_style}]", r.op,
                       "×".join(map(str, r.shape)), _flops(r.flops), what, kernel_cell(r),
                       f"{speed:g}×" + (f" [dim]{why}[/dim]" if speed > 1 else ""))

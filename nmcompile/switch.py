@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 
 from nmcompile.noise import _STALL_FACTOR, NoiseMonitor, NoiseReport
+from nmcompile.passes.roles import is_update
 
 
 @dataclasses.dataclass
@@ -110,7 +111,7 @@ class PrecisionSwitch:
 
     def observe(self, report: NoiseReport, step: int) -> Optional[SwitchEvent]:
         """Take one measurement into the window; switch if the criterion holds ``patience`` times in a row."""
-        rows = [g for g in report.gemms if g.role == "wgrad" and g.minibatch_noise is not None]
+        rows = [g for g in report.gemms if is_update(g.role) and g.minibatch_noise is not None]
         gradient = sum(g.signal - g.minibatch_noise for g in rows)
         noise = sum(g.compression_noise for g in rows)
         self._recent = [*self._recent, (gradient, noise)][-self.window:]

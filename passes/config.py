@@ -12,9 +12,10 @@ from typing import Any, Optional
 
 from nmcompile.kernels.catalog import OPS, OpSpec, ops_of
 from nmcompile.kernels.luq import LEVEL_KINDS
+from .roles import BACKWARD_ROLES
 
 METHODS = tuple(s.name for s in ops_of(kind="prune"))
-GEMM_ROLES = ("wgrad", "dgrad")
+GEMM_ROLES = BACKWARD_ROLES
 QUANTS = tuple(s.name for s in ops_of(kind="quantize", stage="gradient"))
 FWD_QUANTS = tuple(s.name for s in ops_of(kind="quantize", stage="forward"))
 INNERS = ("inductor", "aot_eager")
@@ -167,6 +168,9 @@ PRESETS: dict[str, dict] = {  # names NMCOMPILE_OPTIONS may hold instead of JSON
     "luq4": {"quant": "luq"},
     "luq4+sawb4": {"quant": "luq", "fwd_quant": "sawb"},
     "luq4+absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
+    # 8-bit unbiased gradient codes and 8-bit forward codes: every Linear GEMM on exact int8, for VNNI/AMX CPUs
+    # and sm80+ GPUs, where 4-bit codes would buy no GEMM time over 8-bit ones (docs/results.md §6)
+    "int8": {"quant": "sr", "bits": 8, "fwd_quant": "absmax", "fwd_bits": 8},
     "2:4+luq4": {"sparsity": "2:4", "quant": "luq"},
 }
 

@@ -16,6 +16,7 @@ from nmcompile.kernels.gemm import kernel_choice_key
 from .config import NMConfig
 from .ends import ModelEnds, find_model_ends
 from .rewrite import rewrite_joint_graph
+from .roles import parameter_inputs
 from .trace_log import log_rewrite
 
 # The code whose behaviour a cached compile depends on: every module of these packages, wherever they are installed
@@ -55,9 +56,10 @@ class NMJointPass(CustomGraphPass):
     """
 
     def __init__(self, config: NMConfig, decompose: bool = True, records: Optional[list] = None, graph: int = 0,
-                 ends: Optional[ModelEnds] = None):
+                 ends: Optional[ModelEnds] = None, parameters: Optional[frozenset] = None):
         self.config = config
         self.ends = ends  # where the model's first and last layer are among the graph's inputs (keep_first_last)
+        self.parameters = parameters  # which graph inputs are parameters (None: not known), for the GEMMs' roles
         self.decompose = decompose
         self.records = records if records is not None else []
         self.graph = graph  # the Dynamo graph's index (nmcompile.backend.GraphCounter): its records carry it
@@ -67,14 +69,16 @@ class NMJointPass(CustomGraphPass):
     def for_graph(cls, config: NMConfig, example_inputs, *, decompose: bool, records: Optional[list],
                   graph: int) -> "NMJointPass":
         """The pass for the Dynamo graph a backend is compiling now (with these ``example_inputs``): it also
-        finds where the model's first and last layer are among them, for ``keep_first_last``."""
+        finds where the model's first and last layer are among them, for ``keep_first_last``, and which are
+        parameters, for the GEMMs' roles."""
         ends = find_model_ends(example_inputs) if config.keep_first_last and config.fwd_quant else None
-        return cls(config, decompose=decompose, records=records, graph=graph, ends=ends)
+        return cls(config, decompose=decompose, records=records, graph=graph, ends=ends,
+                   parameters=parameter_inputs(example_inputs))
 
     def __call__(self, graph: fx.Graph) -> None:
         self.calls += 1
         records = rewrite_joint_graph(graph, self.config, decompose=self.decompose, graph_index=self.graph,
-                                      ends=self.ends)
+                                      ends=self.ends, parameters=self.parameters)
         if records:  # inference graphs are left alone and give none
             log_rewrite(graph, records)
         self.records.extend(records)
@@ -84,7 +88,8 @@ class NMJointPass(CustomGraphPass):
         # support) and which inputs are the model's first and last layer: Inductor's caches never serve code
         # compiled under other ones.
         key = (f"{source_hash()}|{sorted(self.config.as_dict().items())}|decompose={self.decompose}"
-               f"|kernels={kernel_choice_key()}|ends={self.ends}")
+               f"|kernels={kernel_choice_key()}|ends={self.ends}"
+               f"|parameters={sorted(self.parameters) if self.parameters is not None else None}")
         return hashlib.sha256(key.encode()).hexdigest()
 
     def __deepcopy__(self, memo):  # config patches may be copied; records must stay shared

@@ -47,7 +47,7 @@ class NodeInfo:
     #          "sawb_fp8", "dequantize"
     gemm: str = ""  # the GEMM node it serves (for seeds: the GEMMs whose draws were merged, comma-separated)
     module: str = ""  # that GEMM's module
-    role: str = ""  # fwd | dgrad | wgrad ("" where it serves several)
+    role: str = ""  # a name in passes.roles.ROLES ("" where it serves several)
     bits: Optional[int] = None  # SAWB bit width
     kernel: str = ""  # the native GEMM's kernel
     count: Optional[int] = None  # seeds: how many draws were merged
@@ -66,7 +66,7 @@ class GemmRecord:
     graph: int  # index of the joint graph in this compile (Dynamo may produce several)
     node: str  # name of the GEMM node in the joint graph
     op: str  # mm | bmm | addmm | conv
-    role: str  # fwd | dgrad | wgrad | ? (unclassified)
+    role: str  # a name in passes.roles.ROLES, or ? (unclassified)
     module: str  # qualified name of the nn.Module that owns it ("" at top level)
     shape: tuple  # (M, N, K) of the GEMM; str entries for symbolic sizes
     dtype: str
@@ -78,6 +78,7 @@ class GemmRecord:
     kernel: str = DENSE_USE
     kernel_note: Optional[str] = None  # why a rewritten GEMM stayed dense (or on a lesser kernel)
     cusparselt: Optional[int] = None  # torch.backends.cusparselt.version() where it was compiled
+    role_why: str = ""  # how the graph showed the role
 
     @property
     def flops(self) -> Optional[int]:

@@ -13,13 +13,14 @@ import torch.fx as fx
 from nmcompile.kernels.catalog import OPS
 from .analysis import (
     CONV_BWD, CONV_FWD, MATMULS, forward_partners, is_fused_attention_backward, is_tangent, layout_chain,
-    matmul_operands, matmul_role, module_path, size_str, tangent_descendants, val,
+    matmul_operands, module_path, size_str, tangent_descendants, val,
 )
 from .config import NMConfig
 from .ends import ModelEnds
 from .grouped import grouped_role, grouped_shape, is_grouped_mm, is_opaque_grouped_mm, offsets, within_experts
 from .lowering import lower_gemms
 from .records import GemmRecord, NodeInfo, Transform
+from .roles import ROLES, GraphRoles
 from .seeds import merge_seed_draws
 from .splice import atomic, splice
 
@@ -28,9 +29,11 @@ aten = torch.ops.aten
 
 class _Rewriter:
     def __init__(self, graph: fx.Graph, config: NMConfig, decompose: bool, graph_index: int,
-                 ends: Optional[ModelEnds] = None):
+                 ends: Optional[ModelEnds] = None, roles: Optional[GraphRoles] = None, partners: Optional[dict] = None):
         self.graph, self.config, self.decompose, self.graph_index = graph, config, decompose, graph_index
         self.ends = ends
+        self.roles = roles  # each backward matmul's role and why
+        self.partners = partners or {}  # seq_nr -> the forward GEMM a backward GEMM differentiates
         self.records: list[GemmRecord] = []
         self.quantized: dict = {}  # forward operand source -> its SAWB-quantized node
         self.quantized_gemms: set = set()  # forward GEMMs whose operands were quantized
@@ -215,7 +218,7 @@ class _Rewriter:
                     rec.notes.append(f"symbolic reduction size {k}: a remainder mod {m} stays dense")
                 elif k_int % m:
                     rec.notes.append(f"reduction size {k_int} not divisible by {m}: last {k_int % m} stay dense")
-        if cfg.quant is not None:
+        if cfg.quant is not None and (ROLES[role].quantized or role in cfg.gemms):
             spec = OPS[cfg.quant]
             steps.append(Transform(spec.name, cfg.params_for(spec)))
         rec.transforms.extend(steps)
@@ -223,6 +226,9 @@ class _Rewriter:
 
     def _why_unchanged(self, role: str) -> str:
         cfg = self.config
+        if not ROLES[role].quantized and role not in cfg.gemms:
+            return (f"{role} not in gemms={list(cfg.gemms)}: a gradient of an activation × activation GEMM propagates "
+                    "to every layer below, so it is compressed only where gemms names it")
         if cfg.pattern is not None and role not in cfg.gemms:
             return f"{role} not in gemms={list(cfg.gemms)} and no quant set"
         return "no gradient transform configured"
@@ -251,7 +257,7 @@ class _Rewriter:
             if role is None:
                 rec.skipped = why
                 return
-            rec.role = role
+            rec.role, rec.role_why = role, why
             if not self._selected(rec):
                 return
             grad = node.args[index]
@@ -270,7 +276,7 @@ class _Rewriter:
                 return
             node.replace_input_with(grad, new)
 
-    def backward_matmul(self, node: fx.Node, grads: set, partners: dict) -> None:
+    def backward_matmul(self, node: fx.Node, grads: set) -> None:
         rec = self._record(node, MATMULS[node.target], "?", ("?",) * 3)
         with self._transaction(rec):
             left, right = matmul_operands(node)
@@ -284,23 +290,21 @@ class _Rewriter:
                     "both operands depend on the incoming gradient" if grad_left else "no operand is a gradient"
                 )
                 return
-            partner = partners.get(node.meta.get("seq_nr"))
-            role, how = matmul_role(node, grad_left, partner)
+            partner = self.partners.get(node.meta.get("seq_nr"))
+            role, why = self.roles[node]
             if role is None:
-                rec.skipped = how
+                rec.skipped = why
                 return
-            rec.role = role
+            rec.role, rec.role_why = role, why
             other, grad = (right, left) if grad_left else (left, right)
             changes = []  # (old input, new input): made once everything is inserted
             requant = self._requantized(other, node, partner)
             if requant is not None:
                 changes.append((other, requant))
-                rec.transforms.append(self._forward_transform("W" if role == "dgrad" else "X"))
+                rec.transforms.append(self._forward_transform(ROLES[role].other))
             if self._selected(rec):
                 dim = val(grad).dim() - (1 if grad_left else 2)  # the reduction dim of the gradient operand
-                steps = self._gradient_steps(
-                    rec, role, val(grad).shape[dim], dim, "K (tokens)" if role == "wgrad" else "K (features)"
-                )
+                steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim, ROLES[role].reduces)
                 if steps:
                     changes.append((grad, self._compress(grad, node, steps, role)))
                 elif not rec.transforms and not rec.notes:
@@ -308,14 +312,17 @@ class _Rewriter:
             for old, new in changes:
                 node.replace_input_with(old, new)
 
-    def backward_conv(self, node: fx.Node, grads: set, partners: dict) -> None:
+    def backward_conv(self, node: fx.Node, grads: set) -> None:
         mask = list(node.args[10])
         getitems = {u.args[1]: u for u in node.users if u.target is _getitem}
         roles = [(index, role) for index, role in ((0, "dgrad"), (1, "wgrad")) if mask[index] and index in getitems]
         recs = {index: self._record(node, "conv", role, ("?",) * 3) for index, role in roles}
+        for index, rec in recs.items():
+            rec.role_why = ("convolution_backward's input gradient" if index == 0 else
+                            "convolution_backward's weight gradient")
         with self._transaction(*recs.values()):
             grad, x, w = node.args[0], node.args[1], node.args[2]
-            partner = partners.get(node.meta.get("seq_nr"))
+            partner = self.partners.get(node.meta.get("seq_nr"))
             new_x = self._requantized(x, node, partner) or x
             new_w = self._requantized(w, node, partner) or w
             replaced = []  # (old getitem, its replacement): made once everything is inserted
@@ -323,7 +330,7 @@ class _Rewriter:
                 rec = recs[index]
                 rec.shape = _shape(_conv_bwd_shape(node, role))
                 if new_x is not x or new_w is not w:
-                    rec.transforms.append(self._forward_transform("W" if role == "dgrad" else "X"))
+                    rec.transforms.append(self._forward_transform(ROLES[role].other))
                 g = grad
                 if grad in grads and self._selected(rec):
                     # dgrad reduces over output channels (dim 1), within each conv group; wgrad over N·H·W:
@@ -399,17 +406,18 @@ def _conv_bwd_shape(node: fx.Node, role: str) -> tuple:
 
 
 def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, graph_index: int = 0,
-                        ends: Optional[ModelEnds] = None) -> list:
+                        ends: Optional[ModelEnds] = None, parameters: Optional[frozenset] = None) -> list:
     """Rewrite ``graph`` in place; returns one GemmRecord per GEMM (forward and backward).
 
     Graphs without tangents (inference) are left untouched and give no records. ``ends``: where the model's
     first and last layer are among the graph's inputs (``passes.ends``), for ``keep_first_last``.
+    ``parameters``: which graph inputs are parameters (``roles.parameter_inputs``), to tell update GEMMs;
+    None counts every input's gradient as a parameter's.
     """
     if not any(is_tangent(n) for n in graph.nodes):
         return []
     grads = tangent_descendants(graph)
     partners = forward_partners(graph)
-    rw = _Rewriter(graph, config, decompose, graph_index, ends)
     nodes = [n for n in graph.nodes if n.op == "call_function"]
     fwd = [
         n
@@ -418,10 +426,12 @@ def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, g
         and n not in grads
         and n.meta.get("partitioner_tag") != "is_backward"
     ]
+    roles = GraphRoles(graph, parameters, grads, partners)  # reads the graph as it is before the rewrite
+    rw = _Rewriter(graph, config, decompose, graph_index, ends, roles, partners)
     rw.forward_gemms(fwd)
     for node in nodes:
         if node.target in MATMULS and node not in fwd:
-            rw.backward_matmul(node, grads, partners)
+            rw.backward_matmul(node, grads)
         elif is_fused_attention_backward(node):
             rw.records.append(
                 GemmRecord(
@@ -437,7 +447,7 @@ def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, g
                 )
             )
         elif node.target is CONV_BWD:
-            rw.backward_conv(node, grads, partners)
+            rw.backward_conv(node, grads)
         elif is_grouped_mm(node) and node not in fwd:
             rw.backward_grouped(node, grads)
         elif is_opaque_grouped_mm(node):

@@ -13,7 +13,8 @@ step, the same batches for every configuration.
 Configurations (``--configs``): Inductor in fp32 and under ``torch.autocast("cpu", torch.bfloat16)``
 (the baseline a CPU user has); backend nm with LUQ4 gradients and SAWB4 forward, and with LUQ4
 gradients and the absmax INT8 forward, each in fp32 and under bf16 autocast, default ``lowering``
-(auto: exact int8 GEMMs on CPUs with AVX512-VNNI or AMX); and torchao's int8 mixed-precision training
+(auto: exact int8 GEMMs on CPUs with AVX512-VNNI or AMX); the ``int8`` preset (SR8 gradients, absmax8
+forward) in fp32; and torchao's int8 mixed-precision training
 (``torchao.prototype.quantized_training.int8_mixed_precision_training``, compiled with Inductor) when
 torchao is installed.
 
@@ -49,15 +50,18 @@ from bench_train import Block, batches, stdlib_text  # noqa: E402
 
 import nmcompile  # noqa: E402
 from nmcompile.demo.environment import cpu_name  # noqa: E402
+from nmcompile.passes.config import PRESETS  # noqa: E402
 
 LUQ_SAWB = {"quant": "luq", "fwd_quant": "sawb"}
 LUQ_INT8 = {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8}
+INT8 = PRESETS["int8"]  # SR8 gradients, absmax8 forward
 # name -> (backend options: None for inductor, "torchao" for the peer; bf16 autocast)
 CONFIGS = {
     "inductor fp32": (None, False),
     "inductor bf16": (None, True),
     "nm luq4+sawb4": (LUQ_SAWB, False),
     "nm luq4+int8fwd": (LUQ_INT8, False),
+    "nm int8": (INT8, False),
     "nm luq4+sawb4 bf16": (LUQ_SAWB, True),
     "nm luq4+int8fwd bf16": (LUQ_INT8, True),
     "torchao int8 mp": ("torchao", False),

@@ -44,6 +44,7 @@ import nmcompile  # noqa: E402
 from nmcompile.demo.environment import environment  # noqa: E402
 from nmcompile.fnt import fnt_options, fnt_scheduler  # noqa: E402
 from nmcompile.passes import NMConfig  # noqa: E402
+from nmcompile.passes.config import PRESETS  # noqa: E402
 
 RECIPES = {
     "dense": {},
@@ -53,6 +54,9 @@ RECIPES = {
     "luq4 + sawb4": {"quant": "luq", "fwd_quant": "sawb"},
     "luq4 + absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
     "sr4": {"quant": "sr"},
+    "int8": PRESETS["int8"],  # SR8 gradients + absmax8 forward: every Linear GEMM on exact int8
+    "sr8": {"quant": "sr", "bits": 8},  # the int8 preset's two halves, each alone
+    "absmax8": {"fwd_quant": "absmax", "fwd_bits": 8},
 }
 FNT_OF = "luq4 + sawb4"
 # runs under PrecisionSwitch: name -> (the recipe it starts with, what it switches to)

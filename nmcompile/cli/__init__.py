@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="graph to print as code: the joint graph after the rewrite (default), the partitioned "
         "forward/backward, the joint graph before the rewrite, or none",
     )
-    p.add_argument("--json", action="store_true", help="print only the report JSON (schema nmcompile.report/4; "
+    p.add_argument("--json", action="store_true", help="print only the report JSON (schema nmcompile.report/5; "
                    "with --noise nmcompile.noise/1)")
     p.add_argument("--noise", action="store_true", help="measure, on the example inputs, the variance the gradient "
                    "compression adds to each rewritten backward GEMM, next to ‖G‖² and the minibatch noise")

@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nmcompile
 from nmcompile.kernels import gemm
 from nmcompile.kernels.catalog import OPS
+from nmcompile.passes.config import PRESETS
 from nmcompile.report import Report
 from tests.models import MLP, AddmmLayer, ConvNet, Encoder
 
@@ -156,12 +157,14 @@ def calls_of(report: Report) -> list:
 
 
 INT8_FWD = {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8, "keep_first_last": False}
+INT8_PRESET = {**PRESETS["int8"], "keep_first_last": False}  # SR8 gradients, absmax8 forward
 CASES = [  # (model, options, autocast, kernels: "fp8" the GPU graph's FP8 / 2:4, "int8" the CPU default)
     ("mlp", LUQ_SAWB, False, "fp8"), ("mlp", SPARSE, False, "fp8"), ("mlp", BOTH, False, "fp8"),
     ("mlp", BOTH, True, "fp8"), ("encoder", BOTH, False, "fp8"), ("encoder", LUQ_SAWB, True, "fp8"),
     ("conv", BOTH, False, "fp8"), ("addmm", BOTH, False, "fp8"), ("addmm", SPARSE, True, "fp8"),
     ("mlp", LUQ_SAWB, False, "int8"), ("mlp", BOTH, True, "int8"), ("encoder", INT8_FWD, True, "int8"),
     ("addmm", BOTH, False, "int8"), ("conv", INT8_FWD, False, "int8"),
+    ("encoder", INT8_PRESET, False, "int8"), ("mlp", INT8_PRESET, True, "int8"),
 ]
 
 
@@ -206,6 +209,19 @@ def test_int8_scaling_fused_by_inductor_rounds_the_exact_product_once(options, a
     (cx, sx), (cw, sw) = codes_op(x.to(dtype), bits), codes_op(model.W.detach().to(dtype), bits)
     expected = torch.ops.nm.int8_mm(cx, sx, cw, sw, model.b.detach().to(dtype), dtype)
     assert torch.equal(y, expected.float())
+
+
+@needs_int8
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_int8_preset_runs_every_linear_gemm_of_a_transformer_block_on_int8(autocast):
+    """Forward, dgrad and wgrad of the block's four Linear layers (in_proj, out_proj, linear1, linear2): 12 int8
+    GEMMs. Attention's two batched GEMMs and their four backward ones multiply activations and stay dense."""
+    model, x = model_and_input("encoder")
+    _, _, rep = run(model, x, INT8_PRESET, "auto", autocast)
+    linear = [g for g in rep.gemms if g.op in ("mm", "addmm")]
+    assert len(linear) == 12 and all(g.kernel.spec.codes == "int8" for g in linear if g.kernel != "dense"), rep
+    assert all(g.kernel != "dense" for g in linear), rep
+    assert {g.role for g in rep.gemms if g.op == "bmm"} == {"fwd", "act_lhs", "act_rhs"}
 
 
 # Steps in which every native GEMM's output is a result of the step (an output, or a gradient no one
@@ -334,7 +350,8 @@ def test_report_carries_the_kernel():
     model, x = model_and_input("mlp")
     _, _, rep = run(model, x, BOTH, "native", fp8=True)
     data = json.loads(rep.to_json())
-    assert data["schema"] == "nmcompile.report/4"
+    assert data["schema"] == "nmcompile.report/5"
+    assert all(g["role_why"] for g in data["gemms"] if g["role"] != "fwd")
     assert {g["kernel"] for g in data["gemms"]} >= {"fp8 e4m3", "2:4 cpu fp8"}
     assert all("cusparselt" in g for g in data["gemms"])
     again = Report.from_json(rep.to_json())

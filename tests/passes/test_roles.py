@@ -1,8 +1,11 @@
 """explain() names every backward GEMM with its role and module."""
+import pytest
 import torch
 import torch.nn as nn
 
 import nmcompile
+from nmcompile.backend import recording
+from nmcompile.passes.config import PRESETS
 from tests.models import MLP, AddmmLayer, ConvNet, Encoder
 
 AOT = {"inner": "aot_eager"}  # same pass, no code generation: fast
@@ -78,28 +81,93 @@ def test_transformer_layer_roles_including_attention_bmm():
     x = torch.randn(2, 8, 32, requires_grad=True)
     r = nmcompile.explain(Encoder(), x, sparsity="2:4", gemms=["wgrad", "dgrad"], **AOT)
     bmms = [g for g in r.backward if g.op == "bmm"]
-    assert len(bmms) == 4 and sorted(g.role for g in bmms) == ["dgrad", "dgrad", "wgrad", "wgrad"]
-    assert all(g.module == "layer.self_attn" and g.transforms for g in bmms)
+    # q @ kᵀ and p @ v multiply two activations: both sides of each are activation gradients, not updates
+    assert len(bmms) == 4 and sorted(g.role for g in bmms) == ["act_lhs", "act_lhs", "act_rhs", "act_rhs"]
+    assert all(g.module == "layer.self_attn" and not g.transforms and "gemms=" in g.skipped for g in bmms)
+    assert all("both operands of its forward GEMM are activations" in g.role_why for g in bmms)
     linears = {(g.module, g.role) for g in r.backward if g.op == "mm"}
     assert linears == {
         (m, role) for m in ("layer.linear1", "layer.linear2", "layer.self_attn") for role in ("dgrad", "wgrad")
     }
-    assert all(not g.skipped for g in r.backward)
+    assert all(not g.skipped for g in r.backward if g.op == "mm")
+    assert all("parameter" in g.role_why for g in r.backward if g.op == "mm")
 
 
 def test_attention_roles_by_layout_agree_with_roles_by_size():
-    """With T == head_dim sizes cannot tell dgrad from wgrad; the layout walk must agree with the
+    """With T == head_dim sizes cannot tell the two sides apart; the layout walk must agree with the
     size rule used when T != head_dim."""
 
     def attention_roles(tokens):
         r = nmcompile.explain(
-            Encoder(d=32, heads=4), torch.randn(2, tokens, 32, requires_grad=True), sparsity="2:4", **AOT
+            Encoder(d=32, heads=4), torch.randn(2, tokens, 32, requires_grad=True), sparsity="2:4",
+            gemms=["act_lhs", "act_rhs"], **AOT
         )
-        return [g.role for g in r.backward if g.op == "bmm"]
+        return [(g.role, g.transforms) for g in r.backward if g.op == "bmm"]
 
     by_size = attention_roles(12)  # head_dim = 8: sizes decide
-    assert sorted(by_size) == ["dgrad", "dgrad", "wgrad", "wgrad"], by_size  # 2 bmm's, each with dgrad + wgrad
+    assert sorted(role for role, _ in by_size) == ["act_lhs", "act_lhs", "act_rhs", "act_rhs"], by_size
+    # named in gemms, each side is pruned along its own reduction
+    assert {role: t for role, t in by_size} == {"act_lhs": ["mvue 2:4 along K (features)"],
+                                                "act_rhs": ["mvue 2:4 along K (tokens)"]}
     assert attention_roles(8) == by_size  # T == head_dim: the layout walk decides
+
+
+class Attention(nn.Module):
+    """What a new user writes: a qkv Linear and ``softmax(q @ kᵀ) @ v``, then a projection."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2) / 8, dim=-1) @ v)
+
+
+@pytest.mark.parametrize("preset", [None, *PRESETS])
+def test_no_default_recipe_compresses_attentions_activation_gradients(preset):
+    options = dict(PRESETS[preset]) if preset else {"sparsity": "2:4"}
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    r = nmcompile.explain(Attention(), x, **options, **AOT)
+    bmms = [g for g in r.backward if g.op == "bmm"]
+    assert sorted(g.role for g in bmms) == ["act_lhs", "act_lhs", "act_rhs", "act_rhs"]
+    for g in bmms:  # a forward quantizer's codes of the other operand may be reused; the gradient is untouched
+        assert not [t for t in g.transforms if t.spec.stage == "gradient"], (preset, g)
+    updates = {g.module for g in r.backward if g.role == "wgrad"}
+    assert updates == {"qkv", "proj"}
+    for g in r.backward:
+        if g.role in ("wgrad", "dgrad") and g.module == "qkv":
+            assert any(t.spec.stage == "gradient" for t in g.transforms) == (
+                "quant" in options or (g.role == "wgrad" and "sparsity" in options)), (preset, g)
+
+
+def test_roles_without_parameters_and_with_a_frozen_weight():
+    """A compiled function handed its weights as tensors: every input's gradient counts as a parameter's. A frozen
+    weight (no gradient) still makes its GEMM's input side a dgrad."""
+    w1, w2 = torch.randn(32, 32, requires_grad=True), torch.randn(32, 32, requires_grad=True)
+
+    def f(x, w1, w2):
+        h = x @ w1
+        return torch.softmax(h @ h.transpose(-1, -2), -1) @ (h @ w2)
+
+    compiled = torch.compile(f, backend="nm", options={"sparsity": "2:4", **AOT}, fullgraph=True)
+    with recording() as records:
+        compiled(torch.randn(2, 8, 32), w1, w2).sum().backward()
+    backward = [g for g in records if g.role != "fwd"]
+    # x needs no gradient: x @ w1 has its wgrad only; h @ w2 both sides; h @ hᵀ and p @ (h @ w2) are activations'
+    assert sorted(g.role for g in backward if g.op == "mm") == ["dgrad", "wgrad", "wgrad"], backward
+    assert sorted(g.role for g in backward if g.op == "bmm") == ["act_lhs", "act_lhs", "act_rhs", "act_rhs"], backward
+
+    model = Attention()
+    model.qkv.weight.requires_grad_(False)
+    r = nmcompile.explain(model, torch.randn(2, 16, 32), sparsity="2:4", **AOT)
+    assert sorted(g.role for g in r.backward if g.module == "qkv") == []  # no input gradient, no weight gradient
+    assert sorted(g.role for g in r.backward if g.module == "proj") == ["dgrad", "wgrad"]
+    model = Attention()
+    model.proj.weight.requires_grad_(False)
+    r = nmcompile.explain(model, torch.randn(2, 16, 32), sparsity="2:4", **AOT)
+    (proj,) = r.find(module="proj", role="dgrad")
+    assert "needs no gradient" in proj.role_why and not r.find(module="proj", role="wgrad")
 
 
 def test_fused_attention_is_reported_not_rewritten():
@@ -138,7 +206,7 @@ def test_remainder_and_tiny_gemms_are_reported():
 def test_report_json_round_trip():
     r = nmcompile.explain(MLP(), torch.randn(48, 32), sparsity="2:4", **AOT)
     data = __import__("json").loads(r.to_json())
-    assert data["schema"] == "nmcompile.report/4" and data["options"]["sparsity"] == "2:4"
+    assert data["schema"] == "nmcompile.report/5" and data["options"]["sparsity"] == "2:4"
     assert data["summary"]["sparse_flop_share"] > 0 and len(data["gemms"]) == len(r.gemms)
     back = nmcompile.Report.from_json(r.to_json())
     assert back.gemms == r.gemms
