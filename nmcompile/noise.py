@@ -34,7 +34,7 @@ from torch.fx.node import map_arg
 
 from nmcompile.kernels.catalog import ops_of, spec_of
 from nmcompile.passes.records import NodeInfo
-from nmcompile.passes.roles import is_update
+from nmcompile.passes.roles import BACKWARD_ROLES, is_update
 
 aten = torch.ops.aten
 SCHEMA = "nmcompile.noise/1"
@@ -96,7 +96,7 @@ class NoiseReport:
     def summary(self) -> dict:
         """Sums over the measured GEMMs, per role and in total, with the same ratios."""
         out = {}
-        for role in (*dict.fromkeys(g.role for g in self.gemms), "total"):
+        for role in (*BACKWARD_ROLES, "total"):
             rows = [g for g in self.gemms if role == "total" or g.role == role]
             if not rows:
                 continue

@@ -103,7 +103,7 @@ class Report:
                 f"  [{g.graph}] {g.module or '<top>':30s} {g.role:7s} {g.op:5s} "
                 f"{'x'.join(map(str, g.shape)):>18s}  {what}{kernel}"
             )
-            if g.role in ROLES and not ROLES[g.role].quantized and g.role != "fwd" and g.role_why:
+            if g.role_why and not ROLES[g.role].quantized:
                 lines.append(f"{'':42s}{g.role}: {g.role_why}")  # the roles no default compresses say why
         if self.graph_breaks:
             lines.append(f"graph breaks ({sum(b.count for b in self.graph_breaks)}): what follows them runs eagerly, "

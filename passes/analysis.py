@@ -120,7 +120,8 @@ def is_fused_attention_backward(node: fx.Node) -> bool:
 
 
 def matmul_role(node: fx.Node, grad_is_left: bool, forward_partner: Optional[fx.Node]) -> tuple[Optional[str], str]:
-    """dgrad (reduces over the forward output's features) or wgrad (over its rows/tokens).
+    """Which side of its forward GEMM a backward GEMM is: "dgrad" (reduces over the forward output's features)
+    or "wgrad" (over its rows/tokens). What it is for (``roles.GraphRoles``) also needs where its output goes.
 
     First by sizes against the forward GEMM with the same ``seq_nr``; where those are equal, by
     following the gradient operand's layout back to the tensor it came from.

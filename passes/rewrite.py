@@ -29,11 +29,11 @@ aten = torch.ops.aten
 
 class _Rewriter:
     def __init__(self, graph: fx.Graph, config: NMConfig, decompose: bool, graph_index: int,
-                 ends: Optional[ModelEnds] = None, roles: Optional[GraphRoles] = None, partners: Optional[dict] = None):
+                 ends: Optional[ModelEnds], roles: GraphRoles, partners: dict):
         self.graph, self.config, self.decompose, self.graph_index = graph, config, decompose, graph_index
         self.ends = ends
         self.roles = roles  # each backward matmul's role and why
-        self.partners = partners or {}  # seq_nr -> the forward GEMM a backward GEMM differentiates
+        self.partners = partners  # seq_nr -> the forward GEMM a backward GEMM differentiates
         self.records: list[GemmRecord] = []
         self.quantized: dict = {}  # forward operand source -> its SAWB-quantized node
         self.quantized_gemms: set = set()  # forward GEMMs whose operands were quantized

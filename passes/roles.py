@@ -37,10 +37,10 @@ class Role:
 
 ROLES: dict = {r.name: r for r in (
     Role("fwd", False, False, "", "", "cyan", "a forward GEMM"),
-    Role("dgrad", False, True, "K (features)", "W", "green", "gradient of a layer's input, gy · Wᵀ: propagates to the "
-         "layers below"),
     Role("wgrad", True, True, "K (tokens)", "X", "magenta", "gradient of a parameter, Xᵀ · gy, summed over the tokens: "
          "an update"),
+    Role("dgrad", False, True, "K (features)", "W", "green", "gradient of a layer's input, gy · Wᵀ: propagates to the "
+         "layers below"),
     Role("act_lhs", False, False, "K (features)", "B", "yellow", "gradient of the left operand of a GEMM of two "
          "activations (dq of q @ kᵀ, dp of p @ v): propagates"),
     Role("act_rhs", False, False, "K (tokens)", "A", "yellow", "gradient of the right operand of a GEMM of two "
@@ -76,59 +76,66 @@ class GraphRoles:
         primals = [n for n in graph.nodes if n.op == "placeholder" and not is_tangent(n)]
         outputs = list(next(n for n in graph.nodes if n.op == "output").args[0])
         input_grads = outputs[len(outputs) - len(primals):] if len(outputs) >= len(primals) else []
-        self.parameters, self.grads, self.partners = parameters, grads, partners
+        self.grads, self.partners = grads, partners
         self._param_primals = {p for i, p in enumerate(primals) if parameters is None or i in parameters}
         self._param_grads = {g: i for i, g in enumerate(input_grads)
                              if isinstance(g, fx.Node) and (parameters is None or i in parameters)}
-        self._by_seq: dict = {}  # seq_nr -> the backward matmuls that differentiate one forward GEMM
+        by_seq: dict = {}  # seq_nr -> the backward matmuls that differentiate one forward GEMM
         for node in graph.nodes:
             if node.op == "call_function" and node.target in MATMULS and node in grads:
-                self._by_seq.setdefault(node.meta.get("seq_nr"), []).append(node)
-        self._roles: dict = {}  # all decided now, while every operand is still the graph's own
-        for node in (n for nodes in self._by_seq.values() for n in nodes):
-            try:
-                if self._one_gradient_operand(node):
-                    self._roles[node] = self._role(node)
-            except Exception as err:  # noqa: BLE001  (the pass never fails a user's compile)
-                self._roles[node] = (None, f"role not understood ({type(err).__name__}: {err})")
+                by_seq.setdefault(node.meta.get("seq_nr"), []).append(node)
+        # All decided now, while every operand is still the graph's own: each GEMM's side first, then the
+        # wgrad sides (where their output goes), then the dgrad sides (from their siblings' roles).
+        sides = {n: self._guarded(self._side, n) for nodes in by_seq.values() for n in nodes}
+        self._roles: dict = {}
+        for node, side in sides.items():
+            if side is not None and side[0] != "dgrad":
+                self._roles[node] = self._guarded(self._role_of_wgrad_side, node, *side)[:2]
+        for node, side in sides.items():
+            if side is not None and side[0] == "dgrad":
+                siblings = [s for s in by_seq[node.meta.get("seq_nr")] if s is not node]
+                self._roles[node] = self._guarded(self._role_of_dgrad_side, node, siblings, *side)[:2]
 
     def __getitem__(self, node: fx.Node) -> tuple:
         """(role, why) of a backward GEMM with one gradient operand; (None, why) when its side is not known."""
         return self._roles.get(node, (None, "not a backward GEMM with one gradient operand"))
 
-    def _one_gradient_operand(self, node: fx.Node) -> bool:
-        left, right = matmul_operands(node)
-        return val(left) is not None and val(right) is not None and (left in self.grads) != (right in self.grads)
+    @staticmethod
+    def _guarded(decide, *args):
+        """``decide(*args)``; an error becomes an unknown side or role that says why (the pass never fails a
+        user's compile)."""
+        try:
+            return decide(*args)
+        except Exception as err:  # noqa: BLE001
+            return None, f"role not understood ({type(err).__name__}: {err})", None
 
-    def _side(self, node: fx.Node) -> tuple:
+    def _side(self, node: fx.Node) -> Optional[tuple]:
+        """(side, how, the other operand) of a GEMM with one gradient operand, else None."""
         left, right = matmul_operands(node)
+        if val(left) is None or val(right) is None or (left in self.grads) == (right in self.grads):
+            return None
         grad_left = left in self.grads
         side, how = matmul_role(node, grad_left, self.partners.get(node.meta.get("seq_nr")))
         return side, how, right if grad_left else left
 
-    def _role(self, node: fx.Node) -> tuple:
-        side, how, other = self._side(node)
-        if side == "wgrad":
-            target = self._parameter_gradient(node)
-            if target is not None:
-                return "wgrad", f"reduces over tokens ({how}); its output is the gradient of parameter input {target}"
-            return "act_rhs", (f"reduces over tokens ({how}), but its output is an activation's gradient (it reaches "
-                               "no parameter's gradient): both operands of its forward GEMM are activations")
-        if side == "dgrad":
-            if any(self._is_update_sibling(s) for s in self._by_seq.get(node.meta.get("seq_nr"), ()) if s is not node):
-                return "dgrad", (f"reduces over features ({how}); the other side of its forward GEMM is a parameter's "
-                                 "gradient")
-            if self._is_weight(other):
-                return "dgrad", (f"reduces over features ({how}); its other operand is a parameter (one that needs no "
-                                 "gradient)")
-            return "act_lhs", (f"reduces over features ({how}), times an activation: both operands of its forward GEMM "
-                               "are activations")
-        return None, how
+    def _role_of_wgrad_side(self, node: fx.Node, side: Optional[str], how: str, other) -> tuple:
+        if side is None:
+            return None, how
+        target = self._parameter_gradient(node)
+        if target is not None:
+            return "wgrad", f"reduces over tokens ({how}); its output is the gradient of parameter input {target}"
+        return "act_rhs", (f"reduces over tokens ({how}), but its output is an activation's gradient (it reaches "
+                           "no parameter's gradient): both operands of its forward GEMM are activations")
 
-    def _is_update_sibling(self, node: fx.Node) -> bool:
-        if not self._one_gradient_operand(node):
-            return False
-        return self._side(node)[0] == "wgrad" and self._parameter_gradient(node) is not None
+    def _role_of_dgrad_side(self, node: fx.Node, siblings: list, side: str, how: str, other) -> tuple:
+        if any(self[s][0] == "wgrad" for s in siblings):
+            return "dgrad", (f"reduces over features ({how}); the other side of its forward GEMM is a parameter's "
+                             "gradient")
+        if self._is_weight(other):
+            return "dgrad", (f"reduces over features ({how}); its other operand is a parameter (one that needs no "
+                             "gradient)")
+        return "act_lhs", (f"reduces over features ({how}), times an activation: both operands of its forward GEMM "
+                           "are activations")
 
     def _parameter_gradient(self, node: fx.Node) -> Optional[int]:
         """The input index whose (parameter) gradient ``node``'s output is, following it through ops that keep

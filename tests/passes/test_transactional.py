@@ -13,7 +13,7 @@ import copy
 import torch
 
 import nmcompile
-from nmcompile.passes import lowering, rewrite
+from nmcompile.passes import lowering, rewrite, roles
 from tests.models import MLP, ConvNet
 from tests.passes.test_native import assert_within_accumulation_bound
 
@@ -71,6 +71,20 @@ def test_a_backward_gemm_failing_mid_rewrite_stays_dense(monkeypatch):
     name = f"{bad.module}.weight"
     torch.testing.assert_close(grads[name], eager[name], rtol=1e-5, atol=1e-6)  # dense, exactly the eager one
     assert not torch.allclose(grads[f"{others[0].module}.weight"], eager[f"{others[0].module}.weight"])
+
+
+def test_a_gemm_whose_role_cannot_be_decided_stays_dense_and_says_why(monkeypatch):
+    model, x = mlp()
+    normal, _, _ = step(model, x, {"sparsity": "2:4"})
+    fail_on(monkeypatch, roles.GraphRoles, "_parameter_gradient", 1)  # the first wgrad-side GEMM's output walk
+    records, grads, eager = step(model, x, {"sparsity": "2:4"})
+    [bad] = [r for r in records if r.skipped == "role not understood (RuntimeError: injected failure)"]
+    assert bad.role == "?" and bad.transforms == [] and len(records) == len(normal)
+    wgrads = [r for r in records if r.role == "wgrad"]
+    assert len(wgrads) == len([r for r in normal if r.role == "wgrad"]) - 1
+    assert all(r.transforms == ["mvue 2:4 along K (tokens)"] for r in wgrads), "no other record touched"
+    dense = {n for n in grads if torch.allclose(grads[n], eager[n], rtol=1e-5, atol=1e-6)}
+    assert sum(n.endswith(".weight") for n in dense) == 1, dense  # the undecided GEMM's weight, and no other
 
 
 def test_a_failure_before_its_record_exists_never_touches_another(monkeypatch):
