@@ -38,9 +38,10 @@ class Form:
     """The exact low-precision form of an op's output, beyond its dtype.
 
     ``structure``: at most N nonzeros in every group of M along the op's dim. ``max_code``: the
-    output is integer codes ``|c| <= max_code`` times one per-tensor scale, exactly. ``float8``: a
-    float8 format holding those codes exactly (None: ``why``). ``int8``: int8 codes times one fp32
-    scale hold the output exactly (False: ``int8_why``)."""
+    output is integer codes ``|c| <= max_code`` times a scale, exactly: one per tensor, or with
+    ``rows`` one per slice along the op's ``dim`` (``kernels/scales.py``), exact in a GEMM whose K
+    that dim is. ``float8``: a float8 format holding those codes exactly (None: ``why``). ``int8``:
+    int8 codes times the fp32 scale(s) hold the output exactly (False: ``int8_why``)."""
 
     structure: Optional[tuple[int, int]] = None
     max_code: Optional[int] = None
@@ -48,6 +49,7 @@ class Form:
     why: str = ""
     int8: bool = False
     int8_why: str = ""
+    rows: bool = False
 
     @property
     def sparse24(self) -> bool:
@@ -77,7 +79,8 @@ class OpSpec:
     # elementwise stochastic quantizers: the ops are registered from these (kernels/ops.py)
     math: Optional[Callable] = None  # portable torch math (x, uniforms (samples, *x.shape), **params)
     kernel_arg: Optional[Callable[[Mapping], int]] = None  # the int the CPU (nm_<name>) and Triton kernels take
-    scale: Optional[Callable] = None  # (x, **params) -> the fp32 scale of its int8 codes (one sample)
+    scale: Optional[Callable] = None  # (x, **params) -> the fp32 scale(s) of its int8 codes (one sample)
+    row_scales: bool = False  # takes ``dim``: one scale per slice along it instead of one per tensor
 
     @property
     def op(self) -> torch._ops.OpOverload:
@@ -87,7 +90,7 @@ class OpSpec:
     def args(self) -> tuple[str, ...]:
         """The op's argument names after x, in order."""
         inside = self.schema[self.schema.index("(") + 1:self.schema.index(")")]
-        return tuple(arg.split()[-1] for arg in inside.split(",")[1:])
+        return tuple(arg.split("=")[0].split()[-1] for arg in inside.split(",")[1:])
 
     @property
     def sampled(self) -> bool:
@@ -118,6 +121,8 @@ class OpSpec:
             if name == "u":
                 noise, seeds = _noise(self, x, params)
                 rest.append(seeds_for(noise, x.device, seeds))
+            elif name == "dim" and self.row_scales:  # optional: None is one scale per tensor
+                rest.append(params.get("dim"))
             else:
                 rest.append(params[name])
         return self.op(x, *rest)
@@ -151,13 +156,26 @@ def _int8(max_code: int, samples: int, name: str) -> tuple[bool, str]:
     return True, ""
 
 
+def _rows(p: Mapping) -> str:
+    """The label's mark of per-row scales: "sr8/row"."""
+    return "/row" if p.get("dim") is not None else ""
+
+
+def _float8_rows(p: Mapping, fmt, why: str) -> tuple:
+    """(format, why not): float8 codes go to GEMMs with one scale per operand (torch._scaled_mm per tensor)."""
+    if p.get("dim") is None:
+        return fmt, why
+    return None, "per-row scales: the FP8 GEMMs here take one scale per tensor"
+
+
 def _luq_form(p: Mapping) -> Form:
     top = luq_levels(p["bits"], p["levels"]) - 1
     samples = p.get("samples", 1)
-    fmt, why = luq_format(top, samples)
+    fmt, why = _float8_rows(p, *luq_format(top, samples))
     int8, int8_why = _int8(2**top, samples, f"luq{p['bits']} ({p['levels']} levels)")
     # levels α·2^k, k = 0..top: codes 2^k with scale α; the mean of s samples: codes Σ2^k, scale α/s
-    return Form(max_code=samples * 2**top, float8=fmt, why=why, int8=int8, int8_why=int8_why)
+    return Form(max_code=samples * 2**top, float8=fmt, why=why, int8=int8, int8_why=int8_why,
+                rows=p.get("dim") is not None)
 
 
 def _sawb_form(p: Mapping) -> Form:
@@ -185,11 +203,13 @@ GREEDY = OpSpec(
     summary="keep the N largest magnitudes of every M (biased baseline)", onnx_type="Greedy", color="#ffd43b",
 )
 LUQ = OpSpec(
-    "luq", kind="quantize", stage="gradient", schema="(Tensor x, Tensor u, int bits, str levels) -> Tensor",
+    "luq", kind="quantize", stage="gradient",
+    schema="(Tensor x, Tensor u, int bits, str levels, int? dim=None) -> Tensor",
     unbiased=True,
     options={"bits": "bits", "levels": "levels", "samples": "smp"}, bits=range(2, 9),
     summary="logarithmic unbiased quantization: stochastic underflow and log-domain stochastic rounding",
-    label=lambda p: f"luq{p['bits']}", form=_luq_form, onnx_type="LUQ", onnx_attrs=("bits", "levels"),
+    label=lambda p: f"luq{p['bits']}" + _rows(p), form=_luq_form, row_scales=True, onnx_type="LUQ",
+    onnx_attrs=("bits", "levels", "dim"),
     color="#b197fc", codes_op="luq_fp8", int8_op="luq_int8", math=luq_math,
     kernel_arg=lambda p: luq_levels(p["bits"], p["levels"]) - 1, scale=luq_scale,
 )
@@ -207,31 +227,37 @@ def _sr_form(p: Mapping) -> Form:
     levels = sr_levels(p["bits"])
     fits = samples == 1 and levels <= 16  # e4m3 holds the integers up to 16
     int8, int8_why = _int8(levels, samples, f"sr{p['bits']}")
+    what = "the mean of several samples" if samples > 1 else f"sr{p['bits']} codes"
+    fmt, why = _float8_rows(p, E4M3 if fits else None,
+                            "" if fits else what + " exceeds the integers e4m3 holds exactly")
     # codes |c| <= L, scale rounded so that c·scale is exact; the mean of s samples: codes Σc, scale/s
-    return Form(max_code=samples * levels, float8=E4M3 if fits else None,
-                why="" if fits else ("the mean of several samples" if samples > 1 else f"sr{p['bits']} codes")
-                + " exceeds the integers e4m3 holds exactly", int8=int8, int8_why=int8_why)
+    return Form(max_code=samples * levels, float8=fmt, why=why, int8=int8, int8_why=int8_why,
+                rows=p.get("dim") is not None)
 
 
 SR = OpSpec(
-    "sr", kind="quantize", stage="gradient", schema="(Tensor x, Tensor u, int bits) -> Tensor", unbiased=True,
+    "sr", kind="quantize", stage="gradient", schema="(Tensor x, Tensor u, int bits, int? dim=None) -> Tensor",
+    unbiased=True,
     options={"bits": "bits", "samples": "smp"}, bits=range(2, 9),
-    summary="uniform stochastic rounding to 2^(bits-1)-1 magnitudes, per-tensor absmax scale",
-    label=lambda p: f"sr{p['bits']}", form=_sr_form, onnx_type="SR", onnx_attrs=("bits",), color="#63e6be",
+    summary="uniform stochastic rounding to 2^(bits-1)-1 magnitudes, absmax scale per tensor or per row",
+    label=lambda p: f"sr{p['bits']}" + _rows(p), form=_sr_form, row_scales=True, onnx_type="SR",
+    onnx_attrs=("bits", "dim"), color="#63e6be",
     int8_op="sr_int8", math=sr_math, kernel_arg=lambda p: p["bits"], scale=sr_scale_of,
 )
 
 
 def _absmax_form(p: Mapping) -> Form:
-    return Form(max_code=sr_levels(p["bits"]), why="absmax codes go to int8 GEMMs (no float8 codes op)", int8=True)
+    return Form(max_code=sr_levels(p["bits"]), why="absmax codes go to int8 GEMMs (no float8 codes op)", int8=True,
+                rows=p.get("dim") is not None)
 
 
 ABSMAX = OpSpec(
-    "absmax", kind="quantize", stage="forward", schema="(Tensor x, int bits) -> Tensor", unbiased=False,
+    "absmax", kind="quantize", stage="forward", schema="(Tensor x, int bits, int? dim=None) -> Tensor", unbiased=False,
     options={"bits": "fwd_bits"}, bits=BITS,
-    summary="round-to-nearest onto 2^(bits-1)-1 magnitudes, per-tensor absmax scale: the INT8 forward "
-            "(straight-through gradient)",
-    label=lambda p: f"absmax{p['bits']}", form=_absmax_form, onnx_type="AbsMax", onnx_attrs=("bits",),
+    summary="round-to-nearest onto 2^(bits-1)-1 magnitudes, absmax scale per tensor or per row: the INT8 "
+            "forward (straight-through gradient)",
+    label=lambda p: f"absmax{p['bits']}" + _rows(p), form=_absmax_form, row_scales=True, onnx_type="AbsMax",
+    onnx_attrs=("bits", "dim"),
     color="#4dabf7", int8_op="absmax_int8",
 )
 

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from .catalog import ops_of
-from .grouping import grouped_layout, prepare, sampled_layout
+from .grouping import flat_plan, grouped_layout, prepare, sampled_layout, slice_strides
 
 SOURCE = pathlib.Path(__file__).with_name("nm_cpu.cpp")
 FLAGS = ["-O2", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17",
@@ -39,13 +39,14 @@ FLAGS = ["-O2", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-err
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _i64, _vp, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 # Every elementwise stochastic quantizer of the catalog has a kernel nm_<name> with one signature (dtype,
-# x, out, codes, scale, outer, inner, its int parameter, samples, u, seeds, u_outer, u_sample, u_inner, threads).
-_STOCHASTIC = [_int, _vp, _vp, _vp, _vp, _i64, _i64, _int, _int, _vp, _vp, _vp, _i64, _i64, _int]
+# x, out, codes, scale, outer, inner, its int parameter, samples, u, seeds, u_outer, u_sample, u_inner,
+# the number of scales, s_outer, s_inner, threads).
+_STOCHASTIC = [_int, _vp, _vp, _vp, _vp, _i64, _i64, _int, _int, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _i64, _int]
 SIGNATURES = {
     "nm_mvue": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _vp, _i64, _vp, _i64, _i64, _int],
     "nm_greedy": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _int],
     "nm_sawb": [_int, _vp, _vp, _vp, _i64, ctypes.c_double, ctypes.c_double, _int, _int, _vp, _int],
-    "nm_absmax": [_int, _vp, _vp, _vp, _i64, _int, _vp, _int],
+    "nm_absmax": [_int, _vp, _vp, _vp, _i64, _i64, _int, _vp, _i64, _vp, _i64, _int],
     "nm_int8_scale": [_int, _vp, _vp, _i64, _i64, ctypes.c_double, _vp, _i64, _i64, _int],
     **{f"nm_{spec.name}": _STOCHASTIC for spec in ops_of(kind="quantize", stage="gradient")},
 }
@@ -182,29 +183,33 @@ def _prune(x, u, n, m, dim, mvue):
     return out
 
 
-def _outputs(out: torch.Tensor, codes: bool):
-    """(values tensor or None, int8 codes tensor or None, fp32 scale): what a quantizer kernel writes,
-    both in ``out``'s layout (x's, as the fake kernels promise)."""
-    scale = torch.zeros((), dtype=torch.float32)
+def _outputs(out: torch.Tensor, codes: bool, dim: Optional[int] = None):
+    """(values tensor or None, int8 codes tensor or None, fp32 scale(s)): what a quantizer kernel writes,
+    both in ``out``'s layout (x's, as the fake kernels promise); one scale, or one per slice along ``dim``."""
+    shape = () if dim is None else (*out.shape[:dim], 1, *out.shape[dim + 1:])
+    scale = torch.zeros(shape, dtype=torch.float32)
     if codes:
         return None, torch.empty_like(out, dtype=torch.int8), scale
     return out, None, scale
 
 
-def stochastic(name: str, x: torch.Tensor, u: torch.Tensor, param: int, codes: bool = False):
-    """The elementwise stochastic quantizer ``nm_<name>`` (LUQ: ``param`` is its top exponent).
-    ``u``: float uniforms ``(samples, *x.shape)``, or int64 seeds ``(samples,)``. Returns the values,
-    or with ``codes`` (int8 codes, fp32 scale) whose product is those values."""
+def stochastic(name: str, x: torch.Tensor, u: torch.Tensor, param: int, codes: bool = False,
+               dim: Optional[int] = None):
+    """The elementwise stochastic quantizer ``nm_<name>`` (LUQ: ``param`` is its top exponent), one scale
+    per tensor or per slice along ``dim``. ``u``: float uniforms ``(samples, *x.shape)``, or int64 seeds
+    ``(samples,)``. Returns the values, or with ``codes`` (int8 codes, fp32 scale(s)) whose product is
+    those values."""
     src, out = prepare(x)
-    values, int8, scale = _outputs(out, codes)
+    values, int8, scale = _outputs(out, codes, dim)
     if x.numel() > 0:
         if u.is_floating_point():
             u = u.float()
-        outer, inner, u_outer, u_inner, u_sample, samples, seeded = sampled_layout(src, u)
-        seeds, u = (u.contiguous(), None) if seeded else (None, u)
-        getattr(library(), f"nm_{name}")(DTYPES[x.dtype], _ptr(src), _ptr(values), _ptr(int8), _ptr(scale), outer,
-                                         inner, param, samples, _ptr(u), _ptr(seeds), _ptr(u_outer), u_sample, u_inner,
-                                         _threads())
+        plan = sampled_layout(src, u, dim)
+        seeds, u = (u.contiguous(), None) if plan.seeded else (None, u)
+        getattr(library(), f"nm_{name}")(
+            DTYPES[x.dtype], _ptr(src), _ptr(values), _ptr(int8), _ptr(scale), plan.outer, plan.inner, param,
+            plan.samples, _ptr(u), _ptr(seeds), _ptr(plan.u_outer), plan.u_sample, plan.u_inner, scale.numel(),
+            _ptr(plan.s_outer), plan.s_inner, _threads())
     else:
         scale.fill_(1.0)
     return (int8, scale) if codes else values
@@ -221,14 +226,18 @@ def sawb(x: torch.Tensor, bits: int, c1: float, c2: float, keep: int, codes: boo
     return (int8 if codes else values), scale
 
 
-def absmax(x: torch.Tensor, bits: int, codes: bool = False):
+def absmax(x: torch.Tensor, bits: int, codes: bool = False, dim: Optional[int] = None):
     """Round-to-nearest absmax quantization of ``x`` (the values), or with ``codes`` (int8 codes,
-    fp32 scale)."""
+    fp32 scale(s)); one scale per tensor or per slice along ``dim``."""
     src, out = prepare(x)
-    values, int8, scale = _outputs(out, codes)
+    values, int8, scale = _outputs(out, codes, dim)
     if x.numel() > 0:
-        library().nm_absmax(DTYPES[x.dtype], _ptr(src), _ptr(values), _ptr(int8), x.numel(), bits, _ptr(scale),
-                            _threads())
+        outer, inner, s_outer, s_inner = 1, x.numel(), None, 0
+        if dim is not None:
+            outer, inner, ((s_outer, s_inner),) = flat_plan(tuple(src.shape), src.stride(),
+                                                            slice_strides(tuple(src.shape), dim))
+        library().nm_absmax(DTYPES[x.dtype], _ptr(src), _ptr(values), _ptr(int8), outer, inner, bits, _ptr(scale),
+                            scale.numel(), _ptr(s_outer), s_inner, _threads())
     else:
         scale.fill_(1.0)
     return (int8, scale) if codes else values

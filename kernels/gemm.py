@@ -120,7 +120,13 @@ INT32_K = (2**31 - 1) // (128 * 128)
 
 
 def _check_int8(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor) -> None:
-    _check_codes("int8_mm", a, scale_a, b, scale_b, (torch.int8,), "int8 codes")
+    """int8 codes; scales one fp32 value per tensor, or one per row of a ([M, 1]) / column of b ([1, N])."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise ValueError(f"nm.int8_mm: operands must be int8 codes, got {a.dtype} and {b.dtype}")
+    for name, s, rows in (("scale_a", scale_a, (a.shape[0], 1)), ("scale_b", scale_b, (1, b.shape[1]))):
+        if s.dtype != torch.float32 or (s.numel() != 1 and tuple(s.shape) != rows):
+            raise ValueError(f"nm.int8_mm: {name} must be fp32, one value or of shape {rows} (per row), got "
+                             f"{s.dtype} of shape {tuple(s.shape)}")
 
 
 def int_sums(a: Tensor, b: Tensor) -> Tensor:
@@ -162,7 +168,9 @@ def _(a, scale_a, b, scale_b, bias, out_dtype):
     # eagerly, the scaling in one pass of the C++ kernels (in graphs Inductor fuses int8_gemm's)
     _out_shape(a, b)
     _check_int8(a, scale_a, b, scale_b)
-    if out_dtype not in cpu.DTYPES or not cpu.available() or a.shape[1] > INT32_K or 0 in (*a.shape, b.shape[1]):
+    per_row = scale_a.numel() != 1 or scale_b.numel() != 1
+    if (out_dtype not in cpu.DTYPES or not cpu.available() or a.shape[1] > INT32_K or 0 in (*a.shape, b.shape[1])
+            or per_row):
         return int8_gemm(a, scale_a, b, scale_b, bias, out_dtype)
     return cpu.int8_scale(torch._int_mm(a, b), float(scale_a) * float(scale_b), bias, out_dtype)
 

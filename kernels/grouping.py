@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -79,19 +80,23 @@ class UnrolledGroups:
 
 # -- layout plans for the kernels -------------------------------------------------------------
 
-def _merge(sizes: list, strides: list) -> tuple[list, list]:
-    """Merge adjacent dims (outer to inner) whose strides nest; drop size-1 dims."""
-    out_sizes, out_strides = [], []
-    for size, stride in zip(sizes, strides):
+def _merge(sizes: list, strides: list, *more: list) -> tuple:
+    """Merge adjacent dims (outer to inner) whose strides nest, in ``strides`` and every list of ``more``
+    alike; drop size-1 dims. Returns (sizes, strides, *more) merged."""
+    lists = (strides, *more)
+    out_sizes, outs = [], [[] for _ in lists]
+    for i, size in enumerate(sizes):
         if size == 1:
             continue
-        if out_sizes and out_strides[-1] == stride * size:
+        if out_sizes and all(out[-1] == given[i] * size for out, given in zip(outs, lists)):
             out_sizes[-1] *= size
-            out_strides[-1] = stride
+            for out, given in zip(outs, lists):
+                out[-1] = given[i]
         else:
             out_sizes.append(size)
-            out_strides.append(stride)
-    return out_sizes, out_strides
+            for out, given in zip(outs, lists):
+                out.append(given[i])
+    return (out_sizes, *outs)
 
 
 def _offsets(sizes: list, strides: list) -> torch.Tensor:
@@ -128,17 +133,17 @@ def group_plan(shape: tuple, stride: tuple, dim: int, m: int, u_shape: tuple, u_
 
 
 @functools.lru_cache(maxsize=512)
-def flat_plan(shape: tuple, stride: tuple, u_stride: tuple):
-    """[outer, inner] memory-order view of a dense tensor; offsets of a companion index space with
-    strides ``u_stride`` (per element of x's logical shape)."""
+def flat_plan(shape: tuple, stride: tuple, *companions: tuple):
+    """[outer, inner] memory-order view of a dense tensor, and for each companion index space (its
+    strides per element of x's logical shape: the uniforms, the per-slice scales) its offsets per
+    outer index and its stride along inner: (outer, inner, ((offsets, inner stride), ...))."""
     order = stride_order(stride)
     sizes = [shape[q] for q in order]
-    u_strides = [u_stride[q] for q in order]
-    merged, merged_u = _merge(sizes, u_strides)
+    merged, *merged_c = _merge(sizes, *([c[q] for q in order] for c in companions))
     if not merged:
-        merged, merged_u = [1], [0]
-    inner, u_inner = merged[-1], merged_u[-1]
-    return math.prod(merged[:-1]), inner, _offsets(merged[:-1], merged_u[:-1]), u_inner
+        merged, merged_c = [1], [[0] for _ in companions]
+    plans = tuple((_offsets(merged[:-1], c[:-1]), c[-1]) for c in merged_c)
+    return math.prod(merged[:-1]), merged[-1], plans
 
 
 def contiguous_strides(shape) -> tuple:
@@ -168,14 +173,38 @@ def grouped_layout(src: torch.Tensor, u, m: int, dim: int):
     return group_plan(tuple(src.shape), src.stride(), dim % src.dim(), m, tuple(u_shape), tuple(u_stride)), seeded
 
 
-def sampled_layout(src: torch.Tensor, u: torch.Tensor):
+class Sampled(NamedTuple):
+    outer: int
+    inner: int
+    u_outer: torch.Tensor  # int64 offset of each outer index's first uniform
+    u_inner: int
+    u_sample: int  # between samples
+    samples: int
+    seeded: bool
+    s_outer: Optional[torch.Tensor]  # the per-slice scales' offset per outer index (None: one scale)
+    s_inner: int
+
+
+def sampled_layout(src: torch.Tensor, u: torch.Tensor, dim: Optional[int] = None) -> Sampled:
     """``flat_plan`` for a per-element kernel over ``src`` with uniforms ``u`` ``(samples, *shape)`` of
-    any strides, or int64 seeds ``(samples,)``. Returns (outer, inner, u_outer, u_inner, u_sample,
-    samples, seeded)."""
+    any strides, or int64 seeds ``(samples,)``; with ``dim``, also for its per-slice scales (one per
+    index of the other dims, stored contiguously)."""
     seeded = not u.is_floating_point()
     if seeded:
         u_stride, u_sample, samples = contiguous_strides(src.shape), 0, u.numel()
     else:
         u_stride, u_sample, samples = u.stride()[1:], u.stride(0), u.shape[0]
-    outer, inner, u_outer, u_inner = flat_plan(tuple(src.shape), src.stride(), tuple(u_stride))
-    return outer, inner, u_outer, u_inner, u_sample, samples, seeded
+    companions = [tuple(u_stride)]
+    if dim is not None:
+        companions.append(slice_strides(tuple(src.shape), dim))
+    outer, inner, plans = flat_plan(tuple(src.shape), src.stride(), *companions)
+    (u_outer, u_inner), *rest = plans
+    s_outer, s_inner = rest[0] if rest else (None, 0)
+    return Sampled(outer, inner, u_outer, u_inner, u_sample, samples, seeded, s_outer, s_inner)
+
+
+def slice_strides(shape: tuple, dim: int) -> tuple:
+    """Strides, per element of ``shape``, into its per-slice scales along ``dim`` (keepdim, contiguous)."""
+    strides = list(contiguous_strides((*shape[:dim], 1, *shape[dim + 1:])))
+    strides[dim] = 0
+    return tuple(strides)

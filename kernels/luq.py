@@ -1,14 +1,19 @@
-"""LUQ: logarithmic unbiased quantization (Chmiel et al., ICLR 2023), per tensor.
+"""LUQ: logarithmic unbiased quantization (Chmiel et al., ICLR 2023), per tensor or per row.
 
 Levels {0} ∪ {±α·2^k, k = 0..L-1} with α = max|x| / 2^(L-1), so max|x| is a level and nothing is
 ever clipped. Below α: stochastic underflow to 0 or α; inside an octave [2^k α, 2^(k+1) α):
 stochastic rounding to its two ends, with probabilities that make every element unbiased.
 One uniform per element and sample; ``smp`` samples are averaged (variance / smp). ``luq_math`` is
-the portable implementation and the specification of the CPU kernel (``nm_cpu.cpp``).
+the portable implementation and the specification of the CPU kernel (``nm_cpu.cpp``). With ``dim``,
+α is per slice along ``dim`` (``kernels/scales.py``), and so is everything said here.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+
+from .scales import amax_of, check_dim
 
 LEVEL_KINDS = ("strict", "reference")
 
@@ -23,19 +28,24 @@ def luq_noise_shape(shape: torch.Size | tuple, samples: int) -> tuple:
     return (samples, *tuple(shape))
 
 
-def luq_scale(x: torch.Tensor, bits: int, levels: str) -> torch.Tensor:
-    """α = max|x|·2^-top (fp32): LUQ's output is integer codes 0, ±1, ±2, .., ±2^top times α (one
-    sample), exactly wherever α is a normal fp32 number (max|x| above 2^-120). 1 for an all-zero x."""
-    amax = x.float().abs().amax() if x.numel() else torch.zeros((), device=x.device)
+def luq_scale(x: torch.Tensor, bits: int, levels: str, dim: Optional[int] = None) -> torch.Tensor:
+    """α = max|x|·2^-top (fp32; per slice along ``dim``, keepdim): LUQ's output is integer codes 0, ±1,
+    ±2, .., ±2^top times α (one sample), exactly wherever α is a normal fp32 number (max|x| above
+    2^-120). 1 for an all-zero x (slice)."""
+    amax = amax_of(x.float(), check_dim(x, dim, "luq"))
     return torch.where(amax == 0, 1.0, amax * 2.0 ** -(luq_levels(bits, levels) - 1))
 
 
-def luq_math(x: torch.Tensor, u: torch.Tensor, bits: int, levels: str) -> torch.Tensor:
-    """Quantize ``x`` with uniforms ``u`` of shape ``(samples, *x.shape)``; returns the mean of the
-    samples in x's dtype. NaN/Inf anywhere make the whole output non-finite."""
+def luq_math(x: torch.Tensor, u: torch.Tensor, bits: int, levels: str, dim: Optional[int] = None) -> torch.Tensor:
+    """Quantize ``x`` with uniforms ``u`` of shape ``(samples, *x.shape)``, α per tensor or per slice along
+    ``dim``; returns the mean of the samples in x's dtype. NaN/Inf anywhere make the whole output (its
+    slice's) non-finite."""
     top = luq_levels(bits, levels) - 1  # largest exponent k
+    dim = check_dim(x, dim, "luq")
+    if x.numel() == 0:
+        return torch.empty_like(x)
     xf = x.float()
-    amax = xf.abs().amax()
+    amax = amax_of(xf, dim)
     # r = |x| / α with α = amax / 2^top, written so that a tiny (denormal) amax, whose α would
     # underflow to 0, still gives finite levels (bit-identical to |x| / α wherever α is normal).
     r = xf.abs() / amax * 2.0**top  # in units of α, within [0, 2^top]

@@ -23,6 +23,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -374,12 +375,66 @@ struct Quantized {
   vf value, code;
 };
 
+// A quantizer's max|x| and scale, one per tensor or one per slice along a GEMM's K (kernels/scales.py):
+// element (o, i) of the [outer, inner] view reads slice outer[o] + i·inner (outer null: slice 0).
+struct Slices {
+  const float* amax;
+  const float* scale;
+  const int64_t* outer;
+  int64_t inner;
+  NM_INLINE vf at(const float* p, int64_t o, int64_t first, int count) const {
+    const float* base = p + (outer != nullptr ? outer[o] : 0);
+    return inner == 0 ? splat(*base) : load(base + first * inner, inner, count);
+  }
+};
+
+// max(m, a) lane by lane, NaN once either is NaN (torch.amax's rule): a NaN ``a`` is taken, a NaN ``m`` kept.
+NM_INLINE vf max_nan(vf m, vf a) { return sel((a > m) | (a != a), a, m); }
+NM_INLINE float max_nan(float m, float a) { return m != m || a != a ? std::numeric_limits<float>::quiet_NaN() : (a > m ? a : m); }
+
+// The max|x| of every slice, NaN where a slice holds a NaN: one parallel pass over the [outer, inner] view,
+// each thread into its own maxima, merged at the end (one slice: amax_of). Per row (s_inner = 0) every outer
+// index is one row of one slice; per column (s_inner = 1) a block of lanes is a block of slices.
+template <typename T>
+std::vector<float> slice_amax(const T* x, int64_t outer, int64_t inner, int64_t slices, const int64_t* s_outer,
+                              int64_t s_inner, int threads) {
+  if (slices == 1) return std::vector<float>{amax_of(x, outer * inner, threads)};
+  std::vector<float> total(slices, 0.0f);
+  const int64_t blocks = (inner + W - 1) / W;
+#pragma omp parallel num_threads(threads)
+  {
+    std::vector<float> best(slices, 0.0f);
+    auto update = [&](int64_t at, int64_t stride, int count, vf a) {
+      store(best.data() + at, stride, count, max_nan(load(best.data() + at, stride, count), a));
+    };
+#pragma omp for schedule(static) nowait
+    for (int64_t o = 0; o < outer; ++o) {
+      vf row = {};
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int count = static_cast<int>(inner - b * W < W ? inner - b * W : W);
+        const vf a = vabs(load(x + o * inner + b * W, 1, count));  // padding lanes: 0, neutral
+        if (s_inner == 0) row = max_nan(row, a);
+        else update(s_outer[o] + b * W * s_inner, s_inner, count, a);
+      }
+      if (s_inner == 0) {
+        float& m = best[s_outer[o]];
+        for (int l = 0; l < W; ++l) m = max_nan(m, row[l]);
+      }
+    }
+#pragma omp critical
+    for (int64_t i = 0; i < slices; i += W) {
+      const int count = static_cast<int>(slices - i < W ? slices - i : W);
+      store(total.data() + i, 1, count, max_nan(load(total.data() + i, 1, count), load(best.data() + i, 1, count)));
+    }
+  }
+  return total;
+}
+
 template <typename T, typename O, typename F>
-NM_INLINE void stochastic_pass(const T* x, O* out, int64_t outer, int64_t inner, float amax, const float* u,
-                               const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner,
-                               int threads, F&& quantize) {
+NM_INLINE void stochastic_pass(const T* x, O* out, int64_t outer, int64_t inner, const Slices& slices,
+                               const float* u, const int64_t* seeds, const int64_t* u_outer, int64_t u_sample,
+                               int64_t u_inner, int threads, F&& quantize) {
   constexpr bool codes = std::is_same_v<O, int8_t>;
-  const bool is_finite = std::isfinite(amax), positive = amax > 0.0f;
   const int64_t blocks = (inner + W - 1) / W;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < outer * blocks; ++t) {
@@ -390,10 +445,11 @@ NM_INLINE void stochastic_pass(const T* x, O* out, int64_t outer, int64_t inner,
     auto draw = [&](int s) {
       return uniforms(u ? u + s * u_sample : nullptr, u ? 0 : static_cast<uint64_t>(seeds[s]), ubase, u_inner, count);
     };
-    const Quantized qz = quantize(xf, draw);
+    const vf amax = slices.at(slices.amax, o, first, count), scale = slices.at(slices.scale, o, first, count);
+    const Quantized qz = quantize(xf, draw, amax, scale);
     vf q = codes ? qz.code : qz.value;
-    if (!positive) q = codes ? vf{} : xf;  // all zeros
-    if (!is_finite) q = codes ? vf{} : xf + amax;  // NaN/Inf anywhere: non-finite everywhere
+    q = sel(amax > 0.0f, q, codes ? vf{} : xf);  // all zeros
+    q = sel(finite(amax), q, codes ? vf{} : xf + amax);  // NaN/Inf anywhere: non-finite everywhere
     store(out + o * inner + first, 1, count, q);
   }
 }
@@ -410,13 +466,18 @@ struct SampleMean {
 // needs a correction).
 template <typename T, typename O>
 void luq(const T* x, O* out, float* scale_out, int64_t outer, int64_t inner, int top, int samples, const float* u,
-         const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int threads) {
-  const float amax = amax_of(x, outer * inner, threads);
+         const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int64_t slices,
+         const int64_t* s_outer, int64_t s_inner, int threads) {
+  const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, threads);
   const float scale_top = std::ldexp(1.0f, top), inv_top = std::ldexp(1.0f, -top);
   // codes sign·2^k (or 0, 1): values = codes · amax·2^-top, exact wherever that scale is normal
-  if (scale_out != nullptr) *scale_out = amax > 0.0f ? amax * inv_top : (amax == 0.0f ? 1.0f : amax);
+  if (scale_out != nullptr)
+    for (size_t i = 0; i < amax.size(); ++i)
+      scale_out[i] = amax[i] > 0.0f ? amax[i] * inv_top : (amax[i] == 0.0f ? 1.0f : amax[i]);
   const SampleMean mean(samples);
-  stochastic_pass(x, out, outer, inner, amax, u, seeds, u_outer, u_sample, u_inner, threads, [&](vf xf, auto draw) {
+  const Slices sl{amax.data(), amax.data(), s_outer, s_inner};
+  stochastic_pass(x, out, outer, inner, sl, u, seeds, u_outer, u_sample, u_inner, threads,
+                  [&](vf xf, auto draw, vf amax, vf) {
     const vf r = vabs(xf) / amax * scale_top;  // |x| / α, in [0, 2^top]
     vi k = ((reinterpret_cast<vi>(r) >> 23) & 0xFF) - 127;  // floor(log2 r) for normal r
     k = k < 0 ? 0 : (k > top ? top : k);
@@ -465,15 +526,21 @@ float sr_scale(float amax, int bits) {
 // lo + [u < v - lo].
 template <typename T, typename O>
 void sr(const T* x, O* out, float* scale_out, int64_t outer, int64_t inner, int bits, int samples, const float* u,
-        const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int threads) {
-  const float amax = amax_of(x, outer * inner, threads);
-  const float scale = sr_scale<T>(amax, bits);
-  const float safe = scale > 0.0f ? scale : 1.0f;
-  if (scale_out != nullptr) *scale_out = amax == 0.0f ? 1.0f : scale;  // codes · scale: the values
+        const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int64_t slices,
+        const int64_t* s_outer, int64_t s_inner, int threads) {
+  const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, threads);
+  std::vector<float> scale(amax.size());
+  for (size_t i = 0; i < amax.size(); ++i) {
+    scale[i] = sr_scale<T>(amax[i], bits);
+    if (scale_out != nullptr) scale_out[i] = amax[i] == 0.0f ? 1.0f : scale[i];  // codes · scale: the values
+  }
   const float levels = static_cast<float>((1 << (bits - 1)) - 1);
   const float big = max_of<T>();
   const SampleMean mean(samples);
-  stochastic_pass(x, out, outer, inner, amax, u, seeds, u_outer, u_sample, u_inner, threads, [&](vf xf, auto draw) {
+  const Slices sl{amax.data(), scale.data(), s_outer, s_inner};
+  stochastic_pass(x, out, outer, inner, sl, u, seeds, u_outer, u_sample, u_inner, threads,
+                  [&](vf xf, auto draw, vf, vf scale) {
+    const vf safe = sel(scale > 0.0f, scale, splat(1.0f));
     vf v = vabs(xf) / safe;
     v = sel(v > levels, splat(levels), v);  // a guard: v <= L already (NaN stays NaN)
     const vf lo = floor_nonneg(v);  // v in [0, L]: truncation is floor
@@ -494,24 +561,28 @@ void sr(const T* x, O* out, float* scale_out, int64_t outer, int64_t inner, int 
 // Round to nearest (half to even, like torch.round) onto {k · scale : lowest <= k <= highest} (SAWB, absmax):
 // the values, saturated at T's range, or with O = int8_t the levels k. scale <= 0 (an all-zero x): the values
 // stay x, codes 0; a non-finite scale (NaN/Inf in x): every value non-finite (x + scale), codes 0.
+// The scales per tensor or per slice (``Slices``; their amax unused) over the [outer, inner] view.
 template <typename T, typename O>
-void round_to_grid(const T* x, O* out, int64_t numel, float scale, float lowest, float highest, int threads) {
+void round_to_grid(const T* x, O* out, int64_t outer, int64_t inner, const Slices& slices, float lowest,
+                   float highest, int threads) {
   constexpr bool codes = std::is_same_v<O, int8_t>;
   const float top = max_of<T>();
-  const bool finite = std::isfinite(scale), positive = scale > 0.0f;
-  const float safe = positive ? scale : 1.0f;
-  const int64_t blocks = (numel + W - 1) / W;
+  const int64_t blocks = (inner + W - 1) / W;
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int count = static_cast<int>(numel - b * W < W ? numel - b * W : W);
-    const vf xf = load(x + b * W, 1, count);
+  for (int64_t t = 0; t < outer * blocks; ++t) {
+    const int64_t o = t / blocks, first = (t % blocks) * W;
+    const int count = static_cast<int>(inner - first < W ? inner - first : W);
+    const vf xf = load(x + o * inner + first, 1, count);
+    const vf scale = slices.at(slices.scale, o, first, count);
+    const vi positive = scale > 0.0f, is_finite = finite(scale);
+    const vf safe = sel(positive, scale, splat(1.0f));
     vf level = round_even(xf / safe);
     level = sel(level < lowest, splat(lowest), sel(level > highest, splat(highest), level));
     vf q = level * safe;
     q = sel(q < -top, splat(-top), sel(q > top, splat(top), q));  // saturate at x's dtype range
-    if (!positive) q = xf;  // all zeros
-    if (!finite) q = xf + scale;  // NaN/Inf anywhere: non-finite everywhere
-    store(out + b * W, 1, count, codes ? (positive && finite ? level : vf{}) : q);
+    q = sel(positive, q, xf);  // all zeros
+    q = sel(is_finite, q, xf + scale);  // NaN/Inf anywhere: non-finite everywhere
+    store(out + o * inner + first, 1, count, codes ? sel(positive & is_finite, level, vf{}) : q);
   }
 }
 
@@ -537,7 +608,7 @@ void sawb(const T* x, O* out, int64_t numel, double c1, double c2, int bits, int
   if (scale_out != nullptr) *scale_out = scale;
   const float lowest = is_unsigned ? 0.0f : static_cast<float>(-half);
   const float highest = static_cast<float>(is_unsigned ? 2.0 * half - 1.0 : half - 1.0);
-  round_to_grid(x, out, numel, scale, lowest, highest, threads);
+  round_to_grid(x, out, 1, numel, Slices{nullptr, &scale, nullptr, 0}, lowest, highest, threads);
 }
 
 // ---- absmax: round-to-nearest on SR's grid (the INT8 forward) --------------------------------------
@@ -545,12 +616,16 @@ void sawb(const T* x, O* out, int64_t numel, double c1, double c2, int bits, int
 // absmax.absmax_math: level = round(x / scale) clamped to [-L, L] (a guard: the scale is rounded up),
 // q = level · scale, exact in T; the scale is SR's (sr_scale). Deterministic: no uniforms.
 template <typename T, typename O>
-void absmax(const T* x, O* out, int64_t numel, int bits, float* scale_out, int threads) {
-  const float amax = amax_of(x, numel, threads);
-  const float scale = sr_scale<T>(amax, bits);  // 0 for amax 0; amax itself where it is not finite
-  if (scale_out != nullptr) *scale_out = amax == 0.0f ? 1.0f : scale;
+void absmax(const T* x, O* out, int64_t outer, int64_t inner, int bits, float* scale_out, int64_t slices,
+            const int64_t* s_outer, int64_t s_inner, int threads) {
+  const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, threads);
+  std::vector<float> scale(amax.size());
+  for (size_t i = 0; i < amax.size(); ++i) {
+    scale[i] = sr_scale<T>(amax[i], bits);  // 0 for amax 0; amax itself where it is not finite
+    if (scale_out != nullptr) scale_out[i] = amax[i] == 0.0f ? 1.0f : scale[i];
+  }
   const float levels = static_cast<float>((1 << (bits - 1)) - 1);
-  round_to_grid(x, out, numel, scale, -levels, levels, threads);
+  round_to_grid(x, out, outer, inner, Slices{nullptr, scale.data(), s_outer, s_inner}, -levels, levels, threads);
 }
 
 // ---- the int8 GEMM's scaling, for eager calls of nm.int8_mm (in graphs Inductor fuses int8.scaled_sums) -----
@@ -623,19 +698,21 @@ void nm_greedy(int dtype, const void* x, void* out, int64_t outer, int64_t k, in
 
 // The elementwise stochastic quantizers share one entry-point signature (kernels/cpu.py): nm_<name>
 // with the kernel's int parameter (LUQ: its top exponent, SR: its bits). With ``codes`` they write the
-// int8 codes there (and the scale to scale_out) instead of the values to ``out``.
+// int8 codes there (and the scale(s) to scale_out) instead of the values to ``out``. One scale per tensor
+// (slices = 1, s_outer null), or one per slice: element (o, i) in slice s_outer[o] + i·s_inner.
 #define NM_STOCHASTIC_ENTRY(name)                                                                          \
   void nm_##name(int dtype, const void* x, void* out, int8_t* codes, float* scale_out, int64_t outer,        \
                  int64_t inner, int param, int samples, const float* u, const int64_t* seeds,                \
-                 const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int threads) {                   \
+                 const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int64_t slices,                  \
+                 const int64_t* s_outer, int64_t s_inner, int threads) {                                     \
     with_dtype(dtype, [&](auto tag) {                                                                        \
       using T = NM_ELEMENT(tag);                                                                             \
       if (codes != nullptr)                                                                                  \
         name(static_cast<const T*>(x), codes, scale_out, outer, inner, param, samples, u, seeds, u_outer,    \
-             u_sample, u_inner, threads);                                                                    \
+             u_sample, u_inner, slices, s_outer, s_inner, threads);                                          \
       else                                                                                                   \
         name(static_cast<const T*>(x), static_cast<T*>(out), scale_out, outer, inner, param, samples, u,     \
-             seeds, u_outer, u_sample, u_inner, threads);                                                    \
+             seeds, u_outer, u_sample, u_inner, slices, s_outer, s_inner, threads);                          \
     });                                                                                                      \
   }
 
@@ -652,12 +729,15 @@ void nm_sawb(int dtype, const void* x, void* out, int8_t* codes, int64_t numel, 
   });
 }
 
-void nm_absmax(int dtype, const void* x, void* out, int8_t* codes, int64_t numel, int bits, float* scale_out,
-               int threads) {
+void nm_absmax(int dtype, const void* x, void* out, int8_t* codes, int64_t outer, int64_t inner, int bits,
+               float* scale_out, int64_t slices, const int64_t* s_outer, int64_t s_inner, int threads) {
   with_dtype(dtype, [&](auto tag) {
     using T = NM_ELEMENT(tag);
-    if (codes != nullptr) absmax(static_cast<const T*>(x), codes, numel, bits, scale_out, threads);
-    else absmax(static_cast<const T*>(x), static_cast<T*>(out), numel, bits, scale_out, threads);
+    if (codes != nullptr)
+      absmax(static_cast<const T*>(x), codes, outer, inner, bits, scale_out, slices, s_outer, s_inner, threads);
+    else
+      absmax(static_cast<const T*>(x), static_cast<T*>(out), outer, inner, bits, scale_out, slices, s_outer, s_inner,
+             threads);
   });
 }
 

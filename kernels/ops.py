@@ -14,6 +14,8 @@ torch math of ``sparsity``/``luq``/``sawb``, which gives the same results. Outpu
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -22,10 +24,11 @@ from .absmax import absmax_math, check_bits as check_absmax_bits
 from .fp8 import luq_codes, luq_format, sawb_codes
 from .int8 import int8_codes
 from .grouping import uniform_shape
-from .catalog import LUQ, OpSpec, ops_of
+from .catalog import ABSMAX, LUQ, OpSpec, ops_of
 from .luq import luq_levels, luq_noise_shape
 from .random import draw_seed, uniform
 from .sawb import SAWB_COEFFICIENTS, sawb_math, scale_bits
+from .scales import check_dim
 from .sparsity import greedy_math, mvue_math
 
 
@@ -150,15 +153,19 @@ def _define_stochastic(spec: OpSpec) -> None:
 
     def on_cpu(x, u, *args):
         _check_samples(x, u, spec.name)
+        given = params(args)
         if not _on_cpu_kernels(x):
-            return _stochastic_torch(spec, x, u, params(args))
-        return cpu.stochastic(spec.name, x, u, spec.kernel_arg(params(args)))
+            return _stochastic_torch(spec, x, u, given)
+        return cpu.stochastic(spec.name, x, u, spec.kernel_arg(given), dim=_dim(x, given, spec))
 
     def on_cuda(x, u, *args):
         _check_samples(x, u, spec.name)
+        given = params(args)
+        if _dim(x, given, spec) is not None:  # the Triton kernels take one scale per tensor
+            return _stochastic_torch(spec, x, u, given)
         kernel = getattr(cuda, spec.name)
-        return _triton(x, lambda: kernel(x, u, spec.kernel_arg(params(args))),
-                       lambda: _stochastic_torch(spec, x, u, params(args)), spec.name)
+        return _triton(x, lambda: kernel(x, u, spec.kernel_arg(given)),
+                       lambda: _stochastic_torch(spec, x, u, given), spec.name)
 
     op = torch.library.custom_op(f"nm::{spec.name}", portable, mutates_args=(), schema=spec.schema)
     op.register_kernel("cpu")(on_cpu)
@@ -192,11 +199,13 @@ def _define_int8(spec: OpSpec, params) -> None:
         given = _int8_params(spec, x, u, params(args))
         if not _on_cpu_kernels(x):
             return portable(x, u, *args)
-        return cpu.stochastic(spec.name, x, u, spec.kernel_arg(given), codes=True)
+        return cpu.stochastic(spec.name, x, u, spec.kernel_arg(given), codes=True, dim=_dim(x, given, spec))
 
     def on_cuda(x, u, *args):
         _check_samples(x, u, spec.int8_op)
         given = _int8_params(spec, x, u, params(args))
+        if _dim(x, given, spec) is not None:
+            return portable(x, u, *args)
         return _triton(x, lambda: getattr(cuda, spec.name)(x, u, spec.kernel_arg(given), codes=torch.int8),
                        lambda: portable(x, u, *args), spec.int8_op)
 
@@ -204,7 +213,7 @@ def _define_int8(spec: OpSpec, params) -> None:
     op = torch.library.custom_op(f"nm::{spec.int8_op}", portable, mutates_args=(), schema=schema)
     op.register_kernel("cpu")(on_cpu)
     op.register_kernel("cuda")(on_cuda)
-    op.register_fake(lambda x, u, *args: _codes_fake(x, torch.int8))
+    op.register_fake(lambda x, u, *args: _codes_fake(x, torch.int8, _dim(x, params(args), spec)))
 
 
 for _spec in ops_of(kind="quantize", stage="gradient"):
@@ -247,8 +256,18 @@ def _(x, bits):
 # -- per-tensor scale (kernels/fp8.py); codes·scale is bit for bit what nm.luq / nm.sawb return.
 
 
-def _codes_fake(x: Tensor, fmt: torch.dtype) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x, dtype=fmt), x.new_empty((), dtype=torch.float32)
+def _dim(x: Tensor, params: dict, spec: OpSpec) -> Optional[int]:
+    """The op's scale dim (0..x.dim()-1), None for one scale per tensor."""
+    return check_dim(x, params.get("dim"), spec.name)
+
+
+def _scale_shape(x: Tensor, dim: Optional[int]) -> tuple:
+    """One scale per tensor (0-d), or one per slice along ``dim`` (x's shape, 1 at ``dim``)."""
+    return () if dim is None else (*x.shape[:dim], 1, *x.shape[dim + 1:])
+
+
+def _codes_fake(x: Tensor, fmt: torch.dtype, dim: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(x, dtype=fmt), x.new_empty(_scale_shape(x, dim), dtype=torch.float32)
 
 
 @torch.library.custom_op("nm::sawb_fp8", mutates_args=())
@@ -273,32 +292,31 @@ def _(x, bits):
     return _codes_fake(x, torch.float8_e4m3fn)
 
 
-def _luq_top(x: Tensor, u: Tensor, bits: int, levels: str) -> int:
-    top = luq_levels(bits, levels) - 1
-    fmt, why = luq_format(top, _samples(x, u))
-    if fmt is None:
-        raise ValueError(f"nm.luq_fp8: {why}")
-    return top
+def _luq_top(x: Tensor, u: Tensor, bits: int, levels: str, dim: Optional[int] = None) -> int:
+    form = LUQ.form({"bits": bits, "levels": levels, "samples": _samples(x, u), "dim": dim})
+    if form.float8 is None:
+        raise ValueError(f"nm.luq_fp8: {form.why}")
+    return luq_levels(bits, levels) - 1
 
 
-@torch.library.custom_op("nm::luq_fp8", mutates_args=())
-def luq_fp8(x: Tensor, u: Tensor, bits: int, levels: str) -> tuple[Tensor, Tensor]:
-    """``nm.luq(x, u, bits, levels)`` (one sample) as float8 codes (e4m3fn up to 5 bits, e5m2 for
-    6; x's layout) and its fp32 scale."""
-    return luq_codes(torch.ops.nm.luq.default(x, u, bits, levels), _luq_top(x, u, bits, levels))
+@torch.library.custom_op("nm::luq_fp8", mutates_args=(), schema=LUQ.schema.replace("-> Tensor", "-> (Tensor, Tensor)"))
+def luq_fp8(x: Tensor, u: Tensor, bits: int, levels: str, dim: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """``nm.luq(x, u, bits, levels)`` (one sample, one scale per tensor) as float8 codes (e4m3fn up to 5
+    bits, e5m2 for 6; x's layout) and its fp32 scale."""
+    return luq_codes(torch.ops.nm.luq.default(x, u, bits, levels), _luq_top(x, u, bits, levels, dim))
 
 
 @luq_fp8.register_kernel("cuda")
-def _(x, u, bits, levels):
-    top = _luq_top(x, u, bits, levels)
+def _(x, u, bits, levels, dim=None):
+    top = _luq_top(x, u, bits, levels, dim)
     return _triton(x, lambda: cuda.luq(x, u, top, codes=luq_format(top, 1)[0]),
                    lambda: luq_codes(_stochastic_torch(LUQ, x, u, {"bits": bits, "levels": levels}), top),
                    "luq_fp8")
 
 
 @luq_fp8.register_fake
-def _(x, u, bits, levels):
-    return _codes_fake(x, luq_format(_luq_top(x, u, bits, levels), 1)[0])
+def _(x, u, bits, levels, dim=None):
+    return _codes_fake(x, luq_format(_luq_top(x, u, bits, levels, dim), 1)[0])
 
 
 def _nonzero_scale(codes: Tensor, scale: Tensor) -> tuple[Tensor, Tensor]:
@@ -336,49 +354,52 @@ def _(x, bits):
 # -- absmax: round-to-nearest INT8 (or narrower) forward quantization (kernels/absmax.py)
 
 
-def _absmax_torch(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    q, scale = absmax_math(x, bits)
+def _absmax_torch(x: Tensor, bits: int, dim: Optional[int]) -> tuple[Tensor, Tensor]:
+    q, scale = absmax_math(x, bits, dim)
     return _like(x, q), scale
 
 
-@torch.library.custom_op("nm::absmax", mutates_args=())
-def absmax(x: Tensor, bits: int) -> Tensor:
-    """Round-to-nearest ``bits``-bit quantization of ``x`` with a per-tensor absmax scale (straight-through
-    gradient)."""
-    return _absmax_torch(x, bits)[0]
+@torch.library.custom_op("nm::absmax", mutates_args=(), schema=ABSMAX.schema)
+def absmax(x: Tensor, bits: int, dim: Optional[int] = None) -> Tensor:
+    """Round-to-nearest ``bits``-bit quantization of ``x`` with an absmax scale per tensor, or per slice
+    along ``dim`` (straight-through gradient)."""
+    return _absmax_torch(x, bits, dim)[0]
 
 
 @absmax.register_kernel("cpu")
-def _(x, bits):
+def _(x, bits, dim=None):
     check_absmax_bits(bits)
-    return cpu.absmax(x, bits) if _on_cpu_kernels(x) else _absmax_torch(x, bits)[0]
+    dim = check_dim(x, dim, "absmax")
+    return cpu.absmax(x, bits, dim=dim) if _on_cpu_kernels(x) else _absmax_torch(x, bits, dim)[0]
 
 
 @absmax.register_fake
-def _(x, bits):
+def _(x, bits, dim=None):
     return torch.empty_like(x)
 
 
-def _absmax_int8_torch(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    q, scale = _absmax_torch(x, bits)
+def _absmax_int8_torch(x: Tensor, bits: int, dim: Optional[int]) -> tuple[Tensor, Tensor]:
+    q, scale = _absmax_torch(x, bits, dim)
     return int8_codes(q, scale), scale
 
 
-@torch.library.custom_op("nm::absmax_int8", mutates_args=())
-def absmax_int8(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """``nm.absmax(x, bits)`` as int8 codes (x's layout) and its fp32 scale."""
-    return _absmax_int8_torch(x, bits)
+@torch.library.custom_op("nm::absmax_int8", mutates_args=(),
+                         schema=ABSMAX.schema.replace("-> Tensor", "-> (Tensor, Tensor)"))
+def absmax_int8(x: Tensor, bits: int, dim: Optional[int] = None) -> tuple[Tensor, Tensor]:
+    """``nm.absmax(x, bits, dim)`` as int8 codes (x's layout) and its fp32 scale(s)."""
+    return _absmax_int8_torch(x, bits, dim)
 
 
 @absmax_int8.register_kernel("cpu")
-def _(x, bits):
+def _(x, bits, dim=None):
     check_absmax_bits(bits)
-    return cpu.absmax(x, bits, codes=True) if _on_cpu_kernels(x) else _absmax_int8_torch(x, bits)
+    dim = check_dim(x, dim, "absmax_int8")
+    return cpu.absmax(x, bits, codes=True, dim=dim) if _on_cpu_kernels(x) else _absmax_int8_torch(x, bits, dim)
 
 
 @absmax_int8.register_fake
-def _(x, bits):
-    return _codes_fake(x, torch.int8)
+def _(x, bits, dim=None):
+    return _codes_fake(x, torch.int8, check_dim(x, dim, "absmax_int8"))
 
 
 @torch.library.custom_op("nm::seeds", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
@@ -399,5 +420,9 @@ def _sawb_backward(ctx, grad):
     return grad, None  # straight-through estimator
 
 
+def _absmax_backward(ctx, grad):
+    return grad, None, None  # straight-through estimator
+
+
 sawb.register_autograd(_sawb_backward)
-absmax.register_autograd(_sawb_backward)
+absmax.register_autograd(_absmax_backward)

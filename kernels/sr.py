@@ -50,17 +50,20 @@ finite value), as SAWB does: finite, and biased only for elements within one lev
 value. Gradients in that range have already overflowed in any practical sense.
 
 NaN/Inf anywhere make the whole output non-finite (``xf + amax``), an all-zero tensor gives zeros,
-as ``luq_math``. ``sr_math`` is the portable implementation and the specification of the CPU kernel
-(``nm_cpu.cpp``, ``nm_sr``) and the Triton kernel (``cuda.sr``): the same fp32 operations in the same
-order, so all three give the same bits.
+as ``luq_math``. With ``dim`` there is one scale per slice along ``dim`` (``kernels/scales.py``) and
+every rule above holds slice by slice. ``sr_math`` is the portable implementation and the specification of
+the CPU kernel (``nm_cpu.cpp``, ``nm_sr``) and the Triton kernel (``cuda.sr``; one scale per tensor): the same
+fp32 operations in the same order, so all three give the same bits.
 """
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
 from .sawb import scale_bits
+from .scales import amax_of, check_dim
 
 BITS = range(2, 9)
 
@@ -118,15 +121,17 @@ def sr_scale(amax: torch.Tensor, dtype: torch.dtype, bits: int) -> torch.Tensor:
     return torch.clamp_max(scale, largest_scale(keep)).float()  # NaN stays NaN, Inf is capped
 
 
-def sr_math(x: torch.Tensor, u: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize ``x`` with uniforms ``u`` of shape ``(samples, *x.shape)``; returns the mean of the
-    samples in x's dtype. NaN/Inf anywhere make the whole output non-finite."""
+def sr_math(x: torch.Tensor, u: torch.Tensor, bits: int, dim: Optional[int] = None) -> torch.Tensor:
+    """Quantize ``x`` with uniforms ``u`` of shape ``(samples, *x.shape)``, one scale per tensor or per
+    slice along ``dim``; returns the mean of the samples in x's dtype. NaN/Inf anywhere make the whole
+    output (its slice's) non-finite."""
     check_bits(bits)
+    dim = check_dim(x, dim, "sr")
     if x.numel() == 0:
         return torch.empty_like(x)
     levels = sr_levels(bits)
     xf = x.float()
-    amax = xf.abs().amax()
+    amax = amax_of(xf, dim)
     scale = sr_scale(amax, x.dtype, bits)
     safe = torch.where(scale > 0, scale, 1.0)  # all-zero tensor (its output is x below)
     v = torch.clamp_max(xf.abs() / safe, float(levels))  # ≤ L already (see the module docstring)
@@ -145,9 +150,9 @@ def sr_math(x: torch.Tensor, u: torch.Tensor, bits: int) -> torch.Tensor:
     return q.to(x.dtype)
 
 
-def sr_scale_of(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """The scale of x's SR codes (one sample: the output is codes |c| <= L times it, exactly); 1 for
-    an all-zero x, non-finite with x."""
-    amax = x.float().abs().amax() if x.numel() else torch.zeros((), device=x.device)
+def sr_scale_of(x: torch.Tensor, bits: int, dim: Optional[int] = None) -> torch.Tensor:
+    """The scale of x's SR codes (one sample: the output is codes |c| <= L times it, exactly), per
+    tensor or per slice along ``dim`` (keepdim); 1 for an all-zero x (slice), non-finite with it."""
+    amax = amax_of(x.float(), check_dim(x, dim, "sr"))
     scale = torch.where(torch.isfinite(amax), sr_scale(amax, x.dtype, bits), amax)  # Inf: not capped here
     return torch.where(amax == 0, 1.0, scale)

@@ -24,7 +24,8 @@ from typing import Callable, Optional
 
 import torch
 
-_GRADIENT_OPTIONS = ("sparsity", "method", "gemms", "quant", "bits", "levels", "smp")  # what compresses gradients
+# what compresses gradients
+_GRADIENT_OPTIONS = ("sparsity", "method", "gemms", "quant", "bits", "levels", "smp", "scales")
 
 
 @dataclasses.dataclass

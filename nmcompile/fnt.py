@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 # options that describe the forward quantization and where it applies: carried into the FNT phase
-_KEPT = ("fwd_quant", "fwd_bits", "include", "exclude", "keep_first_last", "inner")
+_KEPT = ("fwd_quant", "fwd_bits", "fwd_scales", "include", "exclude", "keep_first_last", "inner")
 
 
 def fnt_schedule(step: float, total: int, lr_start: float, lr_base: float) -> float:
@@ -61,6 +61,7 @@ def fnt_options(options: Optional[dict] = None) -> dict:
     out = {k: options[k] for k in _KEPT if k in options}
     if not out.get("fwd_quant"):
         out["fwd_quant"] = "sawb"
+        out.pop("fwd_scales", None)  # SAWB has one scale per tensor
     from nmcompile.passes import NMConfig
 
     NMConfig.from_options(out)  # fail early on bad values carried over

@@ -68,7 +68,7 @@ def layout_chain(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     return node, chain[::-1]
 
 
-def _feature_position(operand: fx.Node) -> Optional[int]:
+def feature_position(operand: fx.Node) -> Optional[int]:
     """Which dim of ``operand`` is the last (feature) dim of the tensor it was laid out from."""
     base, chain = layout_chain(operand)
     base_val = val(base)
@@ -94,6 +94,17 @@ def _feature_position(operand: fx.Node) -> Optional[int]:
             if pos is None:
                 return None
     return pos
+
+
+def last_dim_is_k(operand: fx.Node, k_dim: int) -> bool:
+    """Whether the last dim of the tensor ``operand`` is laid out from lands at the operand's dim ``k_dim``,
+    whole or split (into heads), never merged with other dims: then anything constant along that last
+    dim (per-row scales) is constant along ``k_dim``."""
+    source, out = val(layout_chain(operand)[0]), val(operand)
+    if source is None or out is None or feature_position(operand) != k_dim % out.dim():
+        return False
+    d, k = source.shape[-1], out.shape[k_dim]
+    return isinstance(d, int) and isinstance(k, int) and d % k == 0
 
 
 def _view_position(src, out, pos: int) -> Optional[int]:
@@ -136,7 +147,7 @@ def matmul_role(node: fx.Node, grad_is_left: bool, forward_partner: Optional[fx.
         if statically_known_true(k == rows) and not statically_known_true(k == cols):
             return "wgrad", "by sizes"
     operand = left if grad_is_left else right
-    pos = _feature_position(operand)
+    pos = feature_position(operand)
     nd = val(operand).dim()
     contracted = nd - 1 if grad_is_left else nd - 2
     other = nd - 2 if grad_is_left else nd - 1

@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 from nmcompile.kernels.catalog import OPS, OpSpec, ops_of
 from nmcompile.kernels.luq import LEVEL_KINDS
+from nmcompile.kernels.scales import GRANULARITIES
 from .roles import BACKWARD_ROLES
 
 METHODS = tuple(s.name for s in ops_of(kind="prune"))
@@ -49,6 +50,18 @@ def _int_in(key: str, value: Any, allowed) -> int:
     return value
 
 
+def _scales(key: str, value: Any, quant_key: str, quant: Optional[str]) -> None:
+    """``scales`` / ``fwd_scales``: one of GRANULARITIES, and "row" only for a quantizer that has per-row scales."""
+    _choice(key, value, GRANULARITIES)
+    if value == "row":
+        if quant is None:
+            raise ValueError(f"{key}='row' chooses the scales of {quant_key}, which is not set")
+        if not OPS[quant].row_scales:
+            rows = ", ".join(repr(s.name) for s in OPS.values() if s.row_scales)
+            raise ValueError(f"{key}='row' is not available for {quant_key}={quant!r} (one scale per tensor); "
+                             f"per-row scales: {rows}")
+
+
 def _regex(key: str, value: Any) -> Optional[str]:
     if value is None:
         return None
@@ -72,8 +85,10 @@ class NMConfig:
     bits: int = 4
     levels: str = "strict"
     smp: int = 1
+    scales: str = "tensor"
     fwd_quant: Optional[str] = None
     fwd_bits: int = 4
+    fwd_scales: str = "tensor"
     include: Optional[str] = None
     exclude: Optional[str] = None
     keep_first_last: bool = True
@@ -98,6 +113,8 @@ class NMConfig:
         if self.fwd_quant is not None:
             _choice("fwd_quant", self.fwd_quant, FWD_QUANTS)
         _int_in("fwd_bits", self.fwd_bits, OPS[self.fwd_quant or FWD_QUANTS[0]].bits)
+        _scales("scales", self.scales, "quant", self.quant)
+        _scales("fwd_scales", self.fwd_scales, "fwd_quant", self.fwd_quant)
         _regex("include", self.include)
         _regex("exclude", self.exclude)
         if not isinstance(self.keep_first_last, bool):
@@ -155,9 +172,12 @@ class NMConfig:
         if self.sparsity:
             parts.append(f"{self.method} {self.sparsity} on {'+'.join(self.gemms)}")
         if self.quant:
-            parts.append(OPS[self.quant].transform_label(self.params_for(OPS[self.quant])))
+            rows = {"dim": "K"} if self.scales == "row" else {}
+            parts.append(OPS[self.quant].transform_label({**self.params_for(OPS[self.quant]), **rows}))
         if self.fwd_quant:
-            parts.append(OPS[self.fwd_quant].transform_label(self.params_for(OPS[self.fwd_quant]), "forward"))
+            rows = {"dim": "K"} if self.fwd_scales == "row" else {}
+            parts.append(OPS[self.fwd_quant].transform_label({**self.params_for(OPS[self.fwd_quant]), **rows},
+                                                             "forward"))
         return ", ".join(parts) or "no transforms"
 
 
@@ -168,9 +188,10 @@ PRESETS: dict[str, dict] = {  # names NMCOMPILE_OPTIONS may hold instead of JSON
     "luq4": {"quant": "luq"},
     "luq4+sawb4": {"quant": "luq", "fwd_quant": "sawb"},
     "luq4+absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
-    # 8-bit unbiased gradient codes and 8-bit forward codes: every Linear GEMM on exact int8, for VNNI/AMX CPUs
-    # and sm80+ GPUs, where 4-bit codes would buy no GEMM time over 8-bit ones (docs/results.md §6)
-    "int8": {"quant": "sr", "bits": 8, "fwd_quant": "absmax", "fwd_bits": 8},
+    # 8-bit unbiased gradient codes (one scale per row along each GEMM's K) and 8-bit forward codes: every Linear
+    # GEMM on exact int8, for VNNI/AMX CPUs and sm80+ GPUs, where 4-bit codes would buy no GEMM time over 8-bit
+    # ones (docs/results.md §6, §7)
+    "int8": {"quant": "sr", "bits": 8, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8},
     "2:4+luq4": {"sparsity": "2:4", "quant": "luq"},
 }
 

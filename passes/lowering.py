@@ -31,7 +31,7 @@ import torch.fx as fx
 from nmcompile.kernels.catalog import OpSpec, spec_of
 from nmcompile.kernels.fp8 import E4M3, dequantize
 from nmcompile.kernels.gemm import DENSE, DENSE_USE, KERNELS, GemmKernel, cusparselt_version, int8_gemm
-from .analysis import layout_chain, module_path, val
+from .analysis import last_dim_is_k, layout_chain, module_path, val
 from .config import NMConfig
 from .records import GemmRecord, NodeInfo
 from .splice import atomic, splice
@@ -47,9 +47,12 @@ class _Operand:
     chain: list  # layout ops from base to node
     spec: Optional[OpSpec] = None  # the quantizer that produced it
     fp8: Optional[torch.dtype] = None  # its exact float8 format, if any
-    int8: bool = False  # it is exactly int8 codes times one scale
+    int8: bool = False  # it is exactly int8 codes times one scale (or one per row, constant along K)
     sparse24: bool = False  # at most 2 nonzeros in every aligned group of 4 along the GEMM's K
     why: str = ""  # why it is neither
+    k_dim: int = 0  # the GEMM's contracted dim of this operand
+    rows: bool = False  # its scales are per slice of its source (along ``scale_dim`` there)
+    scale_dim: Optional[int] = None
 
 
 def _params(node: fx.Node, spec: OpSpec) -> dict:
@@ -77,16 +80,31 @@ def _pruned(node) -> bool:
     return spec is not None and spec.kind == "prune"
 
 
+def _scales_along_k(o: _Operand) -> bool:
+    """Whether per-row scales of ``o``'s source are constant along the GEMM's K once laid out like the
+    operand (so that they factor out of it): the operand is the source itself, reduced along the scales'
+    dim, or the scales' dim is the source's last and lands at K (``analysis.last_dim_is_k``)."""
+    if not o.chain:
+        return o.scale_dim == o.k_dim
+    return o.scale_dim == val(o.base).dim() - 1 and last_dim_is_k(o.node, o.k_dim)
+
+
 def _classify(node: fx.Node, k_dim: int) -> _Operand:
     base, chain = layout_chain(node)
-    op = _Operand(node, base, chain)
+    op = _Operand(node, base, chain, k_dim=k_dim)
     spec = spec_of(getattr(base, "target", None))
     whys, prune = [], None
     if spec is not None and spec.kind == "quantize":
-        form = spec.form(_params(base, spec))
+        params = _params(base, spec)
+        form = spec.form(params)
         op.spec = spec
+        if form.rows:
+            op.rows, op.scale_dim = True, params["dim"] % val(base).dim()
         if spec.int8_op is None:
             whys.append(f"{spec.name} has no int8 codes op")
+        elif form.rows and not _scales_along_k(op):
+            whys.append(f"{spec.name}'s per-row scales vary along this GEMM's K (it contracts the dim they are "
+                        "per row of), so they do not factor out of an int8 GEMM")
         else:
             op.int8 = form.int8
             whys.append(form.int8_why)
@@ -213,13 +231,19 @@ class _Lowerer:
                     t = target(t, *args, **kwargs)
                 return t
 
+            def laid_out_scale(scale, codes):
+                """The scale(s) laid out like the operand: 0-d, or per row as [M, 1] / [1, N] (constant along K)."""
+                if not o.rows:
+                    return scale
+                return laid_out(scale.expand(codes.shape)).narrow(o.k_dim, 0, 1)
+
             if plan.kernel.codes is None:
                 i = take(o.node)
                 return lambda xs: (xs[i], None)
             if o.spec.stage == "forward":
                 codes, scale = self._codes_of_forward(o.base, o.spec, plan.kernel.codes)
                 i, j = take(codes), take(scale)
-                return lambda xs: (laid_out(xs[i]), xs[j])
+                return lambda xs: (laid_out(xs[i]), laid_out_scale(xs[j], xs[i]))
             # a gradient quantizer feeds this GEMM only: its codes are computed here, from its inputs
             tensors = [a for a in o.base.args if isinstance(a, fx.Node)]
             positions = [take(a) for a in tensors]
@@ -227,7 +251,7 @@ class _Lowerer:
 
             def gradient_codes(xs):
                 codes, scale = codes_of(*(xs[i] for i in positions))
-                return laid_out(codes), scale
+                return laid_out(codes), laid_out_scale(scale, codes)
 
             return gradient_codes
 

@@ -12,8 +12,8 @@ import torch.fx as fx
 
 from nmcompile.kernels.catalog import OPS
 from .analysis import (
-    CONV_BWD, CONV_FWD, MATMULS, forward_partners, is_fused_attention_backward, is_tangent, layout_chain,
-    matmul_operands, module_path, size_str, tangent_descendants, val,
+    CONV_BWD, CONV_FWD, MATMULS, forward_partners, is_fused_attention_backward, is_tangent, last_dim_is_k,
+    layout_chain, matmul_operands, module_path, size_str, tangent_descendants, val,
 )
 from .config import NMConfig
 from .ends import ModelEnds
@@ -35,7 +35,7 @@ class _Rewriter:
         self.roles = roles  # each backward matmul's role and why
         self.partners = partners  # seq_nr -> the forward GEMM a backward GEMM differentiates
         self.records: list[GemmRecord] = []
-        self.quantized: dict = {}  # forward operand source -> its SAWB-quantized node
+        self.quantized: dict = {}  # forward operand source -> (its quantized node, the Transform)
         self.quantized_gemms: set = set()  # forward GEMMs whose operands were quantized
         if decompose:
             from torch._inductor.decomposition import select_decomp_table
@@ -56,9 +56,23 @@ class _Rewriter:
 
         return compress
 
-    def _forward_transform(self, where: str) -> Transform:
+    def _forward_transform(self, where: str, dim: Optional[int] = None) -> Transform:
         spec = OPS[self.config.fwd_quant]
-        return Transform(spec.name, self.config.params_for(spec), where)
+        rows = {"dim": dim} if dim is not None else {}
+        return Transform(spec.name, {**self.config.params_for(spec), **rows}, where)
+
+    def _source_dim(self, operand: fx.Node, k_dim: int, rec: GemmRecord) -> Optional[int]:
+        """With ``fwd_scales="row"``: the dim of the tensor ``operand`` is laid out from that holds the
+        forward GEMM's K (its per-row scales are shared along it), None for one scale per tensor."""
+        if self.config.fwd_scales != "row":
+            return None
+        if last_dim_is_k(operand, k_dim):
+            return val(layout_chain(operand)[0]).dim() - 1
+        note = (f"{operand.name}: its K is not its source's last dim (or merges it with others), so one scale "
+                "per tensor")
+        if note not in rec.notes:
+            rec.notes.append(note)
+        return None
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def _record(self, node: fx.Node, op: str, role: str, shape: tuple) -> GemmRecord:
@@ -100,20 +114,22 @@ class _Rewriter:
         return True
 
     # -- forward quantization -------------------------------------------------------------------
-    def _quantize_source(self, operand: fx.Node, gemm: fx.Node) -> fx.Node:
-        """SAWB-quantize the tensor ``operand`` is laid out from; returns the operand rebuilt on it."""
+    def _quantize_source(self, operand: fx.Node, gemm: fx.Node, dim: Optional[int]) -> tuple:
+        """Quantize the tensor ``operand`` is laid out from (``dim``: its per-row scales' dim); returns the
+        operand rebuilt on it and the Transform. A source is quantized once, for its first GEMM."""
         base, chain = layout_chain(operand)
         if base not in self.quantized:
             anchor = base.next
             while anchor.op == "placeholder":  # keep placeholders first
                 anchor = anchor.next
-            quantize = self._forward_transform("W,X")
+            quantize = self._forward_transform("W,X", dim)
             info = NodeInfo(quantize.op, gemm.name, module_path(gemm), "fwd", bits=quantize.params["bits"])
             self.quantized[base] = splice(
                 self.graph, anchor, self._apply_fn([quantize]), [base], serves=gemm, info=info,
                 decompositions=self.decompositions,
-            )
-        return self._replay(chain, self.quantized[base], before=gemm)
+            ), quantize
+        node, quantize = self.quantized[base]
+        return self._replay(chain, node, before=gemm), quantize
 
     def _replay(self, chain: list, new_base: fx.Node, before: fx.Node) -> fx.Node:
         node = new_base
@@ -123,14 +139,15 @@ class _Rewriter:
                 node = self.graph.node_copy(link, lambda n, src=link.args[0], p=prev: p if n is src else n)
         return node
 
-    def _requantized(self, operand: fx.Node, gemm: fx.Node, partner: Optional[fx.Node]) -> Optional[fx.Node]:
-        """The backward GEMM's non-gradient operand rebuilt on its quantized source, when the forward
-        GEMM it differentiates was quantized (a source shared with a high-precision GEMM is not)."""
+    def _requantized(self, operand: fx.Node, gemm: fx.Node, partner: Optional[fx.Node]) -> Optional[tuple]:
+        """(the backward GEMM's non-gradient operand rebuilt on its quantized source, the Transform), when
+        the forward GEMM it differentiates was quantized (a source shared with a high-precision GEMM is not)."""
         if partner is not None and partner not in self.quantized_gemms:
             return None
         base, chain = layout_chain(operand)
         if base in self.quantized:
-            return self._replay(chain, self.quantized[base], before=gemm)
+            node, quantize = self.quantized[base]
+            return self._replay(chain, node, before=gemm), quantize
         return None
 
     def _kept(self, gemms: list) -> dict:
@@ -183,11 +200,14 @@ class _Rewriter:
                     continue
                 if not self._selected(rec):
                     continue
-                new = [self._quantize_source(operand, node) for operand in operands]  # insertions only
-                for operand, quantized in zip(operands, new):  # then the change
+                k_dims = (-1, -2) if node.target is not CONV_FWD else (None, None)  # conv: per tensor
+                new = [self._quantize_source(operand, node, None if k is None else self._source_dim(operand, k, rec))
+                       for operand, k in zip(operands, k_dims)]  # insertions only
+                for operand, (quantized, _) in zip(operands, new):  # then the change
                     node.replace_input_with(operand, quantized)
                 self.quantized_gemms.add(node)
-                rec.transforms.append(self._forward_transform("W,X"))
+                rows = [t for _, t in new if "dim" in t.params]
+                rec.transforms.append(rows[0] if len(rows) == len(new) else self._forward_transform("W,X"))
 
     # -- backward GEMMs -------------------------------------------------------------------------
     def _gradient_steps(self, rec: GemmRecord, role: str, k, dim: int, dim_name: str, group: int = 0,
@@ -220,7 +240,8 @@ class _Rewriter:
                     rec.notes.append(f"reduction size {k_int} not divisible by {m}: last {k_int % m} stay dense")
         if cfg.quant is not None and (ROLES[role].quantized or role in cfg.gemms):
             spec = OPS[cfg.quant]
-            steps.append(Transform(spec.name, cfg.params_for(spec)))
+            rows = {"dim": dim} if cfg.scales == "row" else {}  # one scale per row of the GEMM's output side
+            steps.append(Transform(spec.name, {**cfg.params_for(spec), **rows}))
         rec.transforms.extend(steps)
         return steps
 
@@ -300,8 +321,8 @@ class _Rewriter:
             changes = []  # (old input, new input): made once everything is inserted
             requant = self._requantized(other, node, partner)
             if requant is not None:
-                changes.append((other, requant))
-                rec.transforms.append(self._forward_transform(ROLES[role].other))
+                changes.append((other, requant[0]))
+                rec.transforms.append(Transform(requant[1].op, requant[1].params, ROLES[role].other))
             if self._selected(rec):
                 dim = val(grad).dim() - (1 if grad_left else 2)  # the reduction dim of the gradient operand
                 steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim, ROLES[role].reduces)
@@ -323,8 +344,7 @@ class _Rewriter:
         with self._transaction(*recs.values()):
             grad, x, w = node.args[0], node.args[1], node.args[2]
             partner = self.partners.get(node.meta.get("seq_nr"))
-            new_x = self._requantized(x, node, partner) or x
-            new_w = self._requantized(w, node, partner) or w
+            new_x, new_w = ((self._requantized(t, node, partner) or (t, None))[0] for t in (x, w))
             replaced = []  # (old getitem, its replacement): made once everything is inserted
             for index, role in roles:
                 rec = recs[index]

@@ -13,8 +13,9 @@ step, the same batches for every configuration.
 Configurations (``--configs``): Inductor in fp32 and under ``torch.autocast("cpu", torch.bfloat16)``
 (the baseline a CPU user has); backend nm with LUQ4 gradients and SAWB4 forward, and with LUQ4
 gradients and the absmax INT8 forward, each in fp32 and under bf16 autocast, default ``lowering``
-(auto: exact int8 GEMMs on CPUs with AVX512-VNNI or AMX); the ``int8`` preset (SR8 gradients, absmax8
-forward) in fp32; and torchao's int8 mixed-precision training
+(auto: exact int8 GEMMs on CPUs with AVX512-VNNI or AMX); the ``int8`` preset (SR8 gradients with per-row
+scales, absmax8 forward) in fp32, and the same with one SR8 scale per tensor; and torchao's int8
+mixed-precision training
 (``torchao.prototype.quantized_training.int8_mixed_precision_training``, compiled with Inductor) when
 torchao is installed.
 
@@ -54,7 +55,7 @@ from nmcompile.passes.config import PRESETS  # noqa: E402
 
 LUQ_SAWB = {"quant": "luq", "fwd_quant": "sawb"}
 LUQ_INT8 = {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8}
-INT8 = PRESETS["int8"]  # SR8 gradients, absmax8 forward
+INT8 = PRESETS["int8"]  # SR8 gradients (per-row scales), absmax8 forward
 # name -> (backend options: None for inductor, "torchao" for the peer; bf16 autocast)
 CONFIGS = {
     "inductor fp32": (None, False),
@@ -62,6 +63,7 @@ CONFIGS = {
     "nm luq4+sawb4": (LUQ_SAWB, False),
     "nm luq4+int8fwd": (LUQ_INT8, False),
     "nm int8": (INT8, False),
+    "nm int8 tensor-sr8": ({**INT8, "scales": "tensor"}, False),
     "nm luq4+sawb4 bf16": (LUQ_SAWB, True),
     "nm luq4+int8fwd bf16": (LUQ_INT8, True),
     "torchao int8 mp": ("torchao", False),

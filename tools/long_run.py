@@ -54,9 +54,15 @@ RECIPES = {
     "luq4 + sawb4": {"quant": "luq", "fwd_quant": "sawb"},
     "luq4 + absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
     "sr4": {"quant": "sr"},
-    "int8": PRESETS["int8"],  # SR8 gradients + absmax8 forward: every Linear GEMM on exact int8
-    "sr8": {"quant": "sr", "bits": 8},  # the int8 preset's two halves, each alone
+    # SR8 gradients + absmax8 forward, every Linear GEMM on exact int8: the int8 preset (per-row SR8 scales
+    # along each GEMM's K, kernels/scales.py), the same with one scale per tensor, and its two halves alone
+    "int8, row sr8": PRESETS["int8"],
+    "int8, tensor sr8": {**PRESETS["int8"], "scales": "tensor"},
+    "sr8": {"quant": "sr", "bits": 8},
     "absmax8": {"fwd_quant": "absmax", "fwd_bits": 8},
+    "int8, row sr8 + row absmax8": {**PRESETS["int8"], "fwd_scales": "row"},
+    "luq4, row": {"quant": "luq", "scales": "row"},
+    "luq4 + absmax8, row": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8, "scales": "row"},
 }
 FNT_OF = "luq4 + sawb4"
 # runs under PrecisionSwitch: name -> (the recipe it starts with, what it switches to)

@@ -527,7 +527,7 @@ def _nm(b: _OnnxBuilder, node: fx.Node, out):
     info, spec = nm_attrs(node), nm_spec(node)
     inputs = 2 if spec.sampled else 1
     return b.emit(spec.onnx_type, [b.value(a) for a in node.args[:inputs]], domain=NM_DOMAIN,
-                  **{key: info[key] for key in spec.onnx_attrs})[0]
+                  **{key: info[key] for key in spec.onnx_attrs if info.get(key) is not None})[0]
 
 
 def _codes(spec, codes: str):
@@ -538,7 +538,8 @@ def _codes(spec, codes: str):
         params = dict(zip(spec.args, node.args[1:]))
         inputs = 2 if spec.sampled else 1
         return b.emit(spec.onnx_type, [b.value(a) for a in node.args[:inputs]], [f"{node.name}_0", f"{node.name}_1"],
-                      domain=NM_DOMAIN, codes=codes, **{key: params[key] for key in spec.onnx_attrs})
+                      domain=NM_DOMAIN, codes=codes,
+                      **{key: params[key] for key in spec.onnx_attrs if params.get(key) is not None})
 
     return handle
 

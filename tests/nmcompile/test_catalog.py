@@ -21,15 +21,19 @@ from nmcompile.report import tensor_core_speedup
 from tests.models import MLP
 
 SPECS = list(OPS.values())
+# every op, and every quantizer once more with per-row scales: (spec, rows)
+VARIANTS = [(s, False) for s in SPECS] + [(s, True) for s in SPECS if s.row_scales]
+IDS = [s.name + ("/row" if rows else "") for s, rows in VARIANTS]
 
 
-def options_for(spec: OpSpec) -> dict:
+def options_for(spec: OpSpec, rows: bool = False) -> dict:
     """Backend options under which the rewrite applies ``spec`` (every GEMM it can serve)."""
+    scales = "row" if rows else "tensor"
     if spec.kind == "prune":
         return {"sparsity": "2:4", "method": spec.name, "gemms": ["wgrad", "dgrad"]}
     if spec.stage == "gradient":
-        return {"quant": spec.name}
-    return {"fwd_quant": spec.name, "keep_first_last": False}
+        return {"quant": spec.name, "scales": scales}
+    return {"fwd_quant": spec.name, "keep_first_last": False, "fwd_scales": scales}
 
 
 def example_params(spec: OpSpec) -> dict:
@@ -46,9 +50,9 @@ def model_and_input():
 def runs():
     """Each op's graphs as the rewrite leaves them (emulated: the op itself, not its codes form)."""
     out = {}
-    for spec in SPECS:
+    for (spec, rows), name in zip(VARIANTS, IDS):
         model, x = model_and_input()
-        out[spec.name] = run_captured(model, (x,), {**options_for(spec), "lowering": "emulate"})
+        out[name] = run_captured(model, (x,), {**options_for(spec, rows), "lowering": "emulate"})
     return out
 
 
@@ -85,10 +89,10 @@ def test_every_description_is_complete(spec):
             assert hasattr(cpu.library(), f"nm_{spec.name}")
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
-def test_every_op_reaches_every_consumer(spec, runs):
-    run = runs[spec.name]
-    options = options_for(spec)
+@pytest.mark.parametrize("spec,rows", VARIANTS, ids=IDS)
+def test_every_op_reaches_every_consumer(spec, rows, runs):
+    run = runs[spec.name + ("/row" if rows else "")]
+    options = options_for(spec, rows)
     # config and its description
     label = spec.label(NMConfig(**options).params_for(spec)) if spec.kind == "quantize" else spec.name
     assert label in NMConfig(**options).describe()
@@ -125,21 +129,22 @@ def test_every_op_reaches_every_consumer(spec, runs):
     assert any(name.startswith(f"nm::{spec.name} ") for name in annotator.ranges)
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
-def test_every_op_is_exported_to_onnx(spec, runs):
+@pytest.mark.parametrize("spec,rows", VARIANTS, ids=IDS)
+def test_every_op_is_exported_to_onnx(spec, rows, runs):
     pytest.importorskip("onnx")
     from nmcompile.export import to_onnx
 
-    model = to_onnx(runs[spec.name].graphs[0].joint, "g0_joint", strip_stack_traces=True)
+    model = to_onnx(runs[spec.name + ("/row" if rows else "")].graphs[0].joint, "g0_joint", strip_stack_traces=True)
     ours = [n for n in model.graph.node if n.domain == "com.nmcompile" and n.op_type == spec.onnx_type]
-    assert ours and {a.name for a in ours[0].attribute} == set(spec.onnx_attrs)
+    per_tensor = spec.kind == "quantize" and not rows  # a quantizer's dim: only where its scales are per row
+    assert ours and {a.name for a in ours[0].attribute} == set(spec.onnx_attrs) - ({"dim"} if per_tensor else set())
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
-def test_every_rewritten_gemm_gets_a_kernel_or_a_reason(spec):
+@pytest.mark.parametrize("spec,rows", VARIANTS, ids=IDS)
+def test_every_rewritten_gemm_gets_a_kernel_or_a_reason(spec, rows):
     """Under lowering="native" an op either feeds a low-precision kernel or its GEMMs say why not."""
     model, x = model_and_input()
-    run = run_captured(model, (x,), {**options_for(spec), "lowering": "native"})
+    run = run_captured(model, (x,), {**options_for(spec, rows), "lowering": "native"})
     touched = [r for r in run.records if r.transforms and not r.skipped]
     assert touched
     assert all(r.kernel != DENSE_USE or r.kernel_note for r in touched)
@@ -148,15 +153,15 @@ def test_every_rewritten_gemm_gets_a_kernel_or_a_reason(spec):
         assert any(r.kernel.spec.codes == "int8" for r in touched if r.role == "fwd")
     if spec.codes_op is not None and exact.float8 is not None and spec.stage == "forward":
         with cpu_reference_kernels():  # FP8 on CPU: the tests' scalar reference
-            run = run_captured(model, (x,), {**options_for(spec), "lowering": "native"})
+            run = run_captured(model, (x,), {**options_for(spec, rows), "lowering": "native"})
         assert any(r.kernel.spec.float8 for r in run.records if r.transforms and r.role == "fwd")
 
 
-@pytest.mark.parametrize("spec", [s for s in SPECS if s.stage == "gradient"],
-                         ids=[s.name for s in SPECS if s.stage == "gradient"])
-def test_the_noise_monitor_measures_every_gradient_op(spec):
+@pytest.mark.parametrize("spec,rows", [v for v in VARIANTS if v[0].stage == "gradient"],
+                         ids=[i for v, i in zip(VARIANTS, IDS) if v[0].stage == "gradient"])
+def test_the_noise_monitor_measures_every_gradient_op(spec, rows):
     model, x = model_and_input()
-    report = NoiseMonitor(model, options_for(spec), draws=2).measure(x)
+    report = NoiseMonitor(model, options_for(spec, rows), draws=2).measure(x)
     measured = [g for g in report.gemms if any(t.startswith(spec.name) for t in g.transforms)]
     assert measured and all(g.compression_noise is not None for g in measured)
 

@@ -157,14 +157,17 @@ def calls_of(report: Report) -> list:
 
 
 INT8_FWD = {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8, "keep_first_last": False}
-INT8_PRESET = {**PRESETS["int8"], "keep_first_last": False}  # SR8 gradients, absmax8 forward
+INT8_PRESET = {**PRESETS["int8"], "keep_first_last": False}  # SR8 gradients (per-row scales), absmax8 forward
+INT8_TENSOR = {**INT8_PRESET, "scales": "tensor"}  # one SR8 scale per tensor
+INT8_ROWS = {**INT8_PRESET, "fwd_scales": "row"}  # per-row scales on both sides
 CASES = [  # (model, options, autocast, kernels: "fp8" the GPU graph's FP8 / 2:4, "int8" the CPU default)
     ("mlp", LUQ_SAWB, False, "fp8"), ("mlp", SPARSE, False, "fp8"), ("mlp", BOTH, False, "fp8"),
     ("mlp", BOTH, True, "fp8"), ("encoder", BOTH, False, "fp8"), ("encoder", LUQ_SAWB, True, "fp8"),
     ("conv", BOTH, False, "fp8"), ("addmm", BOTH, False, "fp8"), ("addmm", SPARSE, True, "fp8"),
     ("mlp", LUQ_SAWB, False, "int8"), ("mlp", BOTH, True, "int8"), ("encoder", INT8_FWD, True, "int8"),
     ("addmm", BOTH, False, "int8"), ("conv", INT8_FWD, False, "int8"),
-    ("encoder", INT8_PRESET, False, "int8"), ("mlp", INT8_PRESET, True, "int8"),
+    ("encoder", INT8_PRESET, False, "int8"), ("mlp", INT8_PRESET, True, "int8"), ("addmm", INT8_PRESET, True, "int8"),
+    ("encoder", INT8_TENSOR, True, "int8"), ("mlp", INT8_ROWS, False, "int8"),
 ]
 
 
@@ -196,17 +199,20 @@ def test_each_native_gemm_is_the_exact_product_of_its_operands(name, options, au
 
 @needs_int8
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("options", [BOTH, INT8_FWD], ids=["luq+sawb", "luq+absmax8"])
+@pytest.mark.parametrize("options", [BOTH, INT8_FWD, INT8_ROWS], ids=["luq+sawb", "luq+absmax8", "absmax8 per row"])
 def test_int8_scaling_fused_by_inductor_rounds_the_exact_product_once(options, autocast):
     """The forward of a one-GEMM layer under Inductor: its output is the int8 GEMM's scaled sums as
-    Inductor's fused kernel computes them, against ``nm.int8_mm`` on the codes of the same X and W."""
+    Inductor's fused kernel computes them, against ``nm.int8_mm`` on the codes of the same X and W
+    (per row: X's scales per row [T, 1]; W, stored [in, out], reduces over its first dim, so per tensor)."""
     model, x = model_and_input("addmm")
     y, _, rep = run(model, x, options, "auto", autocast)
     assert kernels(rep)[("", "fwd")] == "int8"
     dtype = torch.bfloat16 if autocast else torch.float32
     codes_op = getattr(torch.ops.nm, OPS[options["fwd_quant"]].int8_op)
     bits = options.get("fwd_bits", 4)
-    (cx, sx), (cw, sw) = codes_op(x.to(dtype), bits), codes_op(model.W.detach().to(dtype), bits)
+    rows = (1,) if options.get("fwd_scales") == "row" else ()
+    (cx, sx), (cw, sw) = codes_op(x.to(dtype), bits, *rows), codes_op(model.W.detach().to(dtype), bits)
+    assert sx.shape == ((x.shape[0], 1) if rows else ())
     expected = torch.ops.nm.int8_mm(cx, sx, cw, sw, model.b.detach().to(dtype), dtype)
     assert torch.equal(y, expected.float())
 
@@ -222,6 +228,26 @@ def test_the_int8_preset_runs_every_linear_gemm_of_a_transformer_block_on_int8(a
     assert len(linear) == 12 and all(g.kernel.spec.codes == "int8" for g in linear if g.kernel != "dense"), rep
     assert all(g.kernel != "dense" for g in linear), rep
     assert {g.role for g in rep.gemms if g.op == "bmm"} == {"fwd", "act_lhs", "act_rhs"}
+    # the SR8 scales are per row along each backward GEMM's own K: tokens for a wgrad, features for a dgrad
+    assert all("sr8/row" in g.transforms for g in linear if g.role != "fwd"), rep
+
+
+@needs_int8
+def test_per_row_forward_scales_keep_int8_only_where_they_factor_out_of_the_gemm():
+    """absmax8 per row of W and X along the forward GEMM's K: the forward GEMMs run on int8, except where the
+    operand's K merges its source's last dim with others (attention's heads into out_proj's input: per tensor,
+    with a note); the backward GEMMs that reuse W (dgrad, K = out) or X (wgrad, K = tokens) contract the dim
+    the scales vary along, so they stay dense and say why."""
+    model, x = model_and_input("encoder")
+    _, _, rep = run(model, x, INT8_ROWS, "auto", False)
+    linear = [g for g in rep.gemms if g.op in ("mm", "addmm")]
+    fwd = [g for g in linear if g.role == "fwd"]
+    assert all(g.kernel.spec.codes == "int8" for g in fwd), rep
+    assert sum("absmax8/row W,X" in g.transforms for g in fwd) == 3
+    merged = [g for g in fwd if "absmax8 W,X" in g.transforms]
+    assert len(merged) == 1 and "merges it with others" in merged[0].notes[0]
+    backward = [g for g in linear if g.role != "fwd" and any("/row" in t and "absmax" in t for t in g.transforms)]
+    assert backward and all(g.kernel == "dense" and "vary along this GEMM's K" in g.kernel_note for g in backward)
 
 
 # Steps in which every native GEMM's output is a result of the step (an output, or a gradient no one
