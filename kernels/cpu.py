@@ -32,6 +32,7 @@ import torch
 
 from .catalog import ops_of
 from .grouping import flat_plan, grouped_layout, prepare, sampled_layout, slice_strides
+from .scales import scale_shape
 
 SOURCE = pathlib.Path(__file__).with_name("nm_cpu.cpp")
 FLAGS = ["-O2", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17",
@@ -186,7 +187,7 @@ def _prune(x, u, n, m, dim, mvue):
 def _outputs(out: torch.Tensor, codes: bool, dim: Optional[int] = None):
     """(values tensor or None, int8 codes tensor or None, fp32 scale(s)): what a quantizer kernel writes,
     both in ``out``'s layout (x's, as the fake kernels promise); one scale, or one per slice along ``dim``."""
-    shape = () if dim is None else (*out.shape[:dim], 1, *out.shape[dim + 1:])
+    shape = scale_shape(out.shape, dim)
     scale = torch.zeros(shape, dtype=torch.float32)
     if codes:
         return None, torch.empty_like(out, dtype=torch.int8), scale

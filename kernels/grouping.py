@@ -11,6 +11,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .scales import scale_shape
+
 
 def split_groups(x: torch.Tensor, m: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Return ``(body, tail)``: body is ``[..., G, m]`` with ``dim`` moved last, tail the remainder."""
@@ -205,6 +207,6 @@ def sampled_layout(src: torch.Tensor, u: torch.Tensor, dim: Optional[int] = None
 
 def slice_strides(shape: tuple, dim: int) -> tuple:
     """Strides, per element of ``shape``, into its per-slice scales along ``dim`` (keepdim, contiguous)."""
-    strides = list(contiguous_strides((*shape[:dim], 1, *shape[dim + 1:])))
+    strides = list(contiguous_strides(scale_shape(shape, dim)))
     strides[dim] = 0
     return tuple(strides)

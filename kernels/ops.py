@@ -28,7 +28,7 @@ from .catalog import ABSMAX, LUQ, OpSpec, ops_of
 from .luq import luq_levels, luq_noise_shape
 from .random import draw_seed, uniform
 from .sawb import SAWB_COEFFICIENTS, sawb_math, scale_bits
-from .scales import check_dim
+from .scales import check_dim, scale_shape
 from .sparsity import greedy_math, mvue_math
 
 
@@ -261,13 +261,8 @@ def _dim(x: Tensor, params: dict, spec: OpSpec) -> Optional[int]:
     return check_dim(x, params.get("dim"), spec.name)
 
 
-def _scale_shape(x: Tensor, dim: Optional[int]) -> tuple:
-    """One scale per tensor (0-d), or one per slice along ``dim`` (x's shape, 1 at ``dim``)."""
-    return () if dim is None else (*x.shape[:dim], 1, *x.shape[dim + 1:])
-
-
 def _codes_fake(x: Tensor, fmt: torch.dtype, dim: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(x, dtype=fmt), x.new_empty(_scale_shape(x, dim), dtype=torch.float32)
+    return torch.empty_like(x, dtype=fmt), x.new_empty(scale_shape(x.shape, dim), dtype=torch.float32)
 
 
 @torch.library.custom_op("nm::sawb_fp8", mutates_args=())

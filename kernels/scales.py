@@ -27,6 +27,11 @@ import torch
 GRANULARITIES = ("tensor", "row")  # the backend options ``scales`` / ``fwd_scales``
 
 
+def scale_shape(shape: tuple, dim: Optional[int]) -> tuple:
+    """The shape of the scales: () for one per tensor, else ``shape`` with 1 at ``dim`` (keepdim)."""
+    return () if dim is None else (*shape[:dim], 1, *shape[dim + 1:])
+
+
 def amax_of(xf: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
     """max|xf| over the whole tensor (0-d) or over ``dim`` (keepdim: broadcasts against xf). NaN
     propagates; an empty reduction gives 0."""
@@ -34,7 +39,7 @@ def amax_of(xf: torch.Tensor, dim: Optional[int]) -> torch.Tensor:
     if dim is None:
         return a.amax() if a.numel() else torch.zeros((), device=xf.device)
     if a.shape[dim] == 0:
-        return a.new_zeros(a.shape[:dim] + (1,) + a.shape[dim + 1:])
+        return a.new_zeros(scale_shape(a.shape, dim))
     return a.amax(dim, keepdim=True)
 
 
