@@ -53,6 +53,7 @@ class _Operand:
     k_dim: int = 0  # the GEMM's contracted dim of this operand
     rows: bool = False  # its scales are per slice of its source (along ``scale_dim`` there)
     scale_dim: Optional[int] = None
+    fold: bool = False  # its per-row scales vary along K: it gives its codes, its scales fold into the other side
 
 
 def _params(node: fx.Node, spec: OpSpec) -> dict:
@@ -89,6 +90,22 @@ def _scales_along_k(o: _Operand) -> bool:
     return o.scale_dim == val(o.base).dim() - 1 and last_dim_is_k(o.node, o.k_dim)
 
 
+def _foldable(o: _Operand) -> bool:
+    """Whether per-row scales of ``o``'s source that vary along the GEMM's K depend on K alone: a 2D operand
+    whose other dim is laid out from the source's last dim (along which the scales are constant)."""
+    return val(o.node).dim() == 2 and o.scale_dim == val(o.base).dim() - 1 and last_dim_is_k(o.node, 1 - o.k_dim)
+
+
+def _takes_fold(o: _Operand) -> bool:
+    """Whether ``o`` is a gradient quantizer's output itself, so that scales along K can multiply its input."""
+    return o.spec is not None and o.spec.stage == "gradient" and not o.chain and o.int8
+
+
+def _varying_why(spec: OpSpec) -> str:
+    return (f"{spec.name}'s per-row scales vary along this GEMM's K (it contracts the dim they are per row of), so "
+            "they do not factor out of an int8 GEMM")
+
+
 def _classify(node: fx.Node, k_dim: int) -> _Operand:
     base, chain = layout_chain(node)
     op = _Operand(node, base, chain, k_dim=k_dim)
@@ -103,13 +120,18 @@ def _classify(node: fx.Node, k_dim: int) -> _Operand:
         if spec.int8_op is None:
             whys.append(f"{spec.name} has no int8 codes op")
         elif form.rows and not _scales_along_k(op):
-            whys.append(f"{spec.name}'s per-row scales vary along this GEMM's K (it contracts the dim they are "
-                        "per row of), so they do not factor out of an int8 GEMM")
+            if spec.stage == "forward" and _foldable(op):  # int8 if the other side takes the scales (_plan)
+                op.int8, op.fold = form.int8, True
+                whys.append(form.int8_why)
+            else:
+                whys.append(_varying_why(spec))
         else:
             op.int8 = form.int8
             whys.append(form.int8_why)
         if spec.codes_op is None:
             whys.append(f"{spec.name} has no float8 codes op")
+        elif form.rows:
+            whys.append(f"{spec.name} has per-row scales, and the FP8 GEMM takes one scale per tensor")
         else:
             op.fp8 = form.float8
             whys.append(form.why)
@@ -156,6 +178,15 @@ def _plan(node: Optional[fx.Node], rec: GemmRecord, lowering: str) -> _Plan:
     m, k = val(a).shape
     n = val(b).shape[1]
     left, right = _classify(a, 1), _classify(b, 0)
+    folds = []
+    for side, o, other in (("left", left, right), ("right", right, left)):
+        if o.fold and _takes_fold(other):
+            folds.append(f"the {side} operand's per-row scales, which vary along K, multiply the gradient before it is "
+                         "quantized (E[q(g·s)] @ codes = g @ (s·codes)), so the GEMM takes their int8 codes")
+        elif o.fold:
+            o.int8 = o.fold = False
+            o.why = "; ".join(w for w in (o.why, _varying_why(o.spec) + ", and the other operand is not a gradient "
+                                          "quantizer's own output to fold them into") if w)
     if not all(isinstance(size, int) for size in (m, n, k)) or not (_static_chain(left) and _static_chain(right)):
         return _Plan(DENSE, "symbolic shapes: native kernels need static sizes")
     capability = torch.cuda.get_device_capability(out.device) if out.device.type == "cuda" else None
@@ -176,6 +207,7 @@ def _plan(node: Optional[fx.Node], rec: GemmRecord, lowering: str) -> _Plan:
         if why is None:
             # a CPU's reference kernels are never the choice: naming them beside every choice is noise
             notes += [f"{k.name}: {w}" for k, w in skipped if not (out.device.type == "cpu" and k.cpu == "reference")]
+            notes += folds if kernel.codes == "int8" else []
             return _Plan(kernel, "; ".join(notes) or None, left, right)
         skipped.append((kernel, why))
     notes += [f"{k.name}: {w}" for k, w in skipped]
@@ -217,6 +249,7 @@ class _Lowerer:
 
     def lower(self, node: fx.Node, rec: GemmRecord, plan: _Plan) -> None:
         inputs: list = []
+        folded: list = []  # a forward operand's function of the inputs giving its scales along K (see _plan)
 
         def take(x) -> int:
             inputs.append(x)
@@ -243,6 +276,10 @@ class _Lowerer:
             if o.spec.stage == "forward":
                 codes, scale = self._codes_of_forward(o.base, o.spec, plan.kernel.codes)
                 i, j = take(codes), take(scale)
+                if o.fold and plan.kernel.codes == "int8":
+                    # its scales, constant along the other dim, laid out like the other operand's K: [1, K] / [K, 1]
+                    folded.append(lambda xs: laid_out(xs[j].expand(xs[i].shape)).narrow(1 - o.k_dim, 0, 1).t())
+                    return lambda xs: (laid_out(xs[i]), torch.ones((), dtype=torch.float32, device=xs[i].device))
                 return lambda xs: (laid_out(xs[i]), laid_out_scale(xs[j], xs[i]))
             # a gradient quantizer feeds this GEMM only: its codes are computed here, from its inputs
             tensors = [a for a in o.base.args if isinstance(a, fx.Node)]
@@ -250,7 +287,10 @@ class _Lowerer:
             codes_of = _codes_fn(o.spec, tuple(o.base.args[len(tensors):]), plan.kernel.codes)
 
             def gradient_codes(xs):
-                codes, scale = codes_of(*(xs[i] for i in positions))
+                args = [xs[i] for i in positions]
+                if folded:  # q(g·s) @ codes: unbiased for g @ (s·codes), as q(g) @ (s·codes) is
+                    args[0] = args[0].float() * folded[0](xs)
+                codes, scale = codes_of(*args)
                 return laid_out(codes), laid_out_scale(scale, codes)
 
             return gradient_codes

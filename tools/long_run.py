@@ -44,8 +44,8 @@ import nmcompile  # noqa: E402
 from nmcompile.demo.environment import environment  # noqa: E402
 from nmcompile.fnt import fnt_options, fnt_scheduler  # noqa: E402
 from nmcompile.passes import NMConfig  # noqa: E402
-from nmcompile.passes.config import PRESETS  # noqa: E402
 
+INT8_ROW_SR8 = {"quant": "sr", "bits": 8, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8}
 RECIPES = {
     "dense": {},
     "mvue 2:4": {"sparsity": "2:4"},
@@ -54,13 +54,16 @@ RECIPES = {
     "luq4 + sawb4": {"quant": "luq", "fwd_quant": "sawb"},
     "luq4 + absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
     "sr4": {"quant": "sr"},
-    # SR8 gradients + absmax8 forward, every Linear GEMM on exact int8: the int8 preset (per-row SR8 scales
-    # along each GEMM's K, kernels/scales.py), the same with one scale per tensor, and its two halves alone
-    "int8, row sr8": PRESETS["int8"],
-    "int8, tensor sr8": {**PRESETS["int8"], "scales": "tensor"},
+    # SR8 gradients + absmax8 forward, every Linear GEMM on exact int8 (written out, not read from PRESETS, so that
+    # a name keeps meaning what its saved runs ran): per-row SR8 scales along each GEMM's K (kernels/scales.py),
+    # the same with one scale per tensor, and its two halves alone
+    "int8, row sr8": INT8_ROW_SR8,
+    "int8, tensor sr8": {**INT8_ROW_SR8, "scales": "tensor"},
     "sr8": {"quant": "sr", "bits": 8},
     "absmax8": {"fwd_quant": "absmax", "fwd_bits": 8},
-    "int8, row sr8 + row absmax8": {**PRESETS["int8"], "fwd_scales": "row"},
+    # per-row absmax8 scales too, folded into the gradient where a backward GEMM contracts the dim they vary along.
+    # (Runs saved as "int8, row sr8 + row absmax8", before the fold, ran those backward GEMMs dense.)
+    "int8, row + row, folded": {**INT8_ROW_SR8, "fwd_scales": "row"},
     "luq4, row": {"quant": "luq", "scales": "row"},
     "luq4 + absmax8, row": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8, "scales": "row"},
 }

@@ -29,8 +29,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nmcompile
 from nmcompile.kernels import gemm
 from nmcompile.kernels.catalog import OPS
+from nmcompile.kernels.sr import sr_scale_of
 from nmcompile.passes.config import PRESETS
 from nmcompile.report import Report
+from tests.kernels.stats import max_z, variance_z
 from tests.models import MLP, AddmmLayer, ConvNet, Encoder
 
 LUQ_SAWB = {"quant": "luq", "fwd_quant": "sawb", "keep_first_last": False}
@@ -233,21 +235,92 @@ def test_the_int8_preset_runs_every_linear_gemm_of_a_transformer_block_on_int8(a
 
 
 @needs_int8
-def test_per_row_forward_scales_keep_int8_only_where_they_factor_out_of_the_gemm():
+def test_per_row_forward_scales_run_every_linear_gemm_on_int8_folding_the_scales_that_vary_along_k():
     """absmax8 per row of W and X along the forward GEMM's K: the forward GEMMs run on int8, except where the
     operand's K merges its source's last dim with others (attention's heads into out_proj's input: per tensor,
-    with a note); the backward GEMMs that reuse W (dgrad, K = out) or X (wgrad, K = tokens) contract the dim
-    the scales vary along, so they stay dense and say why."""
+    with a note). The backward GEMMs that reuse W (dgrad, K = out) or X (wgrad, K = tokens) contract the dim the
+    scales vary along: those scales multiply the SR8 gradient before it is quantized, so these GEMMs take the
+    forward codes and run on int8 too, and their notes say so."""
     model, x = model_and_input("encoder")
     _, _, rep = run(model, x, INT8_ROWS, "auto", False)
     linear = [g for g in rep.gemms if g.op in ("mm", "addmm")]
+    assert len(linear) == 12 and all(g.kernel.spec.codes == "int8" for g in linear), rep
     fwd = [g for g in linear if g.role == "fwd"]
-    assert all(g.kernel.spec.codes == "int8" for g in fwd), rep
     assert sum("absmax8/row W,X" in g.transforms for g in fwd) == 3
     merged = [g for g in fwd if "absmax8 W,X" in g.transforms]
     assert len(merged) == 1 and "merges it with others" in merged[0].notes[0]
-    backward = [g for g in linear if g.role != "fwd" and any("/row" in t and "absmax" in t for t in g.transforms)]
-    assert backward and all(g.kernel == "dense" and "vary along this GEMM's K" in g.kernel_note for g in backward)
+    folded = [g for g in linear if g.kernel_note and "multiply the gradient before it is quantized" in g.kernel_note]
+    # every dgrad reading a per-row W, every wgrad reading a per-row X: 4 + 3 (out_proj's X is per tensor)
+    assert sorted(g.role for g in folded) == ["dgrad"] * 4 + ["wgrad"] * 3, rep
+
+
+class _Bare(torch.nn.Module):  # y = x @ W.T: the gradient is the wgrad's left operand and the dgrad's left one
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.W = torch.nn.Parameter(torch.randn(d_out, d_in) / d_in**0.5)
+
+    def forward(self, x):
+        return x @ self.W.t()
+
+
+def _sr8_variance(v: torch.Tensor, dim: int) -> torch.Tensor:
+    """Per element of v, SR8's variance with one scale per slice along ``dim`` (kernels/sr.py):
+    (v' - lo)(lo + 1 - v')·scale², v' = |v| / scale."""
+    scale = sr_scale_of(v, 8, dim).double()
+    w = v.double().abs() / scale
+    frac = w - w.floor()
+    return frac * (1 - frac) * scale**2
+
+
+@needs_int8
+@pytest.mark.parametrize("layer", ["x @ W.T", "addmm(b, x, W)"])
+def test_folded_scales_keep_the_backward_gemms_unbiased_with_the_variance_derived_for_them(layer):
+    """A folded backward GEMM computes SR8(g·s) @ codes, where s·codes is the forward's per-row quantized operand:
+    E = g @ (s·codes), the product the emulated graph estimates, and Var(out[i, j]) = Σ_k Var(SR8(g·s)[i, k])·
+    codes[k, j]² with SR8's exact per-element variance (per row along K of g·s). 400 steps with a fixed upstream
+    gradient G (loss = sum(y·G)): each output element's mean within 5 standard errors of g @ (s·codes), and the
+    summed variance within 5 of its standard error of the derived one; the same bound rejects the variance of
+    SR8(g) @ (s·codes), the unfolded estimator."""
+    torch.manual_seed(0)
+    t, d_in, d_out = 64, 32, 24
+    model = _Bare(d_in, d_out) if layer == "x @ W.T" else AddmmLayer(d_in, d_out)
+    x, G = torch.randn(t, d_in) * torch.rand(t, 1) * 3, torch.randn(t, d_out) * torch.rand(1, d_out) * 2
+    options = {**INT8_ROWS, "inner": "aot_eager"}
+    compiled = torch.compile(model, backend="nm", options=options)
+    draws = {"dW": [], "dx": []}
+    with nmcompile.backend.recording() as records:
+        for _ in range(400):
+            xi = x.clone().requires_grad_(True)
+            (compiled(xi) * G).sum().backward()
+            draws["dW"].append(model.W.grad.clone())
+            draws["dx"].append(xi.grad.clone())
+            model.zero_grad(set_to_none=True)
+    rep = Report(list(records), {})
+    assert {g.role: g.kernel.spec.codes for g in rep.gemms} == {"fwd": "int8", "dgrad": "int8", "wgrad": "int8"}
+    cx, sx = torch.ops.nm.absmax_int8(x, 8, 1)  # per token
+    cases = {}
+    if layer == "x @ W.T":  # W [out, in] per row (output feature): both backward GEMMs fold
+        cw, sw = torch.ops.nm.absmax_int8(model.W.detach(), 8, 1)
+        v = G * sx  # dW = (G·s_x)ᵀ @ cx: SR8 along tokens, per output feature
+        cases["dW"] = (v.t(), cx, 1, False)
+        v = G * sw.t()  # dx = (G·s_wᵀ) @ cw: SR8 along outputs, per token
+        cases["dx"] = (v, cw, 1, False)
+        unfolded = (G.t(), (cx * sx), 1)
+    else:  # W [in, out]: per tensor (its rows are not along the forward's K); dW = cxᵀ @ SR8(G·s_x), per column
+        cases["dW"] = (G * sx, cx.t(), 0, True)
+        unfolded = (G, (cx * sx).t(), 0)
+    for name, (v, codes, dim, right) in cases.items():
+        samples = torch.stack(draws[name]).double()
+        c = codes.double()
+        var = _sr8_variance(v, dim)
+        target = c @ v.double() if right else v.double() @ c
+        variance = (c**2) @ var if right else var @ (c**2)
+        assert max_z(samples, target, variance) < 5, name
+        assert variance_z(samples.flatten(1)[:, None], variance.sum()) < 5, name
+    g, other, dim = unfolded  # the estimator before the fold: SR8 of g itself times the dequantized operand
+    var = _sr8_variance(g, dim)
+    variance = (other.double()**2) @ var if dim == 0 else var @ (other.double()**2)
+    assert variance_z(torch.stack(draws["dW"]).double().flatten(1)[:, None], variance.sum()) > 5
 
 
 # Steps in which every native GEMM's output is a result of the step (an output, or a gradient no one
