@@ -72,20 +72,30 @@ def _private_dir() -> pathlib.Path:
     return directory
 
 
-def _cache_dir() -> pathlib.Path:
+def caches_disabled() -> bool:
     import torch._inductor.config as inductor_config
 
-    if inductor_config.force_disable_caches:  # cold caches: a private build for this process
-        return _private_dir()
-    root = os.environ.get("NMCOMPILE_CACHE_DIR") or pathlib.Path.home() / ".cache" / "nmcompile"
-    return pathlib.Path(root)
+    return bool(inductor_config.force_disable_caches)
+
+
+def cache_root() -> pathlib.Path:
+    """Where what is built or measured once per machine is kept: ``$NMCOMPILE_CACHE_DIR``, else ~/.cache/nmcompile."""
+    return pathlib.Path(os.environ.get("NMCOMPILE_CACHE_DIR") or pathlib.Path.home() / ".cache" / "nmcompile")
+
+
+def _cache_dir() -> pathlib.Path:
+    return _private_dir() if caches_disabled() else cache_root()  # cold caches: a private build for this process
+
+
+def cpu_flags() -> str:
+    """This CPU's feature flags (the ``flags`` line of /proc/cpuinfo), or what the platform says of it."""
+    cpu = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else platform.processor()
+    return next((line for line in cpu.splitlines() if line.startswith("flags")), cpu)
 
 
 def _key(cxx: str) -> str:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    cpu = pathlib.Path("/proc/cpuinfo").read_text() if pathlib.Path("/proc/cpuinfo").exists() else platform.processor()
-    flags = next((line for line in cpu.splitlines() if line.startswith("flags")), cpu)
-    blob = "\n".join([SOURCE.read_text(), " ".join(FLAGS), version, flags, platform.machine()])
+    blob = "\n".join([SOURCE.read_text(), " ".join(FLAGS), version, cpu_flags(), platform.machine()])
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

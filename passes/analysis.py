@@ -68,6 +68,16 @@ def layout_chain(node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     return node, chain[::-1]
 
 
+CASTS = {aten._to_copy.default, torch.ops.prims.convert_element_type.default}  # autocast's casts of an input
+
+
+def cast_source(node: fx.Node) -> fx.Node:
+    """The tensor ``node`` is a view or a cast of: through layout ops and dtype casts (a weight under autocast)."""
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in LAYOUT_OPS | CASTS:
+        node = node.args[0]
+    return node
+
+
 def feature_position(operand: fx.Node) -> Optional[int]:
     """Which dim of ``operand`` is the last (feature) dim of the tensor it was laid out from."""
     base, chain = layout_chain(operand)

@@ -92,6 +92,7 @@ class NMConfig:
     include: Optional[str] = None
     exclude: Optional[str] = None
     keep_first_last: bool = True
+    dense_if_faster: bool = False
     inner: str = "inductor"
     lowering: str = "auto"
 
@@ -119,6 +120,15 @@ class NMConfig:
         _regex("exclude", self.exclude)
         if not isinstance(self.keep_first_last, bool):
             raise ValueError(f"keep_first_last={self.keep_first_last!r} must be True or False")
+        if not isinstance(self.dense_if_faster, bool):
+            raise ValueError(f"dense_if_faster={self.dense_if_faster!r} must be True or False")
+        if self.dense_if_faster:
+            missing = [f"{key}={getattr(self, key)!r}" for key in ("quant", "fwd_quant")
+                       if getattr(self, key) is None or OPS[getattr(self, key)].int8_op is None]
+            if missing:
+                raise ValueError(f"dense_if_faster=True weighs int8 GEMMs against dense ones, and needs int8 codes on "
+                                 f"both sides (quant and fwd_quant with int8 codes, e.g. the 'int8' preset); got "
+                                 f"{', '.join(missing)}")
         _choice("inner", self.inner, INNERS)
         _choice("lowering", self.lowering, LOWERINGS)
 
@@ -190,8 +200,8 @@ PRESETS: dict[str, dict] = {  # names NMCOMPILE_OPTIONS may hold instead of JSON
     "luq4+absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
     # 8-bit unbiased gradient codes (one scale per row along each GEMM's K) and 8-bit forward codes: every Linear
     # GEMM on exact int8, for VNNI/AMX CPUs and sm80+ GPUs, where 4-bit codes would buy no GEMM time over 8-bit
-    # ones (docs/results.md §6, §7)
-    "int8": {"quant": "sr", "bits": 8, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8},
+    # ones (docs/results.md §6, §7); a layer whose int8 GEMMs would be slower on this CPU stays dense
+    "int8": {"quant": "sr", "bits": 8, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8, "dense_if_faster": True},
     "2:4+luq4": {"sparsity": "2:4", "quant": "luq"},
 }
 

@@ -11,6 +11,7 @@ from typing import Optional
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
+from nmcompile.kernels import timing
 from nmcompile.kernels.gemm import kernel_choice_key
 
 from .config import NMConfig
@@ -85,10 +86,11 @@ class NMJointPass(CustomGraphPass):
 
     def uuid(self) -> str:
         # Sources, options, the kernels the lowering may choose here (tests' FP8 on CPU, this CPU's int8
-        # support) and which inputs are the model's first and last layer: Inductor's caches never serve code
-        # compiled under other ones.
+        # support), which inputs are the model's first and last layer and, with dense_if_faster, whose measured
+        # costs decided (the machine and thread count): Inductor's caches never serve code compiled under others.
+        costs = timing.cache_file().name if self.config.dense_if_faster else None
         key = (f"{source_hash()}|{sorted(self.config.as_dict().items())}|decompose={self.decompose}"
-               f"|kernels={kernel_choice_key()}|ends={self.ends}"
+               f"|kernels={kernel_choice_key()}|ends={self.ends}|costs={costs}"
                f"|parameters={sorted(self.parameters) if self.parameters is not None else None}")
         return hashlib.sha256(key.encode()).hexdigest()
 

@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from nmcompile.kernels.catalog import OPS
 from .analysis import (
-    CONV_BWD, CONV_FWD, MATMULS, forward_partners, is_fused_attention_backward, is_tangent, last_dim_is_k,
+    CONV_BWD, CONV_FWD, MATMULS, cast_source, forward_partners, is_fused_attention_backward, is_tangent, last_dim_is_k,
     layout_chain, matmul_operands, module_path, size_str, tangent_descendants, val,
 )
 from .config import NMConfig
@@ -22,6 +22,7 @@ from .lowering import lower_gemms
 from .records import GemmRecord, NodeInfo, Transform
 from .roles import ROLES, GraphRoles
 from .seeds import merge_seed_draws
+from .speed import dense_is_faster
 from .splice import atomic, splice
 
 aten = torch.ops.aten
@@ -37,6 +38,7 @@ class _Rewriter:
         self.records: list[GemmRecord] = []
         self.quantized: dict = {}  # forward operand source -> (its quantized node, the Transform)
         self.quantized_gemms: set = set()  # forward GEMMs whose operands were quantized
+        self.dense_layers: dict = {}  # forward GEMM -> why its layer stays dense (dense_if_faster)
         if decompose:
             from torch._inductor.decomposition import select_decomp_table
 
@@ -165,7 +167,8 @@ class _Rewriter:
         kept = {}
         for node in gemms:
             operands = [node.args[1]] if node.target is CONV_FWD else list(matmul_operands(node))
-            roles = {r for op in operands for r in self.ends.roles(inputs.get(layout_chain(op)[0], -1))}
+            # through autocast's cast too: under autocast the kept layer runs in bf16, as Inductor would run it
+            roles = {r for op in operands for r in self.ends.roles(inputs.get(cast_source(op), -1))}
             if roles:
                 which = [w for w in ("first", "last") if w in roles]
                 names = " and ".join(dict.fromkeys(getattr(self.ends, w) for w in which))
@@ -200,6 +203,11 @@ class _Rewriter:
                     continue
                 if not self._selected(rec):
                     continue
+                if cfg.dense_if_faster and node.target is not CONV_FWD and val(left).dim() == 2:  # a Linear layer
+                    why = dense_is_faster(*_matmul_shape(left, right), val(left).dtype, val(left).device, cfg)
+                    if why is not None:
+                        rec.skipped = self.dense_layers[node] = why
+                        continue
                 k_dims = (-1, -2) if node.target is not CONV_FWD else (None, None)  # conv: per tensor
                 new = [self._quantize_source(operand, node, None if k is None else self._source_dim(operand, k, rec))
                        for operand, k in zip(operands, k_dims)]  # insertions only
@@ -317,6 +325,9 @@ class _Rewriter:
                 rec.skipped = why
                 return
             rec.role, rec.role_why = role, why
+            if partner in self.dense_layers:
+                rec.skipped = self.dense_layers[partner]
+                return
             other, grad = (right, left) if grad_left else (left, right)
             changes = []  # (old input, new input): made once everything is inserted
             requant = self._requantized(other, node, partner)

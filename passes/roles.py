@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 
-from .analysis import LAYOUT_OPS, MATMULS, is_tangent, matmul_operands, matmul_role, val
+from .analysis import LAYOUT_OPS, MATMULS, cast_source, is_tangent, matmul_operands, matmul_role, val
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -59,8 +59,6 @@ _SAME_GRADIENT = LAYOUT_OPS | {
     aten.add.Tensor, aten.sum.dim_IntList, aten._to_copy.default, prims.convert_element_type.default,
     aten.expand.default, aten.squeeze.dim, aten.unsqueeze.default,
 }
-# Ops through which an operand is still the same weight (the forward's cast under autocast, its layout).
-_SAME_WEIGHT = LAYOUT_OPS | {aten._to_copy.default, prims.convert_element_type.default}
 
 
 class GraphRoles:
@@ -152,8 +150,7 @@ class GraphRoles:
         return None
 
     def _is_weight(self, operand) -> bool:
-        while isinstance(operand, fx.Node) and operand.op == "call_function" and operand.target in _SAME_WEIGHT:
-            operand = operand.args[0]
+        operand = cast_source(operand)  # the same weight through the forward's cast under autocast and its layout
         return isinstance(operand, fx.Node) and operand in self._param_primals
 
 

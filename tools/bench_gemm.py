@@ -26,13 +26,16 @@ copy's). Prints Markdown tables (ratios vs dense; the issue's targets marked) an
 ``--cpu``: the same three GEMMs on the CPU with fp32 operands, as a CPU user's fp32 training graph has
 them: ``dense`` torch.mm in bf16 on bf16 operands made beforehand (the casts not counted: generous to
 bf16), ``fp32`` torch.mm in fp32, ``int8`` and ``int8+quant`` (the quantizers reading the fp32 operands,
-the output in fp32), each the median of 5 wall-clock runs after one warm-up; the kernels on fp32 δ
+the output in fp32), ``onednn u8s8`` (oneDNN's int8 linear on the same codes, the right operand packed in
+each call, the scaling inside the kernel: a probe of a faster int8 GEMM, used only where it gives the integer
+product exactly), each the median of 5 wall-clock runs after one warm-up; the kernels on fp32 δ
 (bytes counted: the input read once and the output written once). Targets: int8+quant ≥ 1.3× bf16 and
 ≥ 4× fp32 for M, N, K ≥ 1024; the quantizers ≥ 70% of copy bandwidth.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import statistics
@@ -89,6 +92,32 @@ def seeds(device, count=1):
     return torch.randint(0, 2**62, (count,), device=device)
 
 
+def _onednn_u8s8(a, b):
+    """oneDNN's int8 linear (Inductor's x86 quantization backend) on the same codes: A shifted to uint8 with
+    zero point 128 (its compensation is exact in int32), B packed each call (in training it changes every
+    step), fp32 output scaled inside the kernel. A probe of what a faster int8 GEMM than ``_int_mm`` could
+    give, not an exact lowering: its scaling rounds in fp32."""
+    ones, zeros = torch.ones(b.shape[1]), torch.zeros(b.shape[1], dtype=torch.long)
+    packed = torch.ops.onednn.qlinear_prepack(b.t().contiguous(), list(a.shape))
+    shifted = (a.to(torch.int16) + 128).to(torch.uint8)
+    return torch.ops.onednn.qlinear_pointwise.default(shifted, 1.0, 128, packed, ones, zeros, None, 1.0, 0,
+                                                      torch.float32, "none", [], "")
+
+
+@functools.cache
+def _onednn_exact() -> bool:
+    """Whether this torch has oneDNN's int8 linear and it gives the integer product of codes ±127 (K = 512:
+    sums below 2^24, so exact in its fp32 output)."""
+    if not (hasattr(torch.ops, "onednn") and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        return False
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(-127, 128, shape, generator=g, dtype=torch.int8) for shape in ((64, 512), (512, 48)))
+    try:
+        return torch.equal(_onednn_u8s8(a, b), (a.long() @ b.long()).float())
+    except RuntimeError:
+        return False
+
+
 def gemm_variants(role: str, d: int, tokens: int, device: torch.device, cpu: bool = False) -> dict:
     """name -> (function of the inputs, input maker) for one GEMM of the layer. ``cpu``: fp32 operands,
     the bf16 and fp32 GEMMs and the int8 ones (the CPU has no FP8 or sparse kernels that pay)."""
@@ -126,6 +155,9 @@ def gemm_variants(role: str, d: int, tokens: int, device: torch.device, cpu: boo
                    lambda: (lambda a, b: (*int8(a, kinds[0]), *int8(b, kinds[1])))(*make()))
     out["int8+quant"] = (torch.compile(lambda a, b: int8_gemm(*int8(a, kinds[0]), *int8(b, kinds[1]), None, bf16),
                                        fullgraph=True), make)
+    if cpu and _onednn_exact():
+        out["onednn u8s8"] = (_onednn_u8s8,
+                              lambda: (lambda a, b: (int8(a, kinds[0])[0], int8(b, kinds[1])[0]))(*make()))
     if cpu:
         return out
     if role == "fwd":
@@ -226,8 +258,8 @@ def _free(device: torch.device) -> None:
 def tables(rows: list) -> str:
     """Markdown: per GEMM the ratio of each variant to dense; per shape the kernels' copy fraction."""
     out = []
-    gemm_names = [n for n in ("fp32", "int8", "int8+quant", "fp8", "fp8+quant", "2:4", "2:4+prune", "2:4 fp8",
-                              "2:4 fp8+prune+quant") if any(r["variant"] == n for r in rows)]
+    gemm_names = [n for n in ("fp32", "int8", "int8+quant", "onednn u8s8", "fp8", "fp8+quant", "2:4", "2:4+prune",
+                              "2:4 fp8", "2:4 fp8+prune+quant") if any(r["variant"] == n for r in rows)]
     cpu = any(r["variant"] == "fp32" for r in rows)
     extra = ["int8+quant vs fp32 ×"] if cpu else []
     out.append("| d | tokens | GEMM | M×N×K | dense bf16 ms | " + " | ".join([f"{n} ×" for n in gemm_names] + extra)

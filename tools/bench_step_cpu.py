@@ -1,6 +1,8 @@
 """Training steps on CPU: backend nm on exact int8 GEMMs against Inductor in fp32 and under bf16 autocast.
 
     python tools/bench_step_cpu.py [--layers 4 --d 1024 --batch 8 --seq 512 --steps 12] [--out step-cpu.json]
+    python tools/bench_step_cpu.py --small     # 2 blocks, d = 128: where int8 GEMMs stop paying on some CPUs
+    python tools/bench_step_cpu.py --profile   # also one profiled step per configuration: its top ops
     python tools/bench_step_cpu.py --smoke     # a tiny model, two steps: checks the script, measures nothing
 
 The model is a stack of pre-LayerNorm Transformer blocks (causal ``scaled_dot_product_attention``, GELU
@@ -14,8 +16,10 @@ Configurations (``--configs``): Inductor in fp32 and under ``torch.autocast("cpu
 (the baseline a CPU user has); backend nm with LUQ4 gradients and SAWB4 forward, and with LUQ4
 gradients and the absmax INT8 forward, each in fp32 and under bf16 autocast, default ``lowering``
 (auto: exact int8 GEMMs on CPUs with AVX512-VNNI or AMX); the ``int8`` preset (SR8 gradients with per-row
-scales, absmax8 forward) in fp32, and the same with one SR8 scale per tensor; and torchao's int8
-mixed-precision training
+scales, absmax8 forward, each layer dense where that is faster on this CPU: ``dense_if_faster``) in fp32 and
+under bf16 autocast, there also with every layer on int8; the preset with one SR8 scale per tensor, and with
+per-row absmax8 scales too (``fwd_scales="row"``, folded into the gradient where a backward GEMM contracts
+them); and torchao's int8 mixed-precision training
 (``torchao.prototype.quantized_training.int8_mixed_precision_training``, compiled with Inductor) when
 torchao is installed.
 
@@ -51,11 +55,12 @@ from bench_train import Block, batches, stdlib_text  # noqa: E402
 
 import nmcompile  # noqa: E402
 from nmcompile.demo.environment import cpu_name  # noqa: E402
+from nmcompile.kernels import cpu  # noqa: E402
 from nmcompile.passes.config import PRESETS  # noqa: E402
 
 LUQ_SAWB = {"quant": "luq", "fwd_quant": "sawb"}
 LUQ_INT8 = {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8}
-INT8 = PRESETS["int8"]  # SR8 gradients (per-row scales), absmax8 forward
+INT8 = PRESETS["int8"]  # SR8 gradients (per-row scales), absmax8 forward, dense where that is faster here
 # name -> (backend options: None for inductor, "torchao" for the peer; bf16 autocast)
 CONFIGS = {
     "inductor fp32": (None, False),
@@ -63,7 +68,10 @@ CONFIGS = {
     "nm luq4+sawb4": (LUQ_SAWB, False),
     "nm luq4+int8fwd": (LUQ_INT8, False),
     "nm int8": (INT8, False),
+    "nm int8 bf16": (INT8, True),
+    "nm int8 bf16, every layer int8": ({**INT8, "dense_if_faster": False}, True),
     "nm int8 tensor-sr8": ({**INT8, "scales": "tensor"}, False),
+    "nm int8 row+row": ({**INT8, "fwd_scales": "row"}, False),
     "nm luq4+sawb4 bf16": (LUQ_SAWB, True),
     "nm luq4+int8fwd bf16": (LUQ_INT8, True),
     "torchao int8 mp": ("torchao", False),
@@ -119,6 +127,7 @@ class Run:
         self.losses: list = []
         self.compile_s = None
         self.kernels: dict = {}
+        self.dense_layers: list = []  # why each layer dense_if_faster left dense
 
     def step(self, tokens) -> float:
         t0 = time.perf_counter()
@@ -148,6 +157,21 @@ class Run:
         allocated = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
         return before + max(allocated, default=0)
 
+    def profile(self, tokens, top: int = 12) -> list:
+        """One step under torch.profiler: the ``top`` ops by self CPU time, as [name, seconds, calls]."""
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            self.step(tokens)
+        rows = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+        return [[e.key, e.self_cpu_time_total / 1e6, e.count] for e in rows]
+
+
+# what decides a CPU's fast GEMMs: written next to every number
+FLAGS = ("amx_int8", "amx_bf16", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512f")
+
+
+def cpu_features() -> list:
+    return [f for f in FLAGS if f in cpu.cpu_flags().split()]
+
 
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -161,9 +185,15 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from {list(CONFIGS)}")
     p.add_argument("--no-memory", action="store_true", help="skip the profiled memory step")
+    p.add_argument("--small", action="store_true",
+                   help="the small model: 2 blocks, d=128, 4 heads (where int8 GEMMs stop paying on some CPUs)")
+    p.add_argument("--profile", action="store_true", help="one more step per configuration under torch.profiler: "
+                   "its top ops by self time")
     p.add_argument("--smoke", action="store_true", help="a tiny model for two steps: checks the script")
     p.add_argument("--out", help="write all results as JSON here")
     args = p.parse_args(argv)
+    if args.small:
+        args.layers, args.d, args.heads = 2, 128, 4
     if args.smoke:
         args.layers, args.d, args.heads, args.batch, args.seq, args.steps, args.warmup = 1, 64, 2, 2, 32, 2, 0
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -188,7 +218,10 @@ def main(argv: Optional[list] = None) -> int:
         for r in records:
             if r.transforms:
                 run.kernels[str(r.kernel)] = run.kernels.get(str(r.kernel), 0) + 1
-        print(f"  {name}: compiled in {run.compile_s:.1f} s, kernels {run.kernels}", file=sys.stderr, flush=True)
+            elif r.role == "fwd" and r.skipped and "dense is faster" in r.skipped:
+                run.dense_layers.append(r.skipped)
+        dense = f", {len(run.dense_layers)} layers dense (faster here)" if run.dense_layers else ""
+        print(f"  {name}: compiled in {run.compile_s:.1f} s, kernels {run.kernels}{dense}", file=sys.stderr, flush=True)
         for i in range(args.warmup):
             run.step(data[1 + i])
         runs.append(run)
@@ -201,6 +234,7 @@ def main(argv: Optional[list] = None) -> int:
     if not args.no_memory:
         for run in runs:
             memory[run.name] = run.peak_step_bytes(data[-1])
+    profiles = {run.name: run.profile(data[-2]) for run in runs} if args.profile else {}
 
     median = {r.name: statistics.median(r.times) for r in runs}
     base32, base16 = median.get("inductor fp32"), median.get("inductor bf16")
@@ -212,10 +246,12 @@ def main(argv: Optional[list] = None) -> int:
             "step_s": m, "step_times": run.times, "vs_fp32": m / base32 if base32 else None,
             "vs_bf16": m / base16 if base16 else None, "peak_bytes": memory.get(run.name),
             "loss_last3": statistics.mean(run.losses[-3:]), "losses": run.losses, "kernels": run.kernels,
+            "profile": profiles.get(run.name), "dense_layers": run.dense_layers,
         })
     mem32 = memory.get("inductor fp32")
-    print(f"\n{args.layers} blocks, d={args.d}, {args.batch}x{args.seq} tokens, AdamW; {cpu_name()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print(f"\n{args.layers} blocks, d={args.d}, {args.batch}x{args.seq} tokens, AdamW; {cpu_name()} "
+          f"({', '.join(cpu_features()) or 'none of ' + ', '.join(FLAGS)}), {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}\n")
     print("| configuration | step (s) | × fp32 Inductor | × bf16 Inductor | peak memory (MiB) | × fp32 | "
           "loss (last 3) | compile (s) |")
     print("|---|---|---|---|---|---|---|---|")
@@ -226,8 +262,12 @@ def main(argv: Optional[list] = None) -> int:
               f"{row['loss_last3']:.4f} | {row['compile_s']:.1f} |" if peak else
               f"| {row['config']} | {row['step_s']:.3f} | {_x(row['vs_fp32'])} | {_x(row['vs_bf16'])} | – | – | "
               f"{row['loss_last3']:.4f} | {row['compile_s']:.1f} |")
+    for name, top in profiles.items():
+        ops = "; ".join(f"{op} {t:.3f} s ({n})" for op, t, n in top)
+        print(f"\n{name}, one step, top ops by self CPU time: {ops}")
     if args.out:
-        meta = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        meta = {"cpu": cpu_name(), "cpu_features": cpu_features(), "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
                 "nmcompile": nmcompile.__version__, "torchao": torchao_version(), "args": vars(args)}
         pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     return 0

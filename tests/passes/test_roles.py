@@ -126,7 +126,8 @@ class Attention(nn.Module):
 
 @pytest.mark.parametrize("preset", [None, *PRESETS])
 def test_no_default_recipe_compresses_attentions_activation_gradients(preset):
-    options = dict(PRESETS[preset]) if preset else {"sparsity": "2:4"}
+    # every layer compressed, whatever this CPU measures (dense_if_faster: tests/passes/test_speed.py)
+    options = {**PRESETS[preset], "dense_if_faster": False} if preset else {"sparsity": "2:4"}
     x = torch.randn(2, 16, 32, requires_grad=True)
     r = nmcompile.explain(Attention(), x, **options, **AOT)
     bmms = [g for g in r.backward if g.op == "bmm"]
@@ -308,6 +309,23 @@ def test_keep_first_last_is_the_same_compiled_whole_or_block_by_block():
     assert whole[:-1] == [(0, f"blocks.{i}.{name}", "sawb4 W,X") for i in range(3) for name in ("up", "down")]
     assert whole[-1] == (0, "head", "last layer of the model (_TinyLM.head) kept in high precision "
                                     "(keep_first_last=True)")
+
+
+def test_keep_first_last_under_autocast_keeps_the_head_through_autocasts_cast_in_bf16():
+    """Under bf16 autocast the head's weight reaches its GEMM through a cast to bf16: it is still the model's last
+    layer, kept in high precision, which under autocast is bf16 (as Inductor alone would run it), not fp32."""
+    options = {"quant": "luq", "fwd_quant": "sawb", **AOT}
+    model, tokens = _TinyLM(), torch.randint(0, 50, (2, 8))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="nm", options=options)
+    with nmcompile.backend.recording() as records, torch.autocast("cpu", torch.bfloat16):
+        compiled(tokens).float().pow(2).mean().backward()
+    head = [r for r in records if r.module == "head"]
+    assert head and all(r.dtype == "bfloat16" and not any("sawb" in str(t) for t in r.transforms) for r in head), head
+    assert [r.skipped for r in head if r.role == "fwd"] == [
+        "last layer of the model (_TinyLM.head) kept in high precision (keep_first_last=True)"]
+    blocks = [r for r in records if r.module.startswith("blocks.") and r.role == "fwd"]
+    assert len(blocks) == 6 and all(str(r.transforms[0]) == "sawb4 W,X" for r in blocks), blocks
 
 
 def test_keep_first_last_without_a_model_keeps_each_graphs_own_and_says_why():
