@@ -205,6 +205,9 @@ def kernel_variants(d: int, tokens: int, device: torch.device, cpu: bool = False
         "luq4 → int8": (lambda x: nm.luq_int8(x, seeds(device), 4, "strict"), (size + 1) * n),
         "sawb4 → int8": (lambda x: nm.sawb_int8(x, 4), (size + 1) * n),
         "absmax8 → int8": (lambda x: nm.absmax_int8(x, 8), (size + 1) * n),
+        # the int8 preset's gradient quantizer: one uniform per element from the counter hash, in the kernel
+        "sr8 → int8": (lambda x: nm.sr_int8(x, seeds(device), 8), (size + 1) * n),
+        "sr8/row → int8": (lambda x: nm.sr_int8(x, seeds(device), 8, 1), (size + 1) * n),
     }
     if not cpu:
         out["luq4 → fp8"] = (lambda x: nm.luq_fp8(x, seeds(device), 4, "strict"), 3 * n)
