@@ -18,6 +18,7 @@ GEMM by GEMM, on the inputs each native GEMM actually received:
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import json
@@ -253,6 +254,44 @@ def test_per_row_forward_scales_run_every_linear_gemm_on_int8_folding_the_scales
     folded = [g for g in linear if g.kernel_note and "multiply the gradient before it is quantized" in g.kernel_note]
     # every dgrad reading a per-row W, every wgrad reading a per-row X: 4 + 3 (out_proj's X is per tensor)
     assert sorted(g.role for g in folded) == ["dgrad"] * 4 + ["wgrad"] * 3, rep
+
+
+def _dtypes_of_the_rest(options: dict) -> collections.Counter:
+    """(graph, op, dtype) of every floating-point node of one autocast step of the encoder that the pass did not
+    insert (no ``nm`` meta), leaving out the GEMMs and layout ops (which the int8 lowering replaces)."""
+    from nmcompile.capture import run_captured
+    from nmcompile.passes.analysis import LAYOUT_OPS, MATMULS
+
+    model, x = model_and_input("encoder")
+    with torch.autocast("cpu", torch.bfloat16):
+        run = run_captured(model, (x,), {**options, "inner": "aot_eager"})
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    skip = set(MATMULS) | LAYOUT_OPS | {torch.ops.aten.permute.default, torch.ops.aten.expand.default}
+    out = collections.Counter()
+    for kind in ("forward", "backward"):
+        gm = getattr(run.graphs[0], kind)
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        inputs = [mode.from_tensor(n.meta["val"]) if isinstance(n.meta.get("val"), torch.Tensor) else n.meta.get("val")
+                  for n in gm.graph.nodes if n.op == "placeholder"]
+        FakeTensorProp(gm, mode).propagate(*inputs)  # the dtypes the graph computes now, not those traced before
+        for n in gm.graph.nodes:
+            value = n.meta.get("val")
+            if (n.op == "call_function" and "nm" not in n.meta and n.target not in skip
+                    and isinstance(value, torch.Tensor) and value.is_floating_point()):
+                out[kind, str(n.target), value.dtype] += 1
+    return out
+
+
+@needs_int8
+def test_under_autocast_everything_but_the_int8_gemms_runs_in_the_dtypes_autocast_gives_it():
+    """The int8 preset with every layer on int8, under bf16 autocast: attention (its batched GEMMs, softmax),
+    LayerNorm, GELU, the residual adds and their backward ops keep the dtype each has in the same step without
+    the pass; what the pass adds (quantizers, the int8 GEMMs' rescaling) is all it adds."""
+    nm, plain = _dtypes_of_the_rest(INT8_PRESET), _dtypes_of_the_rest({})
+    assert sum(c for (_, _, dtype), c in plain.items() if dtype == torch.bfloat16) > 20  # autocast's bf16 work
+    assert nm == plain, {k: (nm[k], plain[k]) for k in set(nm) | set(plain) if nm[k] != plain[k]}
 
 
 class _Bare(torch.nn.Module):  # y = x @ W.T: the gradient is the wgrad's left operand and the dgrad's left one
