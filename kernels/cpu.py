@@ -41,8 +41,9 @@ DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _i64, _vp, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 # Every elementwise stochastic quantizer of the catalog has a kernel nm_<name> with one signature (dtype,
 # x, out, codes, scale, outer, inner, its int parameter, samples, u, seeds, u_outer, u_sample, u_inner,
-# the number of scales, s_outer, s_inner, threads).
-_STOCHASTIC = [_int, _vp, _vp, _vp, _vp, _i64, _i64, _int, _int, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _i64, _int]
+# the number of scales, s_outer, s_inner, times, t_outer, t_inner, threads).
+_STOCHASTIC = [_int, _vp, _vp, _vp, _vp, _i64, _i64, _int, _int, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _i64,
+               _vp, _vp, _i64, _int]
 SIGNATURES = {
     "nm_mvue": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _vp, _i64, _vp, _i64, _i64, _int],
     "nm_greedy": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _int],
@@ -205,22 +206,24 @@ def _outputs(out: torch.Tensor, codes: bool, dim: Optional[int] = None):
 
 
 def stochastic(name: str, x: torch.Tensor, u: torch.Tensor, param: int, codes: bool = False,
-               dim: Optional[int] = None):
+               dim: Optional[int] = None, times: Optional[torch.Tensor] = None):
     """The elementwise stochastic quantizer ``nm_<name>`` (LUQ: ``param`` is its top exponent), one scale
     per tensor or per slice along ``dim``. ``u``: float uniforms ``(samples, *x.shape)``, or int64 seeds
     ``(samples,)``. Returns the values, or with ``codes`` (int8 codes, fp32 scale(s)) whose product is
-    those values."""
+    those values. ``times`` (codes only; fp32, broadcastable to x): quantize x.float() * times, the
+    product formed inside the kernel."""
+    assert times is None or (codes and times.dtype == torch.float32)
     src, out = prepare(x)
     values, int8, scale = _outputs(out, codes, dim)
     if x.numel() > 0:
         if u.is_floating_point():
             u = u.float()
-        plan = sampled_layout(src, u, dim)
+        plan = sampled_layout(src, u, dim, times)
         seeds, u = (u.contiguous(), None) if plan.seeded else (None, u)
         getattr(library(), f"nm_{name}")(
             DTYPES[x.dtype], _ptr(src), _ptr(values), _ptr(int8), _ptr(scale), plan.outer, plan.inner, param,
             plan.samples, _ptr(u), _ptr(seeds), _ptr(plan.u_outer), plan.u_sample, plan.u_inner, scale.numel(),
-            _ptr(plan.s_outer), plan.s_inner, _threads())
+            _ptr(plan.s_outer), plan.s_inner, _ptr(times), _ptr(plan.t_outer), plan.t_inner, _threads())
     else:
         scale.fill_(1.0)
     return (int8, scale) if codes else values

@@ -465,7 +465,7 @@ def _launch_stochastic(kernel, src: torch.Tensor, out: torch.Tensor, u: torch.Te
     """Launch an elementwise stochastic quantizer's kernel over ``src`` in memory order, its arguments
     (src, out, *head, seeds, uniforms, u_outer, u_inner, u_sample, INNER, TOTAL, *tail); ``u``: uniforms
     ``(samples, *x.shape)`` or int64 seeds ``(samples,)``."""
-    _, inner, u_outer, u_inner, u_sample, samples, seeded, _, _ = sampled_layout(src, u)
+    _, inner, u_outer, u_inner, u_sample, samples, seeded, *_ = sampled_layout(src, u)
     dummy = torch.zeros(1, device=src.device)
     kernel[_grid(src.numel(), BLOCK)](
         src, out, *head, u.contiguous() if seeded else dummy.long(), dummy if seeded else u,

@@ -185,12 +185,15 @@ class Sampled(NamedTuple):
     seeded: bool
     s_outer: Optional[torch.Tensor]  # the per-slice scales' offset per outer index (None: one scale)
     s_inner: int
+    t_outer: Optional[torch.Tensor] = None  # the multiplier's offset per outer index (None: no multiplier)
+    t_inner: int = 0
 
 
-def sampled_layout(src: torch.Tensor, u: torch.Tensor, dim: Optional[int] = None) -> Sampled:
+def sampled_layout(src: torch.Tensor, u: torch.Tensor, dim: Optional[int] = None,
+                   times: Optional[torch.Tensor] = None) -> Sampled:
     """``flat_plan`` for a per-element kernel over ``src`` with uniforms ``u`` ``(samples, *shape)`` of
     any strides, or int64 seeds ``(samples,)``; with ``dim``, also for its per-slice scales (one per
-    index of the other dims, stored contiguously)."""
+    index of the other dims, stored contiguously); with ``times``, for a multiplier broadcast to src."""
     seeded = not u.is_floating_point()
     if seeded:
         u_stride, u_sample, samples = contiguous_strides(src.shape), 0, u.numel()
@@ -199,10 +202,13 @@ def sampled_layout(src: torch.Tensor, u: torch.Tensor, dim: Optional[int] = None
     companions = [tuple(u_stride)]
     if dim is not None:
         companions.append(slice_strides(tuple(src.shape), dim))
+    if times is not None:
+        companions.append(times.expand(src.shape).stride())
     outer, inner, plans = flat_plan(tuple(src.shape), src.stride(), *companions)
     (u_outer, u_inner), *rest = plans
-    s_outer, s_inner = rest[0] if rest else (None, 0)
-    return Sampled(outer, inner, u_outer, u_inner, u_sample, samples, seeded, s_outer, s_inner)
+    s_outer, s_inner = rest.pop(0) if dim is not None else (None, 0)
+    t_outer, t_inner = rest.pop(0) if times is not None else (None, 0)
+    return Sampled(outer, inner, u_outer, u_inner, u_sample, samples, seeded, s_outer, s_inner, t_outer, t_inner)
 
 
 def slice_strides(shape: tuple, dim: int) -> tuple:

@@ -388,6 +388,20 @@ struct Slices {
   }
 };
 
+// The fold's multiplier (kernels/ops.py, ``times``): element (o, i) of the [outer, inner] view is quantized as
+// x · times[outer[o] + i·inner], the product rounded once in fp32 as torch's x.float() * times is (p null: x).
+struct Times {
+  const float* p;
+  const int64_t* outer;
+  int64_t inner;
+  NM_INLINE vf apply(vf xf, int64_t o, int64_t first, int count) const {
+    if (p == nullptr) return xf;
+    const float* base = p + outer[o];
+    return xf * (inner == 0 ? splat(*base) : load(base + first * inner, inner, count));
+  }
+};
+constexpr Times kNoTimes{nullptr, nullptr, 0};
+
 // max(m, a) lane by lane, NaN once either is NaN (torch.amax's rule): a NaN ``a`` is taken, a NaN ``m`` kept.
 NM_INLINE vf max_nan(vf m, vf a) { return sel((a > m) | (a != a), a, m); }
 NM_INLINE float max_nan(float m, float a) { return m != m || a != a ? std::numeric_limits<float>::quiet_NaN() : (a > m ? a : m); }
@@ -397,8 +411,8 @@ NM_INLINE float max_nan(float m, float a) { return m != m || a != a ? std::numer
 // index is one row of one slice; per column (s_inner = 1) a block of lanes is a block of slices.
 template <typename T>
 std::vector<float> slice_amax(const T* x, int64_t outer, int64_t inner, int64_t slices, const int64_t* s_outer,
-                              int64_t s_inner, int threads) {
-  if (slices == 1) return std::vector<float>{amax_of(x, outer * inner, threads)};
+                              int64_t s_inner, const Times& times, int threads) {
+  if (slices == 1 && times.p == nullptr) return std::vector<float>{amax_of(x, outer * inner, threads)};
   std::vector<float> total(slices, 0.0f);
   const int64_t blocks = (inner + W - 1) / W;
 #pragma omp parallel num_threads(threads)
@@ -412,12 +426,12 @@ std::vector<float> slice_amax(const T* x, int64_t outer, int64_t inner, int64_t 
       vf row = {};
       for (int64_t b = 0; b < blocks; ++b) {
         const int count = static_cast<int>(inner - b * W < W ? inner - b * W : W);
-        const vf a = vabs(load(x + o * inner + b * W, 1, count));  // padding lanes: 0, neutral
+        const vf a = vabs(times.apply(load(x + o * inner + b * W, 1, count), o, b * W, count));  // padding: 0
         if (s_inner == 0) row = max_nan(row, a);
         else update(s_outer[o] + b * W * s_inner, s_inner, count, a);
       }
       if (s_inner == 0) {
-        float& m = best[s_outer[o]];
+        float& m = best[s_outer != nullptr ? s_outer[o] : 0];
         for (int l = 0; l < W; ++l) m = max_nan(m, row[l]);
       }
     }
@@ -433,14 +447,14 @@ std::vector<float> slice_amax(const T* x, int64_t outer, int64_t inner, int64_t 
 template <typename T, typename O, typename F>
 NM_INLINE void stochastic_pass(const T* x, O* out, int64_t outer, int64_t inner, const Slices& slices,
                                const float* u, const int64_t* seeds, const int64_t* u_outer, int64_t u_sample,
-                               int64_t u_inner, int threads, F&& quantize) {
+                               int64_t u_inner, const Times& times, int threads, F&& quantize) {
   constexpr bool codes = std::is_same_v<O, int8_t>;
   const int64_t blocks = (inner + W - 1) / W;
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t t = 0; t < outer * blocks; ++t) {
     const int64_t o = t / blocks, first = (t % blocks) * W;
     const int count = static_cast<int>(inner - first < W ? inner - first : W);
-    const vf xf = load(x + o * inner + first, 1, count);
+    const vf xf = times.apply(load(x + o * inner + first, 1, count), o, first, count);
     const int64_t ubase = u_outer[o] + first * u_inner;
     auto draw = [&](int s) {
       return uniforms(u ? u + s * u_sample : nullptr, u ? 0 : static_cast<uint64_t>(seeds[s]), ubase, u_inner, count);
@@ -467,8 +481,8 @@ struct SampleMean {
 template <typename T, typename O>
 void luq(const T* x, O* out, float* scale_out, int64_t outer, int64_t inner, int top, int samples, const float* u,
          const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int64_t slices,
-         const int64_t* s_outer, int64_t s_inner, int threads) {
-  const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, threads);
+         const int64_t* s_outer, int64_t s_inner, const Times& times, int threads) {
+  const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, times, threads);
   const float scale_top = std::ldexp(1.0f, top), inv_top = std::ldexp(1.0f, -top);
   // codes sign·2^k (or 0, 1): values = codes · amax·2^-top, exact wherever that scale is normal
   if (scale_out != nullptr)
@@ -476,7 +490,7 @@ void luq(const T* x, O* out, float* scale_out, int64_t outer, int64_t inner, int
       scale_out[i] = amax[i] > 0.0f ? amax[i] * inv_top : (amax[i] == 0.0f ? 1.0f : amax[i]);
   const SampleMean mean(samples);
   const Slices sl{amax.data(), amax.data(), s_outer, s_inner};
-  stochastic_pass(x, out, outer, inner, sl, u, seeds, u_outer, u_sample, u_inner, threads,
+  stochastic_pass(x, out, outer, inner, sl, u, seeds, u_outer, u_sample, u_inner, times, threads,
                   [&](vf xf, auto draw, vf amax, vf) {
     const vf r = vabs(xf) / amax * scale_top;  // |x| / α, in [0, 2^top]
     vi k = ((reinterpret_cast<vi>(r) >> 23) & 0xFF) - 127;  // floor(log2 r) for normal r
@@ -527,18 +541,19 @@ float sr_scale(float amax, int bits) {
 template <typename T, typename O>
 void sr(const T* x, O* out, float* scale_out, int64_t outer, int64_t inner, int bits, int samples, const float* u,
         const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int64_t slices,
-        const int64_t* s_outer, int64_t s_inner, int threads) {
-  const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, threads);
+        const int64_t* s_outer, int64_t s_inner, const Times& times, int threads) {
+  const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, times, threads);
   std::vector<float> scale(amax.size());
   for (size_t i = 0; i < amax.size(); ++i) {
-    scale[i] = sr_scale<T>(amax[i], bits);
+    // x · times is an fp32 tensor: its scale follows fp32's rules, as sr_math's on x.float() * times does
+    scale[i] = times.p != nullptr ? sr_scale<float>(amax[i], bits) : sr_scale<T>(amax[i], bits);
     if (scale_out != nullptr) scale_out[i] = amax[i] == 0.0f ? 1.0f : scale[i];  // codes · scale: the values
   }
   const float levels = static_cast<float>((1 << (bits - 1)) - 1);
   const float big = max_of<T>();
   const SampleMean mean(samples);
   const Slices sl{amax.data(), scale.data(), s_outer, s_inner};
-  stochastic_pass(x, out, outer, inner, sl, u, seeds, u_outer, u_sample, u_inner, threads,
+  stochastic_pass(x, out, outer, inner, sl, u, seeds, u_outer, u_sample, u_inner, times, threads,
                   [&](vf xf, auto draw, vf, vf scale) {
     const vf safe = sel(scale > 0.0f, scale, splat(1.0f));
     vf v = vabs(xf) / safe;
@@ -618,7 +633,7 @@ void sawb(const T* x, O* out, int64_t numel, double c1, double c2, int bits, int
 template <typename T, typename O>
 void absmax(const T* x, O* out, int64_t outer, int64_t inner, int bits, float* scale_out, int64_t slices,
             const int64_t* s_outer, int64_t s_inner, int threads) {
-  const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, threads);
+  const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, kNoTimes, threads);
   std::vector<float> scale(amax.size());
   for (size_t i = 0; i < amax.size(); ++i) {
     scale[i] = sr_scale<T>(amax[i], bits);  // 0 for amax 0; amax itself where it is not finite
@@ -699,20 +714,23 @@ void nm_greedy(int dtype, const void* x, void* out, int64_t outer, int64_t k, in
 // The elementwise stochastic quantizers share one entry-point signature (kernels/cpu.py): nm_<name>
 // with the kernel's int parameter (LUQ: its top exponent, SR: its bits). With ``codes`` they write the
 // int8 codes there (and the scale(s) to scale_out) instead of the values to ``out``. One scale per tensor
-// (slices = 1, s_outer null), or one per slice: element (o, i) in slice s_outer[o] + i·s_inner.
+// (slices = 1, s_outer null), or one per slice: element (o, i) in slice s_outer[o] + i·s_inner. With
+// ``times`` (codes only) element (o, i) is quantized as x · times[t_outer[o] + i·t_inner] (struct Times).
 #define NM_STOCHASTIC_ENTRY(name)                                                                          \
   void nm_##name(int dtype, const void* x, void* out, int8_t* codes, float* scale_out, int64_t outer,        \
                  int64_t inner, int param, int samples, const float* u, const int64_t* seeds,                \
                  const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int64_t slices,                  \
-                 const int64_t* s_outer, int64_t s_inner, int threads) {                                     \
+                 const int64_t* s_outer, int64_t s_inner, const float* times, const int64_t* t_outer,        \
+                 int64_t t_inner, int threads) {                                                             \
+    const Times by{times, t_outer, t_inner};                                                                 \
     with_dtype(dtype, [&](auto tag) {                                                                        \
       using T = NM_ELEMENT(tag);                                                                             \
       if (codes != nullptr)                                                                                  \
         name(static_cast<const T*>(x), codes, scale_out, outer, inner, param, samples, u, seeds, u_outer,    \
-             u_sample, u_inner, slices, s_outer, s_inner, threads);                                          \
+             u_sample, u_inner, slices, s_outer, s_inner, by, threads);                                      \
       else                                                                                                   \
         name(static_cast<const T*>(x), static_cast<T*>(out), scale_out, outer, inner, param, samples, u,     \
-             seeds, u_outer, u_sample, u_inner, slices, s_outer, s_inner, threads);                          \
+             seeds, u_outer, u_sample, u_inner, slices, s_outer, s_inner, kNoTimes, threads);                \
     });                                                                                                      \
   }
 

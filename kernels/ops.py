@@ -184,36 +184,71 @@ def _int8_params(spec: OpSpec, x: Tensor, u: Tensor, given: dict) -> dict:
     return given
 
 
+def _check_times(x: Tensor, times: Tensor, op: str) -> None:
+    if times.dtype != torch.float32 or times.device != x.device:
+        raise ValueError(f"nm.{op}: times must be a float32 tensor on {x.device}, got {times.dtype} on {times.device}")
+    try:
+        fits = torch.broadcast_shapes(times.shape, x.shape) == x.shape
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"nm.{op}: times of shape {tuple(times.shape)} does not broadcast to x's shape "
+                         f"{tuple(x.shape)} (use one factor per element, or size 1 along the dims it is constant on)")
+
+
+def _times(x: Tensor, times: Tensor, op: str) -> Tensor:
+    """x.float() * times in x's layout (the fake kernels' promise), after checking ``times``."""
+    _check_times(x, times, op)
+    return torch.empty_like(x, dtype=torch.float32).copy_(x).mul_(times)
+
+
 def _define_int8(spec: OpSpec, params) -> None:
     """``nm::<spec.int8_op>``: the same quantizer writing int8 codes and their fp32 scale (codes·scale
-    is bit for bit what ``nm::<name>`` returns): one pass on CPU, no values in between."""
+    is bit for bit what ``nm::<name>`` returns): one pass on CPU, no values in between. It also takes
+    ``times``, an fp32 multiplier broadcast to x: the codes are then those of x.float() * times, the
+    product formed inside the CPU kernel (the lowering folds a forward operand's per-row scales into
+    the gradient so: passes/lowering.py)."""
+    own = len(spec.args) - 1  # the op's arguments after u; times follows them
+
+    def split(args) -> tuple:
+        return args[:own], (args[own] if len(args) > own else None)
 
     def portable(x, u, *args):
         _check_samples(x, u, spec.int8_op)
+        args, times = split(args)
+        if times is not None:
+            x = _times(x, times, spec.int8_op)
         given = _int8_params(spec, x, u, params(args))
         scale = spec.scale(x, **given)
         return int8_codes(_stochastic_torch(spec, x, u, given), scale), scale
 
     def on_cpu(x, u, *args):
         _check_samples(x, u, spec.int8_op)
-        given = _int8_params(spec, x, u, params(args))
+        own_args, times = split(args)
+        given = _int8_params(spec, x, u, params(own_args))
         if not _on_cpu_kernels(x):
             return portable(x, u, *args)
-        return cpu.stochastic(spec.name, x, u, spec.kernel_arg(given), codes=True, dim=_dim(x, given, spec))
+        if times is not None:
+            _check_times(x, times, spec.int8_op)
+        return cpu.stochastic(spec.name, x, u, spec.kernel_arg(given), codes=True, dim=_dim(x, given, spec),
+                              times=times)
 
     def on_cuda(x, u, *args):
         _check_samples(x, u, spec.int8_op)
+        args, times = split(args)
+        if times is not None:  # the Triton kernels take no multiplier: the product first
+            x = _times(x, times, spec.int8_op)
         given = _int8_params(spec, x, u, params(args))
         if _dim(x, given, spec) is not None:
             return portable(x, u, *args)
         return _triton(x, lambda: getattr(cuda, spec.name)(x, u, spec.kernel_arg(given), codes=torch.int8),
                        lambda: portable(x, u, *args), spec.int8_op)
 
-    schema = spec.schema.replace("-> Tensor", "-> (Tensor, Tensor)")
+    schema = spec.schema.replace(") -> Tensor", ", Tensor? times=None) -> (Tensor, Tensor)")
     op = torch.library.custom_op(f"nm::{spec.int8_op}", portable, mutates_args=(), schema=schema)
     op.register_kernel("cpu")(on_cpu)
     op.register_kernel("cuda")(on_cuda)
-    op.register_fake(lambda x, u, *args: _codes_fake(x, torch.int8, _dim(x, params(args), spec)))
+    op.register_fake(lambda x, u, *args: _codes_fake(x, torch.int8, _dim(x, params(split(args)[0]), spec)))
 
 
 for _spec in ops_of(kind="quantize", stage="gradient"):

@@ -198,10 +198,12 @@ PRESETS: dict[str, dict] = {  # names NMCOMPILE_OPTIONS may hold instead of JSON
     "luq4": {"quant": "luq"},
     "luq4+sawb4": {"quant": "luq", "fwd_quant": "sawb"},
     "luq4+absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
-    # 8-bit unbiased gradient codes (one scale per row along each GEMM's K) and 8-bit forward codes: every Linear
+    # 8-bit unbiased gradient codes and 8-bit forward codes, each with one scale per row along its GEMM's K (the
+    # forward's folded into the gradient where a backward GEMM contracts the dim they vary along): every Linear
     # GEMM on exact int8, for VNNI/AMX CPUs and sm80+ GPUs, where 4-bit codes would buy no GEMM time over 8-bit
-    # ones (docs/results.md §6, §7); a layer whose int8 GEMMs would be slower on this CPU stays dense
-    "int8": {"quant": "sr", "bits": 8, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8, "dense_if_faster": True},
+    # ones (docs/results.md §6-§8); a layer whose int8 GEMMs would be slower on this CPU stays dense
+    "int8": {"quant": "sr", "bits": 8, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8, "fwd_scales": "row",
+             "dense_if_faster": True},
     "2:4+luq4": {"sparsity": "2:4", "quant": "luq"},
 }
 

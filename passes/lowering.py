@@ -224,7 +224,7 @@ def _codes_op(spec: OpSpec, codes: str) -> str:
 
 def _codes_fn(spec: OpSpec, args: tuple, codes: str):
     codes_op = getattr(torch.ops.nm, _codes_op(spec, codes)).default
-    return lambda *xs: codes_op(*xs, *args)
+    return lambda *xs, **kwargs: codes_op(*xs, *args, **kwargs)
 
 
 class _Lowerer:
@@ -288,9 +288,9 @@ class _Lowerer:
 
             def gradient_codes(xs):
                 args = [xs[i] for i in positions]
-                if folded:  # q(g·s) @ codes: unbiased for g @ (s·codes), as q(g) @ (s·codes) is
-                    args[0] = args[0].float() * folded[0](xs)
-                codes, scale = codes_of(*args)
+                # q(g·s) @ codes: unbiased for g @ (s·codes), as q(g) @ (s·codes) is; the int8 codes op
+                # forms g·s as it reads g (no fp32 product in between)
+                codes, scale = codes_of(*args, times=folded[0](xs)) if folded else codes_of(*args)
                 return laid_out(codes), laid_out_scale(scale, codes)
 
             return gradient_codes

@@ -60,7 +60,7 @@ from nmcompile.passes.config import PRESETS  # noqa: E402
 
 LUQ_SAWB = {"quant": "luq", "fwd_quant": "sawb"}
 LUQ_INT8 = {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8}
-INT8 = PRESETS["int8"]  # SR8 gradients (per-row scales), absmax8 forward, dense where that is faster here
+INT8 = PRESETS["int8"]  # SR8 gradients, absmax8 forward (per-row scales both), dense where that is faster here
 # name -> (backend options: None for inductor, "torchao" for the peer; bf16 autocast)
 CONFIGS = {
     "inductor fp32": (None, False),
@@ -71,7 +71,7 @@ CONFIGS = {
     "nm int8 bf16": (INT8, True),
     "nm int8 bf16 all-int8": ({**INT8, "dense_if_faster": False}, True),
     "nm int8 tensor-sr8": ({**INT8, "scales": "tensor"}, False),
-    "nm int8 row+row": ({**INT8, "fwd_scales": "row"}, False),
+    "nm int8 tensor-absmax8": ({**INT8, "fwd_scales": "tensor"}, False),  # the preset before its forward went per row
     "nm luq4+sawb4 bf16": (LUQ_SAWB, True),
     "nm luq4+int8fwd bf16": (LUQ_INT8, True),
     "torchao int8 mp": ("torchao", False),

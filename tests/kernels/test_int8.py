@@ -7,7 +7,9 @@
   sum whose bf16 rounding a detour through fp32 gets wrong.
 - the codes ops: codes·scale is the value op's output bit for bit (every dtype, transposed layouts,
   zeros, NaN), codes stay within the form's ``max_code``, and the portable path gives the CPU
-  kernel's codes; forms that have no int8 codes are refused with the reason.
+  kernel's codes; forms that have no int8 codes are refused with the reason; with ``times`` the
+  gradient codes ops give the codes of the fp32 product x·times bit for bit, and a multiplier that
+  does not broadcast to x is refused naming its shape.
 - absmax: the float64 reference, never clipped (|q - x| <= scale / 2), exact codes, STE gradient.
 """
 from __future__ import annotations
@@ -181,6 +183,55 @@ def test_stochastic_codes_portable_path_equals_the_cpu_kernel(case):
             assert torch.equal(scale, expected_scale) and torch.equal(c, portable), (case, dtype)
 
 
+def _multipliers(x: torch.Tensor) -> list:
+    """Multipliers that broadcast to x: along its last dim, along its first, per element, one number; positive
+    and spread over 2^±6 like forward scales, with one zero (a row of scales of an all-zero row)."""
+    g = torch.Generator().manual_seed(5)
+    rows, cols = x.shape
+
+    def spread(*shape):
+        return torch.exp2(torch.rand(*shape, generator=g) * 12 - 6)
+
+    along_last = spread(1, cols)
+    along_last[0, 1] = 0
+    return [along_last, spread(rows, 1), spread(rows, cols), spread(())]
+
+
+@pytest.mark.parametrize("case", ["luq", "sr8"])
+@pytest.mark.parametrize("dim", [None, 0, 1])
+def test_codes_of_x_times_a_multiplier_are_the_codes_of_the_fp32_product(case, dim):
+    """``times`` (the fold of per-row forward scales into the gradient): the CPU kernel forms x·times as it
+    reads x and gives, bit for bit, the codes and scales of x.float() * times quantized as an fp32 tensor,
+    on every input dtype and layout and on the portable path too."""
+    name = case.rstrip("0123456789")
+    spec, (args, params) = OPS[name], INT8_CASES[case]
+    codes_op = getattr(torch.ops.nm, spec.int8_op)
+    own = (*args, dim)  # u, the op's arguments, dim
+    for dtype in DTYPES:
+        for x in inputs(dtype)[:2]:
+            for times in _multipliers(x):
+                c, scale = codes_op(x, *own, times=times)
+                product = x.float() * times
+                assert product.dtype == torch.float32
+                c_ref, scale_ref = codes_op(product, *own)
+                assert torch.equal(c, c_ref) and torch.equal(scale, scale_ref), (case, dim, dtype, times.shape)
+                assert c.stride() == torch.empty_like(x).stride()
+                given = {**params, "dim": dim}
+                values = ops._stochastic_torch(spec, product, args[0], given)
+                portable = int8_codes(values, spec.scale(product, **given))
+                assert torch.equal(c, portable), (case, dim, dtype, times.shape)
+
+
+def test_a_multiplier_that_does_not_fit_is_refused_naming_it():
+    x = torch.randn(6, 4)
+    with pytest.raises(ValueError, match=r"times of shape \(6,\) does not broadcast to x's shape \(6, 4\)"):
+        torch.ops.nm.sr_int8(x, SEED, 8, 1, torch.ones(6))
+    with pytest.raises(ValueError, match="times must be a float32 tensor on cpu, got torch.float64"):
+        torch.ops.nm.sr_int8(x, SEED, 8, 1, torch.ones(1, 4, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"times of shape \(2, 6, 4\) does not broadcast"):  # it would grow x
+        torch.ops.nm.luq_int8(x, SEED, 4, "strict", None, torch.ones(2, 6, 4))
+
+
 @pytest.mark.parametrize("special", [float("nan"), float("inf")])
 def test_codes_of_non_finite_inputs_are_zero_with_a_non_finite_scale(special):
     x = torch.randn(8, 8)
@@ -246,6 +297,8 @@ def test_absmax_gradient_is_straight_through_and_bits_are_checked():
     ("sawb_int8", lambda: (torch.randn(5, 7), 4)),
     ("luq_int8", lambda: (torch.randn(5, 7).t(), torch.tensor([3]), 4, "strict")),
     ("sr_int8", lambda: (torch.randn(5, 7), torch.rand(1, 5, 7), 4)),
+    ("sr_int8", lambda: (torch.randn(7, 5).t(), torch.tensor([3]), 8, 1, torch.rand(1, 7) + 0.5)),
+    ("luq_int8", lambda: (torch.randn(5, 7), torch.tensor([3]), 4, "strict", None, torch.rand(5, 1) + 0.5)),
 ])
 def test_opcheck(op, args):
     # int8 tensors: opcheck's schema test does arithmetic on them that int8 has

@@ -254,6 +254,16 @@ def test_per_row_forward_scales_run_every_linear_gemm_on_int8_folding_the_scales
     folded = [g for g in linear if g.kernel_note and "multiply the gradient before it is quantized" in g.kernel_note]
     # every dgrad reading a per-row W, every wgrad reading a per-row X: 4 + 3 (out_proj's X is per tensor)
     assert sorted(g.role for g in folded) == ["dgrad"] * 4 + ["wgrad"] * 3, rep
+    # the gradient's codes op forms g·s itself (its times argument): no fp32 product of g is written first
+    from nmcompile.capture import run_captured
+
+    x = x.clone().requires_grad_(True)  # as run() does: the first layer has its dgrad too
+    backward = run_captured(model, (x,), {**INT8_ROWS, "lowering": "auto", "inner": "aot_eager"}).graphs[0].backward
+    quantizers = [n for n in backward.graph.nodes if n.target is torch.ops.nm.sr_int8.default]
+    with_times = [n for n in quantizers if n.kwargs.get("times") is not None or len(n.args) > 4]
+    assert len(with_times) == 7 and len(quantizers) == 8, backward.code  # one per backward GEMM
+    assert all(not (isinstance(n.args[0], torch.fx.Node) and n.args[0].target is torch.ops.aten.mul.Tensor)
+               for n in with_times)
 
 
 def _dtypes_of_the_rest(options: dict) -> collections.Counter:

@@ -74,7 +74,7 @@ def test_the_int8_cost_counts_every_gemm_quantizer_pass_and_rescaling(monkeypatc
 
     monkeypatch.setattr(timing, "mm_seconds", lambda m, n, k, dtype: m * n * k * 1e-12)
     monkeypatch.setattr(timing, "int_mm_seconds", lambda m, n, k, b_transposed: m * n * k * 1e-13)
-    per_element = {"absmax8": 1e-9, "sr8/row": 2e-9}
+    per_element = {"absmax8/row": 1e-9, "sr8/row": 2e-9}  # the preset: per-row scales on both sides
     monkeypatch.setattr(timing, "per_element_seconds",
                         lambda name, dtype, op: per_element.get(name.split(" ")[0], 4e-9))
     m, n, k = 64, 128, 32
