@@ -196,9 +196,8 @@ def _check_times(x: Tensor, times: Tensor, op: str) -> None:
                          f"{tuple(x.shape)} (use one factor per element, or size 1 along the dims it is constant on)")
 
 
-def _times(x: Tensor, times: Tensor, op: str) -> Tensor:
-    """x.float() * times in x's layout (the fake kernels' promise), after checking ``times``."""
-    _check_times(x, times, op)
+def _times(x: Tensor, times: Tensor) -> Tensor:
+    """x.float() * times in x's layout (the fake kernels' promise)."""
     return torch.empty_like(x, dtype=torch.float32).copy_(x).mul_(times)
 
 
@@ -210,34 +209,36 @@ def _define_int8(spec: OpSpec, params) -> None:
     the gradient so: passes/lowering.py)."""
     own = len(spec.args) - 1  # the op's arguments after u; times follows them
 
-    def split(args) -> tuple:
-        return args[:own], (args[own] if len(args) > own else None)
+    def split(x, args) -> tuple:
+        """(the op's own arguments, times or None), ``times`` checked against x."""
+        times = args[own] if len(args) > own else None
+        if times is not None:
+            _check_times(x, times, spec.int8_op)
+        return args[:own], times
 
     def portable(x, u, *args):
         _check_samples(x, u, spec.int8_op)
-        args, times = split(args)
+        args, times = split(x, args)
         if times is not None:
-            x = _times(x, times, spec.int8_op)
+            x = _times(x, times)
         given = _int8_params(spec, x, u, params(args))
         scale = spec.scale(x, **given)
         return int8_codes(_stochastic_torch(spec, x, u, given), scale), scale
 
     def on_cpu(x, u, *args):
         _check_samples(x, u, spec.int8_op)
-        own_args, times = split(args)
+        own_args, times = split(x, args)
         given = _int8_params(spec, x, u, params(own_args))
         if not _on_cpu_kernels(x):
             return portable(x, u, *args)
-        if times is not None:
-            _check_times(x, times, spec.int8_op)
         return cpu.stochastic(spec.name, x, u, spec.kernel_arg(given), codes=True, dim=_dim(x, given, spec),
                               times=times)
 
     def on_cuda(x, u, *args):
         _check_samples(x, u, spec.int8_op)
-        args, times = split(args)
+        args, times = split(x, args)
         if times is not None:  # the Triton kernels take no multiplier: the product first
-            x = _times(x, times, spec.int8_op)
+            x = _times(x, times)
         given = _int8_params(spec, x, u, params(args))
         if _dim(x, given, spec) is not None:
             return portable(x, u, *args)
@@ -248,7 +249,7 @@ def _define_int8(spec: OpSpec, params) -> None:
     op = torch.library.custom_op(f"nm::{spec.int8_op}", portable, mutates_args=(), schema=schema)
     op.register_kernel("cpu")(on_cpu)
     op.register_kernel("cuda")(on_cuda)
-    op.register_fake(lambda x, u, *args: _codes_fake(x, torch.int8, _dim(x, params(split(args)[0]), spec)))
+    op.register_fake(lambda x, u, *args: _codes_fake(x, torch.int8, _dim(x, params(args[:own]), spec)))
 
 
 for _spec in ops_of(kind="quantize", stage="gradient"):
