@@ -4,7 +4,9 @@ Levels {c·scale : c = -L..L}, L = 2^(bits-1) - 1, with the scale of SR (``sr.sr
 rounded *up* to the significant bits that keep every level exact in x's dtype, so max|x| is never
 clipped and the output is exactly integer codes times one scale (what an exact int8 GEMM needs).
 Each element goes to its nearest level (half to even): deterministic and biased, like SAWB, with a
-straight-through gradient. With ``dim``: one scale per slice along ``dim`` (``kernels/scales.py``).
+straight-through gradient. With ``dim``: one scale per slice along ``dim`` (``kernels/scales.py``);
+with ``pow2``: SR's power-of-two scale (``sr.py``), whose coarser grid multiplies the rounding error's
+variance (about scale²/12 per element for data spread over many levels) by r² in [1, 4).
 
 Why not SAWB at 8 bits: SAWB's clip coefficients (c1, c2) are fitted for 4 bits and below, where
 clipping the tails buys resolution for the bulk; at 8 bits the grid is fine enough that the
@@ -30,7 +32,8 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"nm.absmax: bits must be in {BITS.start}..{BITS.stop - 1}, got bits={bits}")
 
 
-def absmax_math(x: torch.Tensor, bits: int, dim: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def absmax_math(x: torch.Tensor, bits: int, dim: Optional[int] = None,
+                pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(quantized x in x's dtype, the fp32 scale of its codes: 1 for an all-zero x, NaN/Inf with x),
     one scale per tensor or per slice along ``dim`` (keepdim)."""
     check_bits(bits)
@@ -38,7 +41,7 @@ def absmax_math(x: torch.Tensor, bits: int, dim: Optional[int] = None) -> tuple[
     levels = float(sr_levels(bits))
     xf = x.float()
     amax = amax_of(xf, dim)
-    scale = sr_scale(amax, x.dtype, bits)
+    scale = sr_scale(amax, x.dtype, bits, pow2)
     safe = torch.where(scale > 0, scale, 1.0)
     level = torch.round(xf / safe).clamp(-levels, levels)  # |x| / scale <= L already: a guard
     big = torch.finfo(x.dtype).max

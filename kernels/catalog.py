@@ -21,7 +21,7 @@ from .int8 import INT8_MAX
 from .luq import luq_levels, luq_math, luq_noise_shape, luq_scale
 from .random import seeds_for
 from .sawb import SAWB_COEFFICIENTS
-from .sr import BITS, sr_levels, sr_math, sr_scale_of
+from .sr import BITS, POW2_FLAG, sr_levels, sr_math, sr_scale_of
 
 KINDS = ("prune", "quantize")
 STAGES = ("gradient", "forward")  # the neural gradient of a backward GEMM | a forward GEMM's W and X
@@ -41,7 +41,8 @@ class Form:
     output is integer codes ``|c| <= max_code`` times a scale, exactly: one per tensor, or with
     ``rows`` one per slice along the op's ``dim`` (``kernels/scales.py``), exact in a GEMM whose K
     that dim is. ``float8``: a float8 format holding those codes exactly (None: ``why``). ``int8``:
-    int8 codes times the fp32 scale(s) hold the output exactly (False: ``int8_why``)."""
+    int8 codes times the fp32 scale(s) hold the output exactly (False: ``int8_why``). ``pow2``: every
+    scale is a power of two, so an int8 GEMM of two such operands rescales its sums exactly in fp32."""
 
     structure: Optional[tuple[int, int]] = None
     max_code: Optional[int] = None
@@ -50,6 +51,7 @@ class Form:
     int8: bool = False
     int8_why: str = ""
     rows: bool = False
+    pow2: bool = False
 
     @property
     def sparse24(self) -> bool:
@@ -81,6 +83,7 @@ class OpSpec:
     kernel_arg: Optional[Callable[[Mapping], int]] = None  # the int the CPU (nm_<name>) and Triton kernels take
     scale: Optional[Callable] = None  # (x, **params) -> the fp32 scale(s) of its int8 codes (one sample)
     row_scales: bool = False  # takes ``dim``: one scale per slice along it instead of one per tensor
+    pow2_scales: bool = False  # takes ``pow2``: its scales rounded up to powers of two
 
     @property
     def op(self) -> torch._ops.OpOverload:
@@ -123,6 +126,8 @@ class OpSpec:
                 rest.append(seeds_for(noise, x.device, seeds))
             elif name == "dim" and self.row_scales:  # optional: None is one scale per tensor
                 rest.append(params.get("dim"))
+            elif name == "pow2" and self.pow2_scales:  # optional: False keeps the finer scales
+                rest.append(params.get("pow2", False))
             else:
                 rest.append(params[name])
         return self.op(x, *rest)
@@ -157,8 +162,8 @@ def _int8(max_code: int, samples: int, name: str) -> tuple[bool, str]:
 
 
 def _rows(p: Mapping) -> str:
-    """The label's mark of per-row scales: "sr8/row"."""
-    return "/row" if p.get("dim") is not None else ""
+    """The label's marks of per-row and of power-of-two scales: "sr8/row", "sr8/row/pow2"."""
+    return ("/row" if p.get("dim") is not None else "") + ("/pow2" if p.get("pow2") else "")
 
 
 def _float8_rows(p: Mapping, fmt, why: str) -> tuple:
@@ -232,32 +237,33 @@ def _sr_form(p: Mapping) -> Form:
                             "" if fits else what + " exceeds the integers e4m3 holds exactly")
     # codes |c| <= L, scale rounded so that c·scale is exact; the mean of s samples: codes Σc, scale/s
     return Form(max_code=samples * levels, float8=fmt, why=why, int8=int8, int8_why=int8_why,
-                rows=p.get("dim") is not None)
+                rows=p.get("dim") is not None, pow2=bool(p.get("pow2")))
 
 
 SR = OpSpec(
-    "sr", kind="quantize", stage="gradient", schema="(Tensor x, Tensor u, int bits, int? dim=None) -> Tensor",
-    unbiased=True,
-    options={"bits": "bits", "samples": "smp"}, bits=range(2, 9),
+    "sr", kind="quantize", stage="gradient",
+    schema="(Tensor x, Tensor u, int bits, int? dim=None, bool pow2=False) -> Tensor", unbiased=True,
+    options={"bits": "bits", "samples": "smp", "pow2": "pow2_scales"}, bits=range(2, 9),
     summary="uniform stochastic rounding to 2^(bits-1)-1 magnitudes, absmax scale per tensor or per row",
-    label=lambda p: f"sr{p['bits']}" + _rows(p), form=_sr_form, row_scales=True, onnx_type="SR",
-    onnx_attrs=("bits", "dim"), color="#63e6be",
-    int8_op="sr_int8", math=sr_math, kernel_arg=lambda p: p["bits"], scale=sr_scale_of,
+    label=lambda p: f"sr{p['bits']}" + _rows(p), form=_sr_form, row_scales=True, pow2_scales=True, onnx_type="SR",
+    onnx_attrs=("bits", "dim", "pow2"), color="#63e6be",
+    int8_op="sr_int8", math=sr_math, kernel_arg=lambda p: p["bits"] | (POW2_FLAG if p.get("pow2") else 0),
+    scale=sr_scale_of,
 )
 
 
 def _absmax_form(p: Mapping) -> Form:
     return Form(max_code=sr_levels(p["bits"]), why="absmax codes go to int8 GEMMs (no float8 codes op)", int8=True,
-                rows=p.get("dim") is not None)
+                rows=p.get("dim") is not None, pow2=bool(p.get("pow2")))
 
 
 ABSMAX = OpSpec(
-    "absmax", kind="quantize", stage="forward", schema="(Tensor x, int bits, int? dim=None) -> Tensor", unbiased=False,
-    options={"bits": "fwd_bits"}, bits=BITS,
+    "absmax", kind="quantize", stage="forward", schema="(Tensor x, int bits, int? dim=None, bool pow2=False) -> Tensor",
+    unbiased=False, options={"bits": "fwd_bits", "pow2": "pow2_scales"}, bits=BITS,
     summary="round-to-nearest onto 2^(bits-1)-1 magnitudes, absmax scale per tensor or per row: the INT8 "
             "forward (straight-through gradient)",
-    label=lambda p: f"absmax{p['bits']}" + _rows(p), form=_absmax_form, row_scales=True, onnx_type="AbsMax",
-    onnx_attrs=("bits", "dim"),
+    label=lambda p: f"absmax{p['bits']}" + _rows(p), form=_absmax_form, row_scales=True, pow2_scales=True,
+    onnx_type="AbsMax", onnx_attrs=("bits", "dim", "pow2"),
     color="#4dabf7", int8_op="absmax_int8",
 )
 

@@ -143,14 +143,15 @@ def int_sums(a: Tensor, b: Tensor) -> Tensor:
 
 
 def int8_gemm(a: Tensor, scale_a: Tensor, b: Tensor, scale_b: Tensor, bias: Optional[Tensor],
-              out_dtype: torch.dtype) -> Tensor:
+              out_dtype: torch.dtype, pow2: bool = False) -> Tensor:
     """(a·scale_a) @ (b·scale_b) + bias for int8 codes: exact integer sums, then one float64 multiply
-    by the scales (and the bias) rounded once to ``out_dtype``. Plain aten ops: the native lowering
+    by the scales (and the bias) rounded once to ``out_dtype``; with ``pow2`` (both scales powers of
+    two) one fp32 multiply instead (``int8.scaled_sums``). Plain aten ops: the native lowering
     puts them in the graph as they are, so Inductor fuses the scaling into the GEMM output's consumer
     (GELU, a residual add) instead of writing and reading the output once more."""
     if a.device.type == "cuda":  # the layouts cuBLASLt's int8 GEMM takes
         a, b = _row_major(a), _col_major(b)
-    return scaled_sums(int_sums(a, b), scale_a, scale_b, bias, out_dtype)
+    return scaled_sums(int_sums(a, b), scale_a, scale_b, bias, out_dtype, pow2)
 
 
 @torch.library.custom_op("nm::int8_mm", mutates_args=())

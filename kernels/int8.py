@@ -13,6 +13,14 @@ on an fp32 tie, which a product of a <= 31-bit integer and a 48-bit scale can do
 value is within 2^-53 of that tie. bf16/fp16 outputs go through fp32 rounded to odd
 (``round_via_odd``), which rounds like rounding the float64 directly (24 >= 2·11 + 2 bits).
 All of it is plain aten ops, so that Inductor fuses it into the GEMM output's consumer.
+
+Power-of-two scales (the quantizers' ``pow2``) make the rescale cheap: scale_a·scale_b is then a power
+of two, exact in fp32, and so is the product of the sums' fp32 value with it. The int32 (or int64)
+sums are rounded once, to fp32, and that is the exact product rounded once wherever it is a normal
+fp32 number (a subnormal result rounds a second time). A bias is then added in fp32 and the sum
+rounded to the output dtype, as a GEMM's epilogue does; bf16/fp16 outputs are rounded from fp32 (at
+most two roundings, against the hundreds of an fp32-accumulating GEMM). No float64 anywhere: on a
+CPU, float64 vectors hold half the lanes, and the round-to-odd step does not vectorize.
 """
 from __future__ import annotations
 
@@ -43,9 +51,15 @@ def round_via_odd(d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def scaled_sums(sums: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor, bias: Optional[torch.Tensor],
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, pow2: bool = False) -> torch.Tensor:
     """``dtype``(sums · scale_a · scale_b + bias) from an int8 GEMM's exact integer sums, computed in
-    float64 and rounded once."""
+    float64 and rounded once; with ``pow2`` (both scales powers of two, which is not checked) computed
+    in fp32, the product rounded once (see the module docstring)."""
+    if pow2:
+        out = sums.float() * (scale_a * scale_b)  # a power of two: only the sums' conversion rounds
+        if bias is not None:
+            out = out + bias.to(dtype).float()
+        return out.to(dtype)
     d = sums.double() * (scale_a.double() * scale_b.double())
     if bias is not None:
         d = d + bias.to(dtype).double()

@@ -521,12 +521,15 @@ template <typename T> constexpr int subnormal_exponent_of() { return -149; }
 template <> constexpr int subnormal_exponent_of<bf16>() { return -133; }
 template <> constexpr int subnormal_exponent_of<f16>() { return -24; }
 
-// sr.sr_scale: amax / L rounded up to keep = max(p - bits, 1) significant bits and to a multiple of 2^s,
-// capped at fp32's largest such value; in double, every step exact (see sr.py).
+// SR's and absmax's int parameter: bits, plus this flag for power-of-two scales (sr.POW2_FLAG).
+constexpr int kPow2Scale = 1 << 8;
+
+// sr.sr_scale: amax / L rounded up to keep = max(p - bits, 1) significant bits (1 with pow2: a power of
+// two) and to a multiple of 2^s, capped at fp32's largest such value; in double, every step exact (sr.py).
 template <typename T>
-float sr_scale(float amax, int bits) {
+float sr_scale(float amax, int bits, bool pow2) {
   if (!(amax > 0.0f) || !std::isfinite(amax)) return amax;  // 0; NaN/Inf: the output is x + amax
-  const int keep = precision_of<T>() - bits > 1 ? precision_of<T>() - bits : 1;  // at least one bit
+  const int keep = !pow2 && precision_of<T>() - bits > 1 ? precision_of<T>() - bits : 1;  // at least one bit
   const double target = static_cast<double>(amax) / ((1 << (bits - 1)) - 1);
   int e = 0;
   std::frexp(target, &e);
@@ -542,11 +545,13 @@ template <typename T, typename O>
 void sr(const T* x, O* out, float* scale_out, int64_t outer, int64_t inner, int bits, int samples, const float* u,
         const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int64_t slices,
         const int64_t* s_outer, int64_t s_inner, const Times& times, int threads) {
+  const bool pow2 = (bits & kPow2Scale) != 0;
+  bits &= ~kPow2Scale;
   const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, times, threads);
   std::vector<float> scale(amax.size());
   for (size_t i = 0; i < amax.size(); ++i) {
     // x · times is an fp32 tensor: its scale follows fp32's rules, as sr_math's on x.float() * times does
-    scale[i] = times.p != nullptr ? sr_scale<float>(amax[i], bits) : sr_scale<T>(amax[i], bits);
+    scale[i] = times.p != nullptr ? sr_scale<float>(amax[i], bits, pow2) : sr_scale<T>(amax[i], bits, pow2);
     if (scale_out != nullptr) scale_out[i] = amax[i] == 0.0f ? 1.0f : scale[i];  // codes · scale: the values
   }
   const float levels = static_cast<float>((1 << (bits - 1)) - 1);
@@ -633,10 +638,12 @@ void sawb(const T* x, O* out, int64_t numel, double c1, double c2, int bits, int
 template <typename T, typename O>
 void absmax(const T* x, O* out, int64_t outer, int64_t inner, int bits, float* scale_out, int64_t slices,
             const int64_t* s_outer, int64_t s_inner, int threads) {
+  const bool pow2 = (bits & kPow2Scale) != 0;
+  bits &= ~kPow2Scale;
   const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, kNoTimes, threads);
   std::vector<float> scale(amax.size());
   for (size_t i = 0; i < amax.size(); ++i) {
-    scale[i] = sr_scale<T>(amax[i], bits);  // 0 for amax 0; amax itself where it is not finite
+    scale[i] = sr_scale<T>(amax[i], bits, pow2);  // 0 for amax 0; amax itself where it is not finite
     if (scale_out != nullptr) scale_out[i] = amax[i] == 0.0f ? 1.0f : scale[i];
   }
   const float levels = static_cast<float>((1 << (bits - 1)) - 1);

@@ -28,6 +28,7 @@ from .catalog import ABSMAX, LUQ, OpSpec, ops_of
 from .luq import luq_levels, luq_noise_shape
 from .random import draw_seed, uniform
 from .sawb import SAWB_COEFFICIENTS, sawb_math, scale_bits
+from .sr import POW2_FLAG
 from .scales import check_dim, scale_shape
 from .sparsity import greedy_math, mvue_math
 
@@ -161,7 +162,7 @@ def _define_stochastic(spec: OpSpec) -> None:
     def on_cuda(x, u, *args):
         _check_samples(x, u, spec.name)
         given = params(args)
-        if _dim(x, given, spec) is not None:  # the Triton kernels take one scale per tensor
+        if not _triton_scales(x, given, spec):
             return _stochastic_torch(spec, x, u, given)
         kernel = getattr(cuda, spec.name)
         return _triton(x, lambda: kernel(x, u, spec.kernel_arg(given)),
@@ -240,7 +241,7 @@ def _define_int8(spec: OpSpec, params) -> None:
         if times is not None:  # the Triton kernels take no multiplier: the product first
             x = _times(x, times)
         given = _int8_params(spec, x, u, params(args))
-        if _dim(x, given, spec) is not None:
+        if not _triton_scales(x, given, spec):
             return portable(x, u, *args)
         return _triton(x, lambda: getattr(cuda, spec.name)(x, u, spec.kernel_arg(given), codes=torch.int8),
                        lambda: portable(x, u, *args), spec.int8_op)
@@ -295,6 +296,11 @@ def _(x, bits):
 def _dim(x: Tensor, params: dict, spec: OpSpec) -> Optional[int]:
     """The op's scale dim (0..x.dim()-1), None for one scale per tensor."""
     return check_dim(x, params.get("dim"), spec.name)
+
+
+def _triton_scales(x: Tensor, params: dict, spec: OpSpec) -> bool:
+    """Whether the Triton kernels compute this op's scale: they take one per tensor, not a power of two."""
+    return _dim(x, params, spec) is None and not params.get("pow2")
 
 
 def _codes_fake(x: Tensor, fmt: torch.dtype, dim: Optional[int] = None) -> tuple[Tensor, Tensor]:
@@ -385,51 +391,60 @@ def _(x, bits):
 # -- absmax: round-to-nearest INT8 (or narrower) forward quantization (kernels/absmax.py)
 
 
-def _absmax_torch(x: Tensor, bits: int, dim: Optional[int]) -> tuple[Tensor, Tensor]:
-    q, scale = absmax_math(x, bits, dim)
+def _absmax_torch(x: Tensor, bits: int, dim: Optional[int], pow2: bool) -> tuple[Tensor, Tensor]:
+    q, scale = absmax_math(x, bits, dim, pow2)
     return _like(x, q), scale
 
 
+def _absmax_arg(bits: int, pow2: bool) -> int:
+    """The CPU kernel's int parameter: bits, with the power-of-two flag."""
+    return bits | (POW2_FLAG if pow2 else 0)
+
+
 @torch.library.custom_op("nm::absmax", mutates_args=(), schema=ABSMAX.schema)
-def absmax(x: Tensor, bits: int, dim: Optional[int] = None) -> Tensor:
+def absmax(x: Tensor, bits: int, dim: Optional[int] = None, pow2: bool = False) -> Tensor:
     """Round-to-nearest ``bits``-bit quantization of ``x`` with an absmax scale per tensor, or per slice
-    along ``dim`` (straight-through gradient)."""
-    return _absmax_torch(x, bits, dim)[0]
+    along ``dim``, with ``pow2`` a power of two (straight-through gradient)."""
+    return _absmax_torch(x, bits, dim, pow2)[0]
 
 
 @absmax.register_kernel("cpu")
-def _(x, bits, dim=None):
+def _(x, bits, dim=None, pow2=False):
     check_absmax_bits(bits)
     dim = check_dim(x, dim, "absmax")
-    return cpu.absmax(x, bits, dim=dim) if _on_cpu_kernels(x) else _absmax_torch(x, bits, dim)[0]
+    if _on_cpu_kernels(x):
+        return cpu.absmax(x, _absmax_arg(bits, pow2), dim=dim)
+    return _absmax_torch(x, bits, dim, pow2)[0]
 
 
 @absmax.register_fake
-def _(x, bits, dim=None):
+def _(x, bits, dim=None, pow2=False):
     return torch.empty_like(x)
 
 
-def _absmax_int8_torch(x: Tensor, bits: int, dim: Optional[int]) -> tuple[Tensor, Tensor]:
-    q, scale = _absmax_torch(x, bits, dim)
+def _absmax_int8_torch(x: Tensor, bits: int, dim: Optional[int], pow2: bool) -> tuple[Tensor, Tensor]:
+    q, scale = _absmax_torch(x, bits, dim, pow2)
     return int8_codes(q, scale), scale
 
 
 @torch.library.custom_op("nm::absmax_int8", mutates_args=(),
                          schema=ABSMAX.schema.replace("-> Tensor", "-> (Tensor, Tensor)"))
-def absmax_int8(x: Tensor, bits: int, dim: Optional[int] = None) -> tuple[Tensor, Tensor]:
-    """``nm.absmax(x, bits, dim)`` as int8 codes (x's layout) and its fp32 scale(s)."""
-    return _absmax_int8_torch(x, bits, dim)
+def absmax_int8(x: Tensor, bits: int, dim: Optional[int] = None, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """``nm.absmax(x, bits, dim, pow2)`` as int8 codes (x's layout) and its fp32 scale(s)."""
+    return _absmax_int8_torch(x, bits, dim, pow2)
 
 
 @absmax_int8.register_kernel("cpu")
-def _(x, bits, dim=None):
+def _(x, bits, dim=None, pow2=False):
     check_absmax_bits(bits)
     dim = check_dim(x, dim, "absmax_int8")
-    return cpu.absmax(x, bits, codes=True, dim=dim) if _on_cpu_kernels(x) else _absmax_int8_torch(x, bits, dim)
+    if _on_cpu_kernels(x):
+        return cpu.absmax(x, _absmax_arg(bits, pow2), codes=True, dim=dim)
+    return _absmax_int8_torch(x, bits, dim, pow2)
 
 
 @absmax_int8.register_fake
-def _(x, bits, dim=None):
+def _(x, bits, dim=None, pow2=False):
     return _codes_fake(x, torch.int8, check_dim(x, dim, "absmax_int8"))
 
 
@@ -452,7 +467,7 @@ def _sawb_backward(ctx, grad):
 
 
 def _absmax_backward(ctx, grad):
-    return grad, None, None  # straight-through estimator
+    return grad, None, None, None  # straight-through estimator
 
 
 sawb.register_autograd(_sawb_backward)

@@ -51,7 +51,15 @@ value. Gradients in that range have already overflowed in any practical sense.
 
 NaN/Inf anywhere make the whole output non-finite (``xf + amax``), an all-zero tensor gives zeros,
 as ``luq_math``. With ``dim`` there is one scale per slice along ``dim`` (``kernels/scales.py``) and
-every rule above holds slice by slice. ``sr_math`` is the portable implementation and the specification of
+every rule above holds slice by slice.
+
+With ``pow2`` the scale is rounded up to a power of two instead (keep = 1 significant bit; MX formats
+share exponents so): every rule above still holds, and an int8 GEMM on two such operands rescales its
+integer sums by one power of two, exactly in fp32 (``int8.scaled_sums``). The grid is coarser by the
+factor r = scale_pow2 / scale in [1, 2): every element's variance (v - lo)(lo + 1 - v)·scale² is at most
+scale_pow2²/4, and where the levels are fine against the spread of x (frac(v) about uniform, as for
+8 bits) the expected variance grows by r², 1 to 4, about 3 / (2 ln 2) ≈ 2.16 for a max|x| spread
+uniformly over an octave in log scale. ``sr_math`` is the portable implementation and the specification of
 the CPU kernel (``nm_cpu.cpp``, ``nm_sr``) and the Triton kernel (``cuda.sr``; one scale per tensor): the same
 fp32 operations in the same order, so all three give the same bits.
 """
@@ -66,6 +74,8 @@ from .sawb import scale_bits
 from .scales import amax_of, check_dim
 
 BITS = range(2, 9)
+# The CPU kernels take bits and this flag in one int (nm_cpu.cpp kPow2Scale): power-of-two scales.
+POW2_FLAG = 1 << 8
 
 
 def sr_levels(bits: int) -> int:
@@ -112,19 +122,20 @@ def largest_scale(keep: int) -> float:
     return (2.0**k - 1.0) * 2.0 ** (128 - k)
 
 
-def sr_scale(amax: torch.Tensor, dtype: torch.dtype, bits: int) -> torch.Tensor:
+def sr_scale(amax: torch.Tensor, dtype: torch.dtype, bits: int, pow2: bool = False) -> torch.Tensor:
     """The per-tensor scale (fp32, 0-d) for max|x| = ``amax`` (fp32): amax / L rounded up to
-    ``scale_bits(dtype, bits)`` significant bits and to a multiple of the dtype's smallest
-    subnormal, capped at fp32's largest such value. 0 for amax = 0; NaN for NaN."""
-    keep = scale_bits(dtype, bits)
+    ``scale_bits(dtype, bits)`` significant bits (with ``pow2``: to a power of two) and to a multiple
+    of the dtype's smallest subnormal, capped at fp32's largest such value. 0 for amax = 0; NaN for NaN."""
+    keep = 1 if pow2 else scale_bits(dtype, bits)
     scale = round_up_significand(amax.double() / sr_levels(bits), keep, subnormal_exponent(dtype))
     return torch.clamp_max(scale, largest_scale(keep)).float()  # NaN stays NaN, Inf is capped
 
 
-def sr_math(x: torch.Tensor, u: torch.Tensor, bits: int, dim: Optional[int] = None) -> torch.Tensor:
+def sr_math(x: torch.Tensor, u: torch.Tensor, bits: int, dim: Optional[int] = None,
+            pow2: bool = False) -> torch.Tensor:
     """Quantize ``x`` with uniforms ``u`` of shape ``(samples, *x.shape)``, one scale per tensor or per
-    slice along ``dim``; returns the mean of the samples in x's dtype. NaN/Inf anywhere make the whole
-    output (its slice's) non-finite."""
+    slice along ``dim`` (with ``pow2``: powers of two); returns the mean of the samples in x's dtype.
+    NaN/Inf anywhere make the whole output (its slice's) non-finite."""
     check_bits(bits)
     dim = check_dim(x, dim, "sr")
     if x.numel() == 0:
@@ -132,7 +143,7 @@ def sr_math(x: torch.Tensor, u: torch.Tensor, bits: int, dim: Optional[int] = No
     levels = sr_levels(bits)
     xf = x.float()
     amax = amax_of(xf, dim)
-    scale = sr_scale(amax, x.dtype, bits)
+    scale = sr_scale(amax, x.dtype, bits, pow2)
     safe = torch.where(scale > 0, scale, 1.0)  # all-zero tensor (its output is x below)
     v = torch.clamp_max(xf.abs() / safe, float(levels))  # ≤ L already (see the module docstring)
     lo = torch.floor(v)
@@ -150,9 +161,9 @@ def sr_math(x: torch.Tensor, u: torch.Tensor, bits: int, dim: Optional[int] = No
     return q.to(x.dtype)
 
 
-def sr_scale_of(x: torch.Tensor, bits: int, dim: Optional[int] = None) -> torch.Tensor:
+def sr_scale_of(x: torch.Tensor, bits: int, dim: Optional[int] = None, pow2: bool = False) -> torch.Tensor:
     """The scale of x's SR codes (one sample: the output is codes |c| <= L times it, exactly), per
     tensor or per slice along ``dim`` (keepdim); 1 for an all-zero x (slice), non-finite with it."""
     amax = amax_of(x.float(), check_dim(x, dim, "sr"))
-    scale = torch.where(torch.isfinite(amax), sr_scale(amax, x.dtype, bits), amax)  # Inf: not capped here
+    scale = torch.where(torch.isfinite(amax), sr_scale(amax, x.dtype, bits, pow2), amax)  # Inf: not capped here
     return torch.where(amax == 0, 1.0, scale)

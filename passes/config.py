@@ -62,6 +62,23 @@ def _scales(key: str, value: Any, quant_key: str, quant: Optional[str]) -> None:
                              f"per-row scales: {rows}")
 
 
+def _pow2(config: "NMConfig") -> None:
+    """``pow2_scales``: a bool, and only with quantizers whose scales can be powers of two."""
+    if not isinstance(config.pow2_scales, bool):
+        raise ValueError(f"pow2_scales={config.pow2_scales!r} must be True or False")
+    if not config.pow2_scales:
+        return
+    allowed = ", ".join(repr(s.name) for s in OPS.values() if s.pow2_scales)
+    named = [(key, getattr(config, key)) for key in ("quant", "fwd_quant") if getattr(config, key) is not None]
+    if not named:
+        raise ValueError(f"pow2_scales=True rounds the scales of quant / fwd_quant, and neither is set; quantizers "
+                         f"with power-of-two scales: {allowed}")
+    for key, name in named:
+        if not OPS[name].pow2_scales:
+            raise ValueError(f"pow2_scales=True is not available for {key}={name!r}; quantizers with power-of-two "
+                             f"scales: {allowed}")
+
+
 def _regex(key: str, value: Any) -> Optional[str]:
     if value is None:
         return None
@@ -89,6 +106,7 @@ class NMConfig:
     fwd_quant: Optional[str] = None
     fwd_bits: int = 4
     fwd_scales: str = "tensor"
+    pow2_scales: bool = False
     include: Optional[str] = None
     exclude: Optional[str] = None
     keep_first_last: bool = True
@@ -116,6 +134,7 @@ class NMConfig:
         _int_in("fwd_bits", self.fwd_bits, OPS[self.fwd_quant or FWD_QUANTS[0]].bits)
         _scales("scales", self.scales, "quant", self.quant)
         _scales("fwd_scales", self.fwd_scales, "fwd_quant", self.fwd_quant)
+        _pow2(self)
         _regex("include", self.include)
         _regex("exclude", self.exclude)
         if not isinstance(self.keep_first_last, bool):

@@ -54,6 +54,7 @@ class _Operand:
     rows: bool = False  # its scales are per slice of its source (along ``scale_dim`` there)
     scale_dim: Optional[int] = None
     fold: bool = False  # its per-row scales vary along K: it gives its codes, its scales fold into the other side
+    pow2: bool = False  # its scales are powers of two (folded into the other side, they leave a scale of 1)
 
 
 def _params(node: fx.Node, spec: OpSpec) -> dict:
@@ -114,7 +115,7 @@ def _classify(node: fx.Node, k_dim: int) -> _Operand:
     if spec is not None and spec.kind == "quantize":
         params = _params(base, spec)
         form = spec.form(params)
-        op.spec = spec
+        op.spec, op.pow2 = spec, form.pow2
         if form.rows:
             op.rows, op.scale_dim = True, params["dim"] % val(base).dim()
         if spec.int8_op is None:
@@ -299,6 +300,9 @@ class _Lowerer:
         bias = take(node.args[0]) if node.target is aten.addmm.default else None
         out_dtype = val(node).dtype
         transposed = plan.kernel.sparse24 and not plan.left.sparse24  # the sparse operand goes left
+        # both scales powers of two: the sums rescale by one in fp32, exactly (kernels/int8.py); a folded
+        # side's scales multiply the other side's input, so that side's codes carry them
+        pow2 = plan.left.pow2 and plan.right.pow2
 
         def gemm(*xs):
             (a, sa), (b, sb) = left_fn(xs), right_fn(xs)
@@ -307,7 +311,7 @@ class _Lowerer:
                     return torch.ops.nm.sparse24_mm.default(b.t(), a.t(), sb, sa, out_dtype).t()
                 return torch.ops.nm.sparse24_mm.default(a, b, sa, sb, out_dtype)
             if plan.kernel.codes == "int8":  # inlined: Inductor fuses the scaling into the output's consumer
-                return int8_gemm(a, sa, b, sb, xs[bias] if bias is not None else None, out_dtype)
+                return int8_gemm(a, sa, b, sb, xs[bias] if bias is not None else None, out_dtype, pow2)
             return torch.ops.nm.fp8_mm.default(a, sa, b, sb, xs[bias] if bias is not None else None, out_dtype)
 
         info = NodeInfo("gemm", node.name, module_path(node), rec.role, kernel=rec.kernel)

@@ -7,7 +7,7 @@ per machine and shape, cached):
 - dense: the three GEMMs in the layer's dtype (fp32, or bf16 under autocast);
 - int8: the three ``torch._int_mm`` calls, the forward quantizer over X and W, the gradient quantizer over the
   output gradient twice (once per backward GEMM, each along its own K), and the rescaling of the three int32
-  outputs, each of the last three as measured seconds per element.
+  outputs (float64, or with ``pow2_scales`` fp32), each of the last three as measured seconds per element.
 
 Where dense is faster it is also more faithful, so the layer is left dense, and its records say so with both costs.
 """
@@ -29,9 +29,11 @@ def _quantizer_seconds(name: str, params: dict, dtype: torch.dtype) -> float:
     return timing.per_element_seconds(label, dtype, lambda x: spec.apply(x, **params))
 
 
-def _rescale_seconds(dtype: torch.dtype) -> float:
+def _rescale_seconds(dtype: torch.dtype, pow2: bool) -> float:
     from nmcompile.kernels import cpu
 
+    if pow2:  # one fp32 multiply by a power of two, inside the conversion pass of Inductor's fused kernel
+        return timing.per_element_seconds(f"int32 to {dtype}", torch.int32, lambda s: s.to(dtype))
     if cpu.available():  # the one-pass scaling of an int8 GEMM's int32 sums, as Inductor's fused kernel does it
         return timing.per_element_seconds(f"int8 rescale to {dtype}", torch.int32,
                                           lambda s: cpu.int8_scale(s, 0.5, None, dtype))
@@ -48,7 +50,7 @@ def layer_costs(m: int, n: int, k: int, dtype: torch.dtype, config: NMConfig) ->
     fwd = _quantizer_seconds(config.fwd_quant, {**config.params_for(OPS[config.fwd_quant]), **rows(config.fwd_scales)},
                              dtype)
     grad = _quantizer_seconds(config.quant, {**config.params_for(OPS[config.quant]), **rows(config.scales)}, dtype)
-    int8 = gemms + fwd * (m * k + n * k) + grad * 2 * m * n + _rescale_seconds(dtype) * (m * n + m * k + n * k)
+    int8 = gemms + fwd * (m * k + n * k) + grad * 2 * m * n + _rescale_seconds(dtype, config.pow2_scales) * (m * n + m * k + n * k)
     return int8, dense
 
 

@@ -72,6 +72,8 @@ CONFIGS = {
     "nm int8 bf16 all-int8": ({**INT8, "dense_if_faster": False}, True),
     "nm int8 tensor-sr8": ({**INT8, "scales": "tensor"}, False),
     "nm int8 tensor-absmax8": ({**INT8, "fwd_scales": "tensor"}, False),  # the preset before its forward went per row
+    "nm int8 pow2": ({**INT8, "pow2_scales": True}, False),  # power-of-two scales: the rescale in fp32
+    "nm int8 bf16 pow2": ({**INT8, "pow2_scales": True}, True),
     "nm luq4+sawb4 bf16": (LUQ_SAWB, True),
     "nm luq4+int8fwd bf16": (LUQ_INT8, True),
     "torchao int8 mp": ("torchao", False),

@@ -65,6 +65,8 @@ RECIPES = {
     # the `int8` preset since 2026-12-07, less its dense_if_faster (every layer on int8 here, as when measured).
     # (Runs saved as "int8, row sr8 + row absmax8", before the fold, ran those backward GEMMs dense.)
     "int8, row + row, folded": {**INT8_ROW_SR8, "fwd_scales": "row"},
+    # the same with power-of-two scales: the int8 GEMMs rescale in fp32 (kernels/int8.py)
+    "int8, row + row, folded, pow2": {**INT8_ROW_SR8, "fwd_scales": "row", "pow2_scales": True},
     "luq4, row": {"quant": "luq", "scales": "row"},
     "luq4 + absmax8, row": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8, "scales": "row"},
 }

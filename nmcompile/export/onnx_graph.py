@@ -521,13 +521,18 @@ def _gelu(b, node, out):
     return b.emit("Gelu", [b.value(node.args[0])], approximate=node.kwargs.get("approximate", "none"))[0]
 
 
+def _given(value) -> bool:
+    """An nm parameter worth an attribute: set (dim None: per tensor) and not a flag left off (pow2 False)."""
+    return value is not None and value is not False
+
+
 def _nm(b: _OnnxBuilder, node: fx.Node, out):
     """An nm op as its catalog entry says: ONNX op type, inputs x (and the seeds of a sampling op),
     its parameters as attributes."""
     info, spec = nm_attrs(node), nm_spec(node)
     inputs = 2 if spec.sampled else 1
     return b.emit(spec.onnx_type, [b.value(a) for a in node.args[:inputs]], domain=NM_DOMAIN,
-                  **{key: info[key] for key in spec.onnx_attrs if info.get(key) is not None})[0]
+                  **{key: info[key] for key in spec.onnx_attrs if _given(info.get(key))})[0]
 
 
 def _codes(spec, codes: str):
@@ -539,7 +544,7 @@ def _codes(spec, codes: str):
         inputs = 2 if spec.sampled else 1
         return b.emit(spec.onnx_type, [b.value(a) for a in node.args[:inputs]], [f"{node.name}_0", f"{node.name}_1"],
                       domain=NM_DOMAIN, codes=codes,
-                      **{key: params[key] for key in spec.onnx_attrs if params.get(key) is not None})
+                      **{key: params[key] for key in spec.onnx_attrs if _given(params.get(key))})
 
     return handle
 

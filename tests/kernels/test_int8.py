@@ -225,11 +225,11 @@ def test_codes_of_x_times_a_multiplier_are_the_codes_of_the_fp32_product(case, d
 def test_a_multiplier_that_does_not_fit_is_refused_naming_it():
     x = torch.randn(6, 4)
     with pytest.raises(ValueError, match=r"times of shape \(6,\) does not broadcast to x's shape \(6, 4\)"):
-        torch.ops.nm.sr_int8(x, SEED, 8, 1, torch.ones(6))
+        torch.ops.nm.sr_int8(x, SEED, 8, 1, times=torch.ones(6))
     with pytest.raises(ValueError, match="times must be a float32 tensor on cpu, got torch.float64"):
-        torch.ops.nm.sr_int8(x, SEED, 8, 1, torch.ones(1, 4, dtype=torch.float64))
+        torch.ops.nm.sr_int8(x, SEED, 8, 1, times=torch.ones(1, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"times of shape \(2, 6, 4\) does not broadcast"):  # it would grow x
-        torch.ops.nm.luq_int8(x, SEED, 4, "strict", None, torch.ones(2, 6, 4))
+        torch.ops.nm.luq_int8(x, SEED, 4, "strict", None, times=torch.ones(2, 6, 4))
 
 
 @pytest.mark.parametrize("special", [float("nan"), float("inf")])
@@ -297,7 +297,9 @@ def test_absmax_gradient_is_straight_through_and_bits_are_checked():
     ("sawb_int8", lambda: (torch.randn(5, 7), 4)),
     ("luq_int8", lambda: (torch.randn(5, 7).t(), torch.tensor([3]), 4, "strict")),
     ("sr_int8", lambda: (torch.randn(5, 7), torch.rand(1, 5, 7), 4)),
-    ("sr_int8", lambda: (torch.randn(7, 5).t(), torch.tensor([3]), 8, 1, torch.rand(1, 7) + 0.5)),
+    ("sr_int8", lambda: (torch.randn(7, 5).t(), torch.tensor([3]), 8, 1, False, torch.rand(1, 7) + 0.5)),
+    ("sr_int8", lambda: (torch.randn(7, 5).t(), torch.tensor([3]), 8, 1, True, torch.rand(1, 7) + 0.5)),
+    ("absmax_int8", lambda: (torch.randn(5, 7), 8, 0, True)),
     ("luq_int8", lambda: (torch.randn(5, 7), torch.tensor([3]), 4, "strict", None, torch.rand(5, 1) + 0.5)),
 ])
 def test_opcheck(op, args):

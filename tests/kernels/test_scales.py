@@ -43,6 +43,11 @@ QUANTIZERS = {
              lambda x, u, d: torch.ops.nm.luq_int8(x, u[:1], 4, "strict", d)),
     "absmax8": (lambda x, u, d: absmax_math(x, 8, d)[0], lambda x, u, d: torch.ops.nm.absmax(x, 8, d),
                 lambda x, u, d: torch.ops.nm.absmax_int8(x, 8, d)),
+    # power-of-two scales (tests/kernels/test_pow2.py): the same definition, layouts and special values
+    "sr8/pow2": (lambda x, u, d: sr_math(x, u, 8, d, True), lambda x, u, d: torch.ops.nm.sr(x, u, 8, d, True),
+                 lambda x, u, d: torch.ops.nm.sr_int8(x, u[:1], 8, d, True)),
+    "absmax8/pow2": (lambda x, u, d: absmax_math(x, 8, d, True)[0], lambda x, u, d: torch.ops.nm.absmax(x, 8, d, True),
+                     lambda x, u, d: torch.ops.nm.absmax_int8(x, 8, d, True)),
 }
 
 

@@ -30,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import nmcompile
 from nmcompile.kernels import gemm
 from nmcompile.kernels.catalog import OPS
+from nmcompile.kernels.int8 import scaled_sums
 from nmcompile.kernels.sr import sr_scale_of
 from nmcompile.passes.config import PRESETS
 from nmcompile.report import Report
@@ -223,6 +224,41 @@ def test_int8_scaling_fused_by_inductor_rounds_the_exact_product_once(options, a
 
 @needs_int8
 @pytest.mark.parametrize("autocast", [False, True])
+def test_power_of_two_scales_rescale_the_int8_sums_in_fp32_inside_inductors_kernel(autocast):
+    """absmax8 per row with ``pow2_scales``: the forward's output is the fp32 rescale of the int8 sums
+    (kernels/int8.py) of the codes of the same X and W, whose scales are powers of two."""
+    model, x = model_and_input("addmm")
+    options = {**INT8_ROWS, "pow2_scales": True}
+    y, _, rep = run(model, x, options, "auto", autocast)
+    assert kernels(rep)[("", "fwd")] == "int8"
+    dtype = torch.bfloat16 if autocast else torch.float32
+    (cx, sx), (cw, sw) = (torch.ops.nm.absmax_int8(x.to(dtype), 8, 1, True),
+                          torch.ops.nm.absmax_int8(model.W.detach().to(dtype), 8, None, True))
+    assert (torch.frexp(sx)[0] == 0.5).all() and torch.frexp(sw)[0] == 0.5
+    expected = scaled_sums(gemm.int_sums(cx, cw), sx, sw, model.b.detach().to(dtype), dtype, pow2=True)
+    assert torch.equal(y, expected.float())
+
+
+def _float64_nodes(options: dict) -> int:
+    """Nodes computing in float64 in the encoder's lowered forward and backward graphs."""
+    from nmcompile.capture import run_captured
+
+    model, x = model_and_input("encoder")
+    run = run_captured(model, (x,), {**options, "lowering": "auto", "inner": "aot_eager"})
+    return sum(isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dtype == torch.float64
+               for kind in ("forward", "backward") for n in getattr(run.graphs[0], kind).graph.nodes)
+
+
+@needs_int8
+def test_with_power_of_two_scales_no_int8_gemm_rescales_in_float64():
+    """The int8 preset's 12 Linear GEMMs of a block rescale their sums in float64 by default, and in fp32 with
+    ``pow2_scales`` (where the scales of both operands are powers of two): from the graph, not from timing."""
+    assert _float64_nodes(INT8_PRESET) > 0
+    assert _float64_nodes({**INT8_PRESET, "pow2_scales": True}) == 0
+
+
+@needs_int8
+@pytest.mark.parametrize("autocast", [False, True])
 def test_the_int8_preset_runs_every_linear_gemm_of_a_transformer_block_on_int8(autocast):
     """Forward, dgrad and wgrad of the block's four Linear layers (in_proj, out_proj, linear1, linear2): 12 int8
     GEMMs. Attention's two batched GEMMs and their four backward ones multiply activations and stay dense."""
@@ -260,7 +296,9 @@ def test_per_row_forward_scales_run_every_linear_gemm_on_int8_folding_the_scales
     x = x.clone().requires_grad_(True)  # as run() does: the first layer has its dgrad too
     backward = run_captured(model, (x,), {**INT8_ROWS, "lowering": "auto", "inner": "aot_eager"}).graphs[0].backward
     quantizers = [n for n in backward.graph.nodes if n.target is torch.ops.nm.sr_int8.default]
-    with_times = [n for n in quantizers if n.kwargs.get("times") is not None or len(n.args) > 4]
+    own = len(OPS["sr"].args) + 1  # x and the op's own arguments; times follows them
+    with_times = [n for n in quantizers
+                  if n.kwargs.get("times", n.args[own] if len(n.args) > own else None) is not None]
     assert len(with_times) == 7 and len(quantizers) == 8, backward.code  # one per backward GEMM
     assert all(not (isinstance(n.args[0], torch.fx.Node) and n.args[0].target is torch.ops.aten.mul.Tensor)
                for n in with_times)
