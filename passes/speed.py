@@ -50,7 +50,8 @@ def layer_costs(m: int, n: int, k: int, dtype: torch.dtype, config: NMConfig) ->
     fwd = _quantizer_seconds(config.fwd_quant, {**config.params_for(OPS[config.fwd_quant]), **rows(config.fwd_scales)},
                              dtype)
     grad = _quantizer_seconds(config.quant, {**config.params_for(OPS[config.quant]), **rows(config.scales)}, dtype)
-    int8 = gemms + fwd * (m * k + n * k) + grad * 2 * m * n + _rescale_seconds(dtype, config.pow2_scales) * (m * n + m * k + n * k)
+    rescale = _rescale_seconds(dtype, config.pow2_scales)
+    int8 = gemms + fwd * (m * k + n * k) + grad * 2 * m * n + rescale * (m * n + m * k + n * k)
     return int8, dense
 
 

@@ -28,21 +28,19 @@ step's wall time, caches as the process finds them), warmed up, then the timed s
 between the configurations (step i of every configuration before step i + 1 of any), so drift hits
 all alike; reported are median step times and their ratios to fp32 Inductor and to bf16 Inductor.
 
-Memory: one more step per configuration under ``torch.profiler`` with ``profile_memory``: the peak of
-the tensor bytes allocated during the step (the profiler's "Total Allocated", which counts what is
-allocated while it runs: activations, gradients, temporaries), plus the bytes alive when the step
-starts (parameters and optimizer state). Gradients are set to None between steps, so they are part of
-the step's allocations. The loss is each configuration's mean over its last 3 timed steps.
+Memory: one more step per configuration under ``nmcompile.memory.peak_bytes``: the peak of the tensor
+bytes alive at once during the step (activations, gradients, temporaries), plus the bytes alive when
+the step starts (parameters and optimizer state). Gradients are set to None between steps, so they are
+part of the step's allocations; "activations" is the peak less parameters, gradients and optimizer state.
+The loss is each configuration's mean over its last 3 timed steps.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 from typing import Optional
 
@@ -56,6 +54,7 @@ from bench_train import Block, batches, stdlib_text  # noqa: E402
 import nmcompile  # noqa: E402
 from nmcompile.demo.environment import cpu_name  # noqa: E402
 from nmcompile.kernels import cpu  # noqa: E402
+from nmcompile.memory import peak_bytes, tensor_bytes  # noqa: E402
 from nmcompile.passes.config import PRESETS  # noqa: E402
 
 LUQ_SAWB = {"quant": "luq", "fwd_quant": "sawb"}
@@ -145,19 +144,22 @@ class Run:
         tensors = list(self.model.parameters())
         for state in self.opt.state.values():
             tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return tensor_bytes(tensors)
 
-    def peak_step_bytes(self, tokens) -> int:
-        """Bytes alive at the step's start plus the peak of those it allocates (see the docstring)."""
+    def peak_step_bytes(self, tokens) -> tuple[int, int]:
+        """(the step's peak bytes, its activation bytes: the peak less parameters, gradients and optimizer
+        state), see the docstring."""
         before = self.state_bytes()
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.step(tokens)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "trace.json")
-            prof.export_chrome_trace(path)
-            events = json.loads(pathlib.Path(path).read_text())["traceEvents"]
-        allocated = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-        return before + max(allocated, default=0)
+        grads = {}  # the step's zero_grad(set_to_none) frees the gradients: sized before the optimizer runs
+        hook = self.opt.register_step_pre_hook(
+            lambda opt, args, kwargs: grads.update(bytes=tensor_bytes(p.grad for p in self.model.parameters()
+                                                                        if p.grad is not None)))
+        try:
+            _, peak = peak_bytes(lambda: self.step(tokens), before)
+        finally:
+            hook.remove()
+        self.losses.pop()  # an extra step: the reported losses stay those of the timed steps
+        return peak, peak - self.state_bytes() - grads.get("bytes", 0)
 
     def profile(self, tokens, top: int = 12) -> list:
         """One step under torch.profiler: the ``top`` ops by self CPU time, as [name, seconds, calls]."""
@@ -247,24 +249,24 @@ def main(argv: Optional[list] = None) -> int:
         rows.append({
             "config": run.name, "options": run.options, "autocast_bf16": run.autocast, "compile_s": run.compile_s,
             "step_s": m, "step_times": run.times, "vs_fp32": m / base32 if base32 else None,
-            "vs_bf16": m / base16 if base16 else None, "peak_bytes": memory.get(run.name),
+            "vs_bf16": m / base16 if base16 else None, "peak_bytes": memory.get(run.name, (None, None))[0],
+            "activation_bytes": memory.get(run.name, (None, None))[1],
             "loss_last3": statistics.mean(run.losses[-3:]), "losses": run.losses, "kernels": run.kernels,
             "profile": profiles.get(run.name), "dense_layers": run.dense_layers,
         })
-    mem32 = memory.get("inductor fp32")
+    mem32, act32 = memory.get("inductor fp32", (None, None))
     print(f"\n{args.layers} blocks, d={args.d}, {args.batch}x{args.seq} tokens, AdamW; {cpu_name()} "
           f"({', '.join(cpu_features()) or 'none of ' + ', '.join(FLAGS)}), {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}\n")
     print("| configuration | step (s) | × fp32 Inductor | × bf16 Inductor | peak memory (MiB) | × fp32 | "
-          "loss (last 3) | compile (s) |")
-    print("|---|---|---|---|---|---|---|---|")
+          "activations (MiB) | × fp32 | loss (last 3) | compile (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        peak = row["peak_bytes"]
+        peak, act = row["peak_bytes"], row["activation_bytes"]
+        memory_cells = (f"{peak / 2**20:.0f} | {_x(peak / mem32 if mem32 else None)} | {act / 2**20:.0f} | "
+                        f"{_x(act / act32 if act32 else None)}" if peak else "– | – | – | –")
         print(f"| {row['config']} | {row['step_s']:.3f} | {_x(row['vs_fp32'])} | {_x(row['vs_bf16'])} | "
-              f"{peak / 2**20:.0f} | {_x(peak / mem32 if peak and mem32 else None)} | "
-              f"{row['loss_last3']:.4f} | {row['compile_s']:.1f} |" if peak else
-              f"| {row['config']} | {row['step_s']:.3f} | {_x(row['vs_fp32'])} | {_x(row['vs_bf16'])} | – | – | "
-              f"{row['loss_last3']:.4f} | {row['compile_s']:.1f} |")
+              f"{memory_cells} | {row['loss_last3']:.4f} | {row['compile_s']:.1f} |")
     for name, top in profiles.items():
         ops = "; ".join(f"{op} {t:.3f} s ({n})" for op, t, n in top)
         print(f"\n{name}, one step, top ops by self CPU time: {ops}")

@@ -371,7 +371,8 @@ def test_biased_mutations_are_rejected(monkeypatch):
     y = torch.tensor([7.1875, -3.0, 0.25], dtype=torch.bfloat16)
     stacked, u = y.expand(n, 3).contiguous(), uniform(torch.tensor(3), (1, n, 3), "cpu")
     assert max_z(sr_math(stacked, u, bits), y, exact_variance(y, bits)) < 5
-    monkeypatch.setattr(sr_module, "sr_scale", lambda a, d, b, pow2=False: round_significand(a / sr_levels(b), scale_bits(d, b)))
+    monkeypatch.setattr(sr_module, "sr_scale",
+                        lambda a, d, b, pow2=False: round_significand(a / sr_levels(b), scale_bits(d, b)))
     clipped = sr_math(stacked, u, bits)
     assert (clipped[:, 0] == 7).all() and max_z(clipped, y, exact_variance(y, bits)) > 5
 
