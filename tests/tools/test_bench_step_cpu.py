@@ -21,6 +21,7 @@ def test_smoke_run_measures_every_configuration(tmp_path):
     assert list(rows) == configs.split(",")
     for row in rows.values():
         assert len(row["step_times"]) == 2 and row["step_s"] > 0 and row["peak_bytes"] > 0
+        assert 0 < row["activation_bytes"] < row["peak_bytes"]  # the peak less parameters, gradients, optimizer state
         assert all(loss == loss for loss in row["losses"])  # finite, not NaN
     assert rows["inductor fp32"]["vs_fp32"] == 1.0 and rows["inductor bf16"]["vs_bf16"] == 1.0
     # the nm configurations ran the blocks' and the input projection's GEMMs on int8 where this CPU can (the
