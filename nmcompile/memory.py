@@ -20,14 +20,24 @@ import tempfile
 from typing import Callable, Iterable
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the storages of ``tensors``, each storage counted once (views share theirs)."""
+    """Bytes of the storages of ``tensors``, each storage counted once (views share theirs). A tensor
+    subclass that wraps others (torchao's 8-bit optimizer state: codes and scales) counts what it wraps."""
     seen: dict = {}
-    for t in tensors:
+
+    def add(t: torch.Tensor) -> None:
+        if is_traceable_wrapper_subclass(t):
+            for name in t.__tensor_flatten__()[0]:
+                add(getattr(t, name))
+            return
         storage = t.untyped_storage()
         seen[storage.data_ptr()] = storage.nbytes()
+
+    for t in tensors:
+        add(t)
     return sum(seen.values())
 
 

@@ -17,11 +17,12 @@ Configurations (``--configs``): Inductor in fp32 and under ``torch.autocast("cpu
 gradients and the absmax INT8 forward, each in fp32 and under bf16 autocast, default ``lowering``
 (auto: exact int8 GEMMs on CPUs with AVX512-VNNI or AMX); the ``int8`` preset (SR8 gradients with per-row
 scales, absmax8 forward, each layer dense where that is faster on this CPU: ``dense_if_faster``) in fp32 and
-under bf16 autocast, there also with every layer on int8; the preset with one SR8 scale per tensor, and with
-per-row absmax8 scales too (``fwd_scales="row"``, folded into the gradient where a backward GEMM contracts
-them); and torchao's int8 mixed-precision training
-(``torchao.prototype.quantized_training.int8_mixed_precision_training``, compiled with Inductor) when
-torchao is installed.
+under bf16 autocast, there also with every layer on int8; the preset with one SR8 scale per tensor or
+per-tensor absmax8 scales (the presets before), with power-of-two scales (``pow2_scales``), and with
+torchao's 8-bit AdamW (``torchao.optim.AdamW8bit``); Inductor with ``torch.utils.checkpoint`` per block (what
+a user short of memory would do); and torchao's int8 mixed-precision training
+(``torchao.prototype.quantized_training.int8_mixed_precision_training``, compiled with Inductor). The
+configurations that need torchao are skipped, with a line on stderr, where it is not installed.
 
 Every model starts from the same weights. Each is compiled by its first step (compile time: that
 step's wall time, caches as the process finds them), warmed up, then the timed steps alternate
@@ -37,12 +38,13 @@ The loss is each configuration's mean over its last 3 timed steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import statistics
 import sys
 import time
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn as nn
@@ -60,30 +62,47 @@ from nmcompile.passes.config import PRESETS  # noqa: E402
 LUQ_SAWB = {"quant": "luq", "fwd_quant": "sawb"}
 LUQ_INT8 = {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8}
 INT8 = PRESETS["int8"]  # SR8 gradients, absmax8 forward (per-row scales both), dense where that is faster here
-# name -> (backend options: None for inductor, "torchao" for the peer; bf16 autocast)
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One configuration: backend options (None: Inductor alone; "torchao": torchao's int8 training under
+    Inductor), bf16 autocast, ``torch.utils.checkpoint`` per block (what a user would otherwise do for
+    memory), and the optimizer (``"adamw8bit"``: ``torchao.optim.AdamW8bit``, for the optimizer state's share)."""
+
+    options: Union[dict, str, None]
+    autocast: bool = False
+    checkpoint: bool = False
+    optimizer: str = "adamw"
+
+
 CONFIGS = {
-    "inductor fp32": (None, False),
-    "inductor bf16": (None, True),
-    "nm luq4+sawb4": (LUQ_SAWB, False),
-    "nm luq4+int8fwd": (LUQ_INT8, False),
-    "nm int8": (INT8, False),
-    "nm int8 bf16": (INT8, True),
-    "nm int8 bf16 all-int8": ({**INT8, "dense_if_faster": False}, True),
-    "nm int8 tensor-sr8": ({**INT8, "scales": "tensor"}, False),
-    "nm int8 tensor-absmax8": ({**INT8, "fwd_scales": "tensor"}, False),  # the preset before its forward went per row
-    "nm int8 pow2": ({**INT8, "pow2_scales": True}, False),  # power-of-two scales: the rescale in fp32
-    "nm int8 bf16 pow2": ({**INT8, "pow2_scales": True}, True),
-    "nm luq4+sawb4 bf16": (LUQ_SAWB, True),
-    "nm luq4+int8fwd bf16": (LUQ_INT8, True),
-    "torchao int8 mp": ("torchao", False),
+    "inductor fp32": Config(None),
+    "inductor bf16": Config(None, True),
+    "inductor fp32 checkpoint": Config(None, checkpoint=True),
+    "inductor bf16 checkpoint": Config(None, True, checkpoint=True),
+    "nm luq4+sawb4": Config(LUQ_SAWB),
+    "nm luq4+int8fwd": Config(LUQ_INT8),
+    "nm int8": Config(INT8),
+    "nm int8 bf16": Config(INT8, True),
+    "nm int8 bf16 all-int8": Config({**INT8, "dense_if_faster": False}, True),
+    "nm int8 tensor-sr8": Config({**INT8, "scales": "tensor"}),
+    "nm int8 tensor-absmax8": Config({**INT8, "fwd_scales": "tensor"}),  # the preset before its forward went per row
+    "nm int8 pow2": Config({**INT8, "pow2_scales": True}),  # power-of-two scales: the rescale in fp32
+    "nm int8 bf16 pow2": Config({**INT8, "pow2_scales": True}, True),
+    "nm int8 adamw8bit": Config(INT8, optimizer="adamw8bit"),
+    "nm int8 bf16 adamw8bit": Config(INT8, True, optimizer="adamw8bit"),
+    "nm luq4+sawb4 bf16": Config(LUQ_SAWB, True),
+    "nm luq4+int8fwd bf16": Config(LUQ_INT8, True),
+    "torchao int8 mp": Config("torchao"),
 }
+NEEDS_TORCHAO = [name for name, c in CONFIGS.items() if c.options == "torchao" or c.optimizer == "adamw8bit"]
 
 
 class Net(nn.Module):
     """Bytes -> 256-dim embedding -> Linear to d -> Transformer blocks -> LayerNorm -> Linear to 256 logits."""
 
-    def __init__(self, layers: int, d: int, heads: int):
+    def __init__(self, layers: int, d: int, heads: int, checkpoint: bool = False):
         super().__init__()
+        self.checkpoint = checkpoint
         self.embed = nn.Embedding(256, 256)
         self.inp = nn.Linear(256, d)
         self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
@@ -93,7 +112,7 @@ class Net(nn.Module):
     def forward(self, idx, targets):
         x = self.inp(self.embed(idx))
         for block in self.blocks:
-            x = block(x)
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False) if self.checkpoint else block(x)
         logits = self.head(self.ln(x))
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
@@ -110,9 +129,10 @@ def torchao_version() -> Optional[str]:
 class Run:
     """One configuration: its model (compiled), optimizer, and what it measured."""
 
-    def __init__(self, name: str, options, autocast: bool, args, state: dict):
-        self.name, self.options, self.autocast = name, options, autocast
-        model = Net(args.layers, args.d, args.heads)
+    def __init__(self, name: str, config: Config, args, state: dict):
+        options = config.options
+        self.name, self.options, self.autocast = name, options, config.autocast
+        model = Net(args.layers, args.d, args.heads, config.checkpoint)
         model.load_state_dict(state)
         if options == "torchao":
             from torchao import quantize_
@@ -123,7 +143,12 @@ class Run:
         self.model = model
         backend = "nm" if isinstance(options, dict) else "inductor"
         self.step_fn = torch.compile(model, backend=backend, options=options if backend == "nm" else None)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        if config.optimizer == "adamw8bit":
+            from torchao.optim import AdamW8bit
+
+            self.opt = AdamW8bit(model.parameters(), lr=args.lr, weight_decay=0.0)
+        else:
+            self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
         self.times: list = []
         self.losses: list = []
         self.compile_s = None
@@ -205,9 +230,10 @@ def main(argv: Optional[list] = None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown configuration {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
-    if "torchao int8 mp" in names and torchao_version() is None:
-        print("torchao is not installed (pip install torchao): skipping its configuration", file=sys.stderr)
-        names.remove("torchao int8 mp")
+    skipped = [n for n in names if n in NEEDS_TORCHAO] if torchao_version() is None else []
+    if skipped:
+        print(f"torchao is not installed (pip install torchao): skipping {', '.join(skipped)}", file=sys.stderr)
+        names = [n for n in names if n not in skipped]
 
     torch.manual_seed(0)
     state = Net(args.layers, args.d, args.heads).state_dict()
@@ -215,9 +241,8 @@ def main(argv: Optional[list] = None) -> int:
     data = batches(text, args.warmup + args.steps + 2, args.batch, args.seq)
     runs = []
     for name in names:
-        options, autocast = CONFIGS[name]
         print(f"compiling {name} ...", file=sys.stderr, flush=True)
-        run = Run(name, options, autocast, args, state)
+        run = Run(name, CONFIGS[name], args, state)
         with nmcompile.backend.recording() as records:
             run.compile_s = run.step(data[0])
         for r in records:

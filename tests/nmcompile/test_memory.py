@@ -1,6 +1,7 @@
 """nmcompile.memory: the peak of live tensor bytes during a step, against cases whose peak is known by construction."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from nmcompile.memory import peak_bytes, tensor_bytes
@@ -46,3 +47,15 @@ def test_tensor_bytes_counts_a_storage_once():
     x = torch.empty(1000, dtype=torch.float32)
     assert tensor_bytes([x, x[10:], x.view(10, 100).t()]) == 4000
     assert tensor_bytes([x, torch.empty(10, dtype=torch.float16)]) == 4020
+
+
+def test_tensor_bytes_of_a_wrapper_subclass_counts_what_it_wraps():
+    optim = pytest.importorskip("torchao.optim")
+    p = torch.nn.Parameter(torch.randn(64, 256))
+    opt = optim.AdamW8bit([p])
+    p.grad = torch.randn_like(p)
+    opt.step()
+    state = [t for t in opt.state[p].values() if isinstance(t, torch.Tensor) and t.numel() == p.numel()]
+    assert state and all(type(t) is not torch.Tensor for t in state)  # the 8-bit subclass
+    # int8 codes per element plus one fp32 scale per block of 256: about a quarter of fp32's bytes
+    assert all(p.numel() <= tensor_bytes([t]) <= p.numel() * 1.1 for t in state)
