@@ -111,6 +111,7 @@ class NMConfig:
     exclude: Optional[str] = None
     keep_first_last: bool = True
     dense_if_faster: bool = False
+    recompute: bool = False
     inner: str = "inductor"
     lowering: str = "auto"
 
@@ -139,6 +140,8 @@ class NMConfig:
         _regex("exclude", self.exclude)
         if not isinstance(self.keep_first_last, bool):
             raise ValueError(f"keep_first_last={self.keep_first_last!r} must be True or False")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"recompute={self.recompute!r} must be True or False")
         if not isinstance(self.dense_if_faster, bool):
             raise ValueError(f"dense_if_faster={self.dense_if_faster!r} must be True or False")
         if self.dense_if_faster:
@@ -220,9 +223,10 @@ PRESETS: dict[str, dict] = {  # names NMCOMPILE_OPTIONS may hold instead of JSON
     # 8-bit unbiased gradient codes and 8-bit forward codes, each with one scale per row along its GEMM's K (the
     # forward's folded into the gradient where a backward GEMM contracts the dim they vary along): every Linear
     # GEMM on exact int8, for VNNI/AMX CPUs and sm80+ GPUs, where 4-bit codes would buy no GEMM time over 8-bit
-    # ones (docs/results.md §6-§8); a layer whose int8 GEMMs would be slower on this CPU stays dense
+    # ones (docs/results.md §6-§8); a layer whose int8 GEMMs would be slower on this CPU stays dense; the backward
+    # recomputes the forward int8 GEMMs' fp32 outputs from their codes (exact: the same numbers, less memory)
     "int8": {"quant": "sr", "bits": 8, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8, "fwd_scales": "row",
-             "dense_if_faster": True},
+             "dense_if_faster": True, "recompute": True},
     "2:4+luq4": {"sparsity": "2:4", "quant": "luq"},
 }
 

@@ -229,8 +229,8 @@ def _codes_fn(spec: OpSpec, args: tuple, codes: str):
 
 
 class _Lowerer:
-    def __init__(self, graph: fx.Graph, decompositions: dict):
-        self.graph, self.decompositions = graph, decompositions
+    def __init__(self, graph: fx.Graph, decompositions: dict, recompute: bool = False):
+        self.graph, self.decompositions, self.recompute = graph, decompositions, recompute
         self.forward_codes: dict = {}  # (forward quantizer node, "float8" | "int8") -> (codes node, scale node)
 
     def _codes_of_forward(self, base: fx.Node, spec: OpSpec, codes: str) -> tuple:
@@ -315,7 +315,12 @@ class _Lowerer:
             return torch.ops.nm.fp8_mm.default(a, sa, b, sb, xs[bias] if bias is not None else None, out_dtype)
 
         info = NodeInfo("gemm", node.name, module_path(node), rec.role, kernel=rec.kernel)
-        new = splice(self.graph, node, gemm, inputs, serves=node, info=info, decompositions=self.decompositions)
+        # A forward int8 GEMM is exact, so the backward can recompute its output from the codes it keeps anyway.
+        # Only in fp32: Inductor keeps a bf16 result that it fuses into its consumer in fp32, unrounded, so
+        # a bf16 output recomputed inside a backward kernel would not be the one the forward stored.
+        recompute = self.recompute and rec.role == "fwd" and plan.kernel.codes == "int8" and out_dtype == torch.float32
+        new = splice(self.graph, node, gemm, inputs, serves=node, info=info, decompositions=self.decompositions,
+                     recompute=recompute)
         node.replace_all_uses_with(new)
         self.graph.erase_node(node)
         rec.node = layout_chain(new)[0].name  # the record names the GEMM that runs now
@@ -353,7 +358,7 @@ def lower_gemms(graph: fx.Graph, records: list, config: NMConfig, decompositions
     """Pick every recorded GEMM's kernel (``rec.kernel``, ``rec.kernel_note``) and put it in ``graph``."""
     version = cusparselt_version()
     nodes = {n.name: n for n in graph.nodes}
-    lowerer = _Lowerer(graph, decompositions)
+    lowerer = _Lowerer(graph, decompositions, config.recompute)
     for rec in records:
         rec.cusparselt = version
         if not rec.transforms or rec.skipped:

@@ -9,6 +9,7 @@ import torch.fx as fx
 from torch._dispatch.python import enable_python_dispatcher
 from torch._guards import detect_fake_mode
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils.checkpoint import CheckpointPolicy
 
 from .records import NodeInfo
 
@@ -57,13 +58,16 @@ def splice(
     serves: fx.Node,
     info: NodeInfo,
     decompositions: dict,
+    recompute: bool = False,
 ):
     """Insert ``fn(*inputs)`` just before ``before``; returns the node holding its result (a tuple
     of nodes for a tuple of tensors).
 
     Inserted nodes carry ``serves``' stack trace, module stack, seq_nr and partitioner tag, plus
     ``meta["nm"] = info``. Random ops serving a backward node are forced into the backward graph,
-    so the partitioner never saves uniforms as activations.
+    so the partitioner never saves uniforms as activations. With ``recompute`` the inserted nodes are
+    tagged for the partitioner to recompute in the backward rather than save (the tag of activation
+    checkpointing's policies), so what the backward keeps is ``inputs``.
     """
     sub = trace(fn, inputs, decompositions)
     env: dict = {}
@@ -84,6 +88,8 @@ def splice(
                     new.meta[key] = serves.meta[key]
             if backward and node.target in RANDOM_OPS:
                 new.meta["partitioner_tag"] = "must_be_in_backward"
+            if recompute:
+                new.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
             info.write(new)
             env[node] = new
     assert isinstance(result, fx.Node) or all(isinstance(r, fx.Node) for r in result), (

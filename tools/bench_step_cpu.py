@@ -88,6 +88,7 @@ CONFIGS = {
     "nm int8 tensor-absmax8": Config({**INT8, "fwd_scales": "tensor"}),  # the preset before its forward went per row
     "nm int8 pow2": Config({**INT8, "pow2_scales": True}),  # power-of-two scales: the rescale in fp32
     "nm int8 bf16 pow2": Config({**INT8, "pow2_scales": True}, True),
+    "nm int8 no recompute": Config({**INT8, "recompute": False}),  # the preset before it recomputed from codes
     "nm int8 adamw8bit": Config(INT8, optimizer="adamw8bit"),
     "nm int8 bf16 adamw8bit": Config(INT8, True, optimizer="adamw8bit"),
     "nm luq4+sawb4 bf16": Config(LUQ_SAWB, True),
