@@ -21,7 +21,7 @@ from .int8 import INT8_MAX
 from .luq import luq_levels, luq_math, luq_noise_shape, luq_scale
 from .random import seeds_for
 from .sawb import SAWB_COEFFICIENTS
-from .sr import BITS, POW2_FLAG, sr_levels, sr_math, sr_scale_of
+from .sr import BITS, kernel_bits, sr_levels, sr_math, sr_scale_of
 
 KINDS = ("prune", "quantize")
 STAGES = ("gradient", "forward")  # the neural gradient of a backward GEMM | a forward GEMM's W and X
@@ -247,7 +247,7 @@ SR = OpSpec(
     summary="uniform stochastic rounding to 2^(bits-1)-1 magnitudes, absmax scale per tensor or per row",
     label=lambda p: f"sr{p['bits']}" + _rows(p), form=_sr_form, row_scales=True, pow2_scales=True, onnx_type="SR",
     onnx_attrs=("bits", "dim", "pow2"), color="#63e6be",
-    int8_op="sr_int8", math=sr_math, kernel_arg=lambda p: p["bits"] | (POW2_FLAG if p.get("pow2") else 0),
+    int8_op="sr_int8", math=sr_math, kernel_arg=lambda p: kernel_bits(p["bits"], p.get("pow2", False)),
     scale=sr_scale_of,
 )
 

@@ -242,8 +242,8 @@ def sawb(x: torch.Tensor, bits: int, c1: float, c2: float, keep: int, codes: boo
 
 def absmax(x: torch.Tensor, bits: int, codes: bool = False, dim: Optional[int] = None):
     """Round-to-nearest absmax quantization of ``x`` (the values), or with ``codes`` (int8 codes,
-    fp32 scale(s)); one scale per tensor or per slice along ``dim``. ``bits`` may carry
-    ``sr.POW2_FLAG`` (power-of-two scales)."""
+    fp32 scale(s)); one scale per tensor or per slice along ``dim``. ``bits`` as
+    ``sr.kernel_bits`` gives it (with the power-of-two flag)."""
     src, out = prepare(x)
     values, int8, scale = _outputs(out, codes, dim)
     if x.numel() > 0:

@@ -521,8 +521,15 @@ template <typename T> constexpr int subnormal_exponent_of() { return -149; }
 template <> constexpr int subnormal_exponent_of<bf16>() { return -133; }
 template <> constexpr int subnormal_exponent_of<f16>() { return -24; }
 
-// SR's and absmax's int parameter: bits, plus this flag for power-of-two scales (sr.POW2_FLAG).
+// SR's and absmax's int parameter: bits, plus this flag for power-of-two scales (sr.kernel_bits).
 constexpr int kPow2Scale = 1 << 8;
+
+// Whether ``bits`` carries the power-of-two flag; clears it.
+inline bool take_pow2_flag(int& bits) {
+  const bool pow2 = (bits & kPow2Scale) != 0;
+  bits &= ~kPow2Scale;
+  return pow2;
+}
 
 // sr.sr_scale: amax / L rounded up to keep = max(p - bits, 1) significant bits (1 with pow2: a power of
 // two) and to a multiple of 2^s, capped at fp32's largest such value; in double, every step exact (sr.py).
@@ -545,8 +552,7 @@ template <typename T, typename O>
 void sr(const T* x, O* out, float* scale_out, int64_t outer, int64_t inner, int bits, int samples, const float* u,
         const int64_t* seeds, const int64_t* u_outer, int64_t u_sample, int64_t u_inner, int64_t slices,
         const int64_t* s_outer, int64_t s_inner, const Times& times, int threads) {
-  const bool pow2 = (bits & kPow2Scale) != 0;
-  bits &= ~kPow2Scale;
+  const bool pow2 = take_pow2_flag(bits);
   const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, times, threads);
   std::vector<float> scale(amax.size());
   for (size_t i = 0; i < amax.size(); ++i) {
@@ -638,8 +644,7 @@ void sawb(const T* x, O* out, int64_t numel, double c1, double c2, int bits, int
 template <typename T, typename O>
 void absmax(const T* x, O* out, int64_t outer, int64_t inner, int bits, float* scale_out, int64_t slices,
             const int64_t* s_outer, int64_t s_inner, int threads) {
-  const bool pow2 = (bits & kPow2Scale) != 0;
-  bits &= ~kPow2Scale;
+  const bool pow2 = take_pow2_flag(bits);
   const std::vector<float> amax = slice_amax(x, outer, inner, slices, s_outer, s_inner, kNoTimes, threads);
   std::vector<float> scale(amax.size());
   for (size_t i = 0; i < amax.size(); ++i) {

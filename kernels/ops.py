@@ -28,7 +28,7 @@ from .catalog import ABSMAX, LUQ, OpSpec, ops_of
 from .luq import luq_levels, luq_noise_shape
 from .random import draw_seed, uniform
 from .sawb import SAWB_COEFFICIENTS, sawb_math, scale_bits
-from .sr import POW2_FLAG
+from .sr import kernel_bits
 from .scales import check_dim, scale_shape
 from .sparsity import greedy_math, mvue_math
 
@@ -396,11 +396,6 @@ def _absmax_torch(x: Tensor, bits: int, dim: Optional[int], pow2: bool) -> tuple
     return _like(x, q), scale
 
 
-def _absmax_arg(bits: int, pow2: bool) -> int:
-    """The CPU kernel's int parameter: bits, with the power-of-two flag."""
-    return bits | (POW2_FLAG if pow2 else 0)
-
-
 @torch.library.custom_op("nm::absmax", mutates_args=(), schema=ABSMAX.schema)
 def absmax(x: Tensor, bits: int, dim: Optional[int] = None, pow2: bool = False) -> Tensor:
     """Round-to-nearest ``bits``-bit quantization of ``x`` with an absmax scale per tensor, or per slice
@@ -413,7 +408,7 @@ def _(x, bits, dim=None, pow2=False):
     check_absmax_bits(bits)
     dim = check_dim(x, dim, "absmax")
     if _on_cpu_kernels(x):
-        return cpu.absmax(x, _absmax_arg(bits, pow2), dim=dim)
+        return cpu.absmax(x, kernel_bits(bits, pow2), dim=dim)
     return _absmax_torch(x, bits, dim, pow2)[0]
 
 
@@ -439,7 +434,7 @@ def _(x, bits, dim=None, pow2=False):
     check_absmax_bits(bits)
     dim = check_dim(x, dim, "absmax_int8")
     if _on_cpu_kernels(x):
-        return cpu.absmax(x, _absmax_arg(bits, pow2), codes=True, dim=dim)
+        return cpu.absmax(x, kernel_bits(bits, pow2), codes=True, dim=dim)
     return _absmax_int8_torch(x, bits, dim, pow2)
 
 

@@ -83,6 +83,11 @@ def sr_levels(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def kernel_bits(bits: int, pow2: bool) -> int:
+    """The int the CPU kernels of SR and absmax take: ``bits``, with ``POW2_FLAG`` for power-of-two scales."""
+    return bits | (POW2_FLAG if pow2 else 0)
+
+
 def check_bits(bits: int) -> None:
     if bits not in BITS:
         raise ValueError(f"nm.sr: bits must be in 2..8, got bits={bits}")

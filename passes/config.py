@@ -62,10 +62,13 @@ def _scales(key: str, value: Any, quant_key: str, quant: Optional[str]) -> None:
                              f"per-row scales: {rows}")
 
 
+def _flag(key: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}={value!r} must be True or False")
+
+
 def _pow2(config: "NMConfig") -> None:
-    """``pow2_scales``: a bool, and only with quantizers whose scales can be powers of two."""
-    if not isinstance(config.pow2_scales, bool):
-        raise ValueError(f"pow2_scales={config.pow2_scales!r} must be True or False")
+    """``pow2_scales``: only with quantizers whose scales can be powers of two."""
     if not config.pow2_scales:
         return
     allowed = ", ".join(repr(s.name) for s in OPS.values() if s.pow2_scales)
@@ -135,15 +138,11 @@ class NMConfig:
         _int_in("fwd_bits", self.fwd_bits, OPS[self.fwd_quant or FWD_QUANTS[0]].bits)
         _scales("scales", self.scales, "quant", self.quant)
         _scales("fwd_scales", self.fwd_scales, "fwd_quant", self.fwd_quant)
+        for key in ("pow2_scales", "keep_first_last", "dense_if_faster", "recompute"):
+            _flag(key, getattr(self, key))
         _pow2(self)
         _regex("include", self.include)
         _regex("exclude", self.exclude)
-        if not isinstance(self.keep_first_last, bool):
-            raise ValueError(f"keep_first_last={self.keep_first_last!r} must be True or False")
-        if not isinstance(self.recompute, bool):
-            raise ValueError(f"recompute={self.recompute!r} must be True or False")
-        if not isinstance(self.dense_if_faster, bool):
-            raise ValueError(f"dense_if_faster={self.dense_if_faster!r} must be True or False")
         if self.dense_if_faster:
             missing = [f"{key}={getattr(self, key)!r}" for key in ("quant", "fwd_quant")
                        if getattr(self, key) is None or OPS[getattr(self, key)].int8_op is None]

@@ -185,7 +185,7 @@ class Run:
         finally:
             hook.remove()
         self.losses.pop()  # an extra step: the reported losses stay those of the timed steps
-        return peak, peak - self.state_bytes() - grads.get("bytes", 0)
+        return peak, peak - before - grads.get("bytes", 0)  # the state is as it was: no first step here
 
     def profile(self, tokens, top: int = 12) -> list:
         """One step under torch.profiler: the ``top`` ops by self CPU time, as [name, seconds, calls]."""
