@@ -102,10 +102,12 @@ class OpSpec:
 
     def transform_label(self, params: Mapping, where: str = "") -> str:
         """The label of one application in a GEMM record: "mvue 2:4 along K (tokens)", "luq4 smp2",
-        "sawb4 W,X"."""
+        "luq4/row hadamard16", "sawb4 W,X"."""
         if self.kind == "prune":
             return f"{self.name} {self.label(params)} along {where}"
         text = self.label(params) + (f" smp{params['samples']}" if params.get("samples", 1) > 1 else "")
+        if params.get("hadamard"):  # rotated along K around the quantizer (kernels/hadamard.py)
+            text += f" hadamard{params['hadamard']}"
         return f"{text} {where}" if where else text
 
     def params_of(self, args: tuple) -> dict:

@@ -25,7 +25,7 @@ from typing import Callable, Optional
 import torch
 
 # what compresses gradients
-_GRADIENT_OPTIONS = ("sparsity", "method", "gemms", "quant", "bits", "levels", "smp", "scales")
+_GRADIENT_OPTIONS = ("sparsity", "method", "gemms", "quant", "bits", "levels", "smp", "scales", "hadamard")
 
 
 @dataclasses.dataclass

@@ -180,6 +180,11 @@ def _compression(node: fx.Node) -> Optional[NodeInfo]:
     return info
 
 
+def _floating(node: fx.Node) -> bool:
+    value = node.meta.get("val")
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
 def _sampled(node: fx.Node) -> bool:
     spec = spec_of(node.target)
     return spec is not None and spec.sampled
@@ -192,9 +197,10 @@ class _Plan:
         self.gemm, self.chain, self.record = gemm, chain, record
         members = set(chain)
         self.positions = [i for i, a in enumerate(gemm.args) if a in members]
-        ops = [c for c in chain if c.target is not aten.randint.low]
-        self.source = ops[0].args[0] if ops and isinstance(ops[0].args[0], fx.Node) else None
         self.external = {a for c in chain for a in c.all_input_nodes if a not in members}
+        # the gradient it compresses: the one floating-point input from outside (an expert GEMM's offsets are ints)
+        floats = [a for a in self.external if _floating(a)]
+        self.source = floats[0] if len(floats) == 1 else None
         self.problem = None
         if len(self.positions) != 1 or self.source is None or self.source in members:
             self.problem = "the compressed operand does not feed the GEMM directly"

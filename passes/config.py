@@ -11,6 +11,7 @@ import re
 from typing import Any, Optional
 
 from nmcompile.kernels.catalog import OPS, OpSpec, ops_of
+from nmcompile.kernels.hadamard import BLOCKS as HADAMARD_BLOCKS
 from nmcompile.kernels.luq import LEVEL_KINDS
 from nmcompile.kernels.scales import GRANULARITIES
 from .roles import BACKWARD_ROLES
@@ -82,6 +83,23 @@ def _pow2(config: "NMConfig") -> None:
                              f"scales: {allowed}")
 
 
+def _hadamard(config: "NMConfig") -> None:
+    """``hadamard``: 0, or the block size of a random Hadamard rotation along K around the gradient quantizer."""
+    if config.hadamard == 0:
+        return
+    _int_in("hadamard", config.hadamard, (0, *HADAMARD_BLOCKS))
+    if config.quant is None:
+        raise ValueError(f"hadamard={config.hadamard} rotates the gradient before quant quantizes it, and quant is not "
+                         "set")
+    if config.sparsity is not None:
+        raise ValueError(f"hadamard={config.hadamard} would rotate a gradient that sparsity={config.sparsity!r} "
+                         "pruned, undoing its N:M structure (MVUE's pruning depends on the magnitudes themselves)")
+    if config.dense_if_faster:
+        raise ValueError(f"hadamard={config.hadamard} keeps the backward GEMMs in the input dtype (their codes are "
+                         "in the rotated basis), which dense_if_faster's weighing of int8 GEMMs does not model; "
+                         "set dense_if_faster=False")
+
+
 def _regex(key: str, value: Any) -> Optional[str]:
     if value is None:
         return None
@@ -110,6 +128,7 @@ class NMConfig:
     fwd_bits: int = 4
     fwd_scales: str = "tensor"
     pow2_scales: bool = False
+    hadamard: int = 0
     include: Optional[str] = None
     exclude: Optional[str] = None
     keep_first_last: bool = True
@@ -141,6 +160,7 @@ class NMConfig:
         for key in ("pow2_scales", "keep_first_last", "dense_if_faster", "recompute"):
             _flag(key, getattr(self, key))
         _pow2(self)
+        _hadamard(self)
         _regex("include", self.include)
         _regex("exclude", self.exclude)
         if self.dense_if_faster:
@@ -204,7 +224,8 @@ class NMConfig:
             parts.append(f"{self.method} {self.sparsity} on {'+'.join(self.gemms)}")
         if self.quant:
             rows = {"dim": "K"} if self.scales == "row" else {}
-            parts.append(OPS[self.quant].transform_label({**self.params_for(OPS[self.quant]), **rows}))
+            rotation = {"hadamard": self.hadamard} if self.hadamard else {}
+            parts.append(OPS[self.quant].transform_label({**self.params_for(OPS[self.quant]), **rows, **rotation}))
         if self.fwd_quant:
             rows = {"dim": "K"} if self.fwd_scales == "row" else {}
             parts.append(OPS[self.fwd_quant].transform_label({**self.params_for(OPS[self.fwd_quant]), **rows},

@@ -107,6 +107,24 @@ def _varying_why(spec: OpSpec) -> str:
             "they do not factor out of an int8 GEMM")
 
 
+def _rotated(node: fx.Node) -> bool:
+    """``node`` is the last step of a gradient quantizer wrapped in a rotation (the rewrite's ``hadamard``)."""
+    info = NodeInfo.read(node)
+    return info is not None and info.role not in ("", "fwd") and spec_of(node.target) is None and any(
+        spec_of(n.target) is not None for n in _ancestors_within(node, info))
+
+
+def _ancestors_within(node: fx.Node, info: NodeInfo) -> list:
+    """The nodes ``node`` is computed from that the same insertion made (its NodeInfo)."""
+    seen, todo = [], [node]
+    while todo:
+        for n in todo.pop().all_input_nodes:
+            if n not in seen and NodeInfo.read(n) == info:
+                seen.append(n)
+                todo.append(n)
+    return seen
+
+
 def _classify(node: fx.Node, k_dim: int) -> _Operand:
     base, chain = layout_chain(node)
     op = _Operand(node, base, chain, k_dim=k_dim)
@@ -144,6 +162,9 @@ def _classify(node: fx.Node, k_dim: int) -> _Operand:
     elif spec is not None and spec.kind == "prune":
         prune = base
         whys.append("not quantized")
+    elif _rotated(base):
+        whys.append("its codes are in a Hadamard-rotated basis (hadamard), rotated back; an int8 or FP8 GEMM on "
+                    "them would need the other operand rotated and quantized too (not built)")
     else:
         whys.append("its values are not compressed")
     if prune is not None:

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 
 from nmcompile.kernels.catalog import OPS
+from nmcompile.kernels.hadamard import check_block, rotated
 from .analysis import (
     CONV_BWD, CONV_FWD, MATMULS, cast_source, forward_partners, is_fused_attention_backward, is_tangent, last_dim_is_k,
     layout_chain, matmul_operands, module_path, size_str, tangent_descendants, val,
@@ -53,7 +54,11 @@ class _Rewriter:
     def _apply_fn(transforms: list) -> Callable:
         def compress(x):
             for t in transforms:
-                x = t.spec.apply(x, **t.params)
+                block = t.params.get("hadamard")
+                if block:  # q(x R) Rᵀ along K: unbiased, the GEMM unchanged in expectation (kernels/hadamard.py)
+                    x = rotated(lambda y, t=t: t.spec.apply(y, **t.params), x, t.params["hadamard_dim"], block)
+                else:
+                    x = t.spec.apply(x, **t.params)
             return x
 
         return compress
@@ -249,9 +254,26 @@ class _Rewriter:
         if cfg.quant is not None and (ROLES[role].quantized or role in cfg.gemms):
             spec = OPS[cfg.quant]
             rows = {"dim": dim} if cfg.scales == "row" else {}  # one scale per row of the GEMM's output side
-            steps.append(Transform(spec.name, {**cfg.params_for(spec), **rows}))
+            steps.append(Transform(spec.name, {**cfg.params_for(spec), **rows, **self._rotation(rec, k, dim, group,
+                                                                                                 experts)}))
         rec.transforms.extend(steps)
         return steps
+
+    def _rotation(self, rec: GemmRecord, k, dim: int, group: int, experts: object) -> dict:
+        """The quantizer's rotation parameters with ``hadamard`` set: blocks along the reduction ``dim``, each
+        within one independent group of it (a grouped convolution's, an expert's), or a note why none."""
+        block = self.config.hadamard
+        if not block:
+            return {}
+        why = check_block(block, k)
+        if experts:
+            why = f"hadamard {block} skipped: each expert reduces over its own tokens, of sizes known at run time"
+        elif group and not why:
+            why = check_block(block, group, " (within each conv group's output channels)")
+        if why:
+            rec.notes.append(why)
+            return {}
+        return {"hadamard": block, "hadamard_dim": dim}
 
     def _why_unchanged(self, role: str) -> str:
         cfg = self.config

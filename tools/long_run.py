@@ -68,6 +68,8 @@ RECIPES = {
     # the same with power-of-two scales: the int8 GEMMs rescale in fp32 (kernels/int8.py)
     "int8, row + row, folded, pow2": {**INT8_ROW_SR8, "fwd_scales": "row", "pow2_scales": True},
     "luq4, row": {"quant": "luq", "scales": "row"},
+    "luq4, hadamard16": {"quant": "luq", "hadamard": 16},
+    "luq4, row, hadamard16": {"quant": "luq", "scales": "row", "hadamard": 16},
     "luq4 + absmax8, row": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8, "scales": "row"},
 }
 FNT_OF = "luq4 + sawb4"
