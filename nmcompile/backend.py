@@ -15,7 +15,8 @@ from typing import Callable, Optional
 
 import torch
 
-from nmcompile.passes import NMConfig, NMJointPass
+from nmcompile.passes.config import NMConfig
+from nmcompile.passes.joint_pass import NMJointPass
 from nmcompile.passes.config import ENV_OPTIONS, environment_options
 from nmcompile.passes.joint_pass import chain_with_existing
 

@@ -16,7 +16,8 @@ import torch.fx as fx
 
 from nmcompile.backend import GraphCounter, aot_eager
 from nmcompile.graph_breaks import collecting
-from nmcompile.passes import NMConfig, NMJointPass
+from nmcompile.passes.config import NMConfig
+from nmcompile.passes.joint_pass import NMJointPass
 
 
 class ModelRunError(RuntimeError):

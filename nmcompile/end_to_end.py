@@ -88,7 +88,7 @@ def end_to_end_noise(model: torch.nn.Module, *inputs, options: dict, draws: int 
     """Per parameter tensor of ``model``: its gradient's noise under ``options`` against the exact gradient,
     from ``draws`` independent backward passes (options as for ``backend="nm"``)."""
     from nmcompile.capture import reduce_output
-    from nmcompile.passes import NMConfig
+    from nmcompile.passes.config import NMConfig
 
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
         raise ValueError(f"draws={draws!r} must be an integer >= 2 (the variance needs two independent draws)")

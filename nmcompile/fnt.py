@@ -62,7 +62,7 @@ def fnt_options(options: Optional[dict] = None) -> dict:
     if not out.get("fwd_quant"):
         out["fwd_quant"] = "sawb"
         out.pop("fwd_scales", None)  # SAWB has one scale per tensor
-    from nmcompile.passes import NMConfig
+    from nmcompile.passes.config import NMConfig
 
     NMConfig.from_options(out)  # fail early on bad values carried over
     return out

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-import nmcompile.kernels  # noqa: F401  (registers torch.ops.nm.*)
 from nmcompile.kernels.catalog import GREEDY, LUQ, MVUE, SAWB
 from nmcompile.kernels.luq import LEVEL_KINDS
 from nmcompile.passes.config import _choice, _int_in, parse_pattern

@@ -341,7 +341,7 @@ class NoiseMonitor:
     def __init__(self, model: torch.nn.Module, options: Optional[dict] = None, *, every: int = 100,
                  loss_fn: Optional[Callable] = None, draws: int = 2, seed: int = 0, path=None, writer=None):
         from nmcompile.backend import GraphCounter
-        from nmcompile.passes import NMConfig
+        from nmcompile.passes.config import NMConfig
 
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r} must be a positive integer number of steps")
@@ -367,7 +367,7 @@ class NoiseMonitor:
 
     def _backend(self, gm: fx.GraphModule, example_inputs):
         from nmcompile.backend import aot_eager
-        from nmcompile.passes import NMJointPass
+        from nmcompile.passes.joint_pass import NMJointPass
 
         index = self._graphs.next()
         first = len(self._records)

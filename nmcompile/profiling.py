@@ -22,7 +22,7 @@ import torch.fx as fx
 from nmcompile.capture import Run, run_captured, run_step, step
 from nmcompile.export import nm_attrs
 from nmcompile.kernels.gemm import KERNELS
-from nmcompile.passes import NMConfig
+from nmcompile.passes.config import NMConfig
 
 GEMM_OPS = tuple(dict.fromkeys(event for kernel in KERNELS.values() for event in kernel.events))
 STEP_PREFIX = "ProfilerStep#"  # the name torch's scheduled profiler gives steps: HTA numbers iterations by it

@@ -89,7 +89,7 @@ class PrecisionSwitch:
         return self.recipes[self.stage]
 
     def _compile(self) -> None:
-        from nmcompile.passes import NMConfig
+        from nmcompile.passes.config import NMConfig
 
         self.model = torch.compile(self.raw, backend="nm", options=self.options)
         config, _ = NMConfig.from_options(self.options)

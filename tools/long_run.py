@@ -43,7 +43,7 @@ import reproduce_lm as lm  # noqa: E402  (the model, the data, the LR schedule, 
 import nmcompile  # noqa: E402
 from nmcompile.demo.environment import environment  # noqa: E402
 from nmcompile.fnt import fnt_options, fnt_scheduler  # noqa: E402
-from nmcompile.passes import NMConfig  # noqa: E402
+from nmcompile.passes.config import NMConfig  # noqa: E402
 
 INT8_ROW_SR8 = {"quant": "sr", "bits": 8, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8}
 RECIPES = {
@@ -123,24 +123,11 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
     for step in range(args.steps):
         if step % args.eval_every == 0:
             out["curve"].append([step, lm.bits_per_byte(compiled, data["val_small"])])
-        x, y = batch(data, gen, args)
+        x, y = lm.random_batch(data["train"], gen, args)
         if switch is not None:
             switch.on_step(step, x, y)  # measures (its own noise record) and may switch before this step
-        elif monitor is not None and step % args.noise_every == 0:
-            report = monitor.measure(x, y, step=step)
-            out["noise"].append({"step": step, "summary": report.summary(),
-                                 "gemms": [lm.compact(g.as_dict()) for g in report.gemms]})
-        for group in opt.param_groups:
-            group["lr"] = lm.lr_at(step, args)
-        loss = compiled(x, y)
-        if not torch.isfinite(loss):
-            out["diverged"] = True
+        if not lm.train_step(compiled, opt, x, y, step, args, monitor, out):  # no monitor beside a switch
             break
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 10 == 0:
-            out["train_loss"].append([step, float(loss.detach())])
     out["curve"].append([args.steps, lm.bits_per_byte(compiled, data["val_small"])])
     out["final_bpb"] = lm.bits_per_byte(compiled, data["val"])
     out["wall_s"] = time.perf_counter() - start
@@ -149,17 +136,12 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
                          "events": [{"step": e.step, "ratio": e.ratio, "to": e.to_options} for e in switch.events],
                          "measurements": [vars(m) for m in switch.measurements]}
     if NMConfig.from_options(options)[0].compresses_gradients:
-        x, y = batch(data, torch.Generator().manual_seed(10_000 + seed), args)
+        x, y = lm.random_batch(data["train"], torch.Generator().manual_seed(10_000 + seed), args)
         e2e = nmcompile.end_to_end_noise(model, x, y, options=options, draws=args.e2e_draws, seed=seed)
         out["end_to_end"] = [{k: v for k, v in p.as_dict().items() if k != "shape"} for p in e2e.params]
     if name == FNT_OF and not out["diverged"]:
         out["extra"] = extra_phases(model, opt, options, gen, data, args)
     return out
-
-
-def batch(data: dict, gen: torch.Generator, args):
-    train = data["train"]
-    return lm.windows(train, torch.randint(0, len(train) - args.block - 1, (args.batch,), generator=gen), args.block)
 
 
 def extra_phases(model, opt, options: dict, gen: torch.Generator, data: dict, args) -> dict:
@@ -179,10 +161,7 @@ def extra_phases(model, opt, options: dict, gen: torch.Generator, data: dict, ar
         phase_gen = torch.Generator()
         phase_gen.set_state(state[2])
         for _ in range(total):
-            x, y = batch(data, phase_gen, args)
-            compiled(x, y).backward()
-            phase_opt.step()
-            phase_opt.zero_grad(set_to_none=True)
+            lm.update(compiled(*lm.random_batch(data["train"], phase_gen, args)), phase_opt)
             sched.step()
         out[phase] = lm.bits_per_byte(compiled, data["val"])
     return out

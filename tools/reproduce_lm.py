@@ -38,7 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import nmcompile
 from nmcompile.demo.environment import environment
 from nmcompile.fnt import fnt_options, fnt_scheduler
-from nmcompile.passes import NMConfig
+from nmcompile.passes.config import NMConfig
 
 RECIPES = [
     ("dense", {}),
@@ -172,22 +172,9 @@ def train_run(name: str, options: dict, seed: int, data: dict, args, fnt: bool =
                           torch.random.get_rng_state(), gen.get_state(), lr_at(step, args))
         if step % args.eval_every == 0:
             out["curve"].append([step, bits_per_byte(compiled, data["val_small"])])
-        x, y = windows(train, torch.randint(0, len(train) - args.block - 1, (args.batch,), generator=gen), args.block)
-        if monitor is not None and step % args.noise_every == 0:
-            report = monitor.measure(x, y, step=step)
-            out["noise"].append({"step": step, "summary": report.summary(),
-                                 "gemms": [compact(g.as_dict()) for g in report.gemms]})
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        loss = compiled(x, y)
-        if not torch.isfinite(loss):
-            out["diverged"] = True
+        x, y = random_batch(train, gen, args)
+        if not train_step(compiled, opt, x, y, step, args, monitor, out):
             break
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 10 == 0:
-            out["train_loss"].append([step, float(loss.detach())])
     out["curve"].append([args.steps, bits_per_byte(compiled, data["val_small"])])
     out["final_bpb"] = bits_per_byte(compiled, data["val"])
     if options.get("fwd_quant"):
@@ -196,6 +183,37 @@ def train_run(name: str, options: dict, seed: int, data: dict, args, fnt: bool =
     if checkpoint is not None:
         out["fnt"] = fnt_branch(model, opts, checkpoint, branch_at, data, args)
     return out
+
+
+def random_batch(train: torch.Tensor, gen: torch.Generator, args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``args.batch`` windows of ``args.block`` bytes (and their next bytes) at starts drawn from ``gen``."""
+    return windows(train, torch.randint(0, len(train) - args.block - 1, (args.batch,), generator=gen), args.block)
+
+
+def train_step(compiled, opt, x, y, step: int, args, monitor, out: dict) -> bool:
+    """Step ``step`` of the schedule on batch (x, y), recorded in ``out``: the noise monitor's measurement at its
+    steps (on this batch, before the update), the LR of ``lr_at``, forward, backward and the update, and the training
+    loss every 10 steps. False, with ``out["diverged"]``, when the loss is not finite (nothing is updated)."""
+    if monitor is not None and step % args.noise_every == 0:
+        report = monitor.measure(x, y, step=step)
+        out["noise"].append({"step": step, "summary": report.summary(),
+                             "gemms": [compact(g.as_dict()) for g in report.gemms]})
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, args)
+    loss = compiled(x, y)
+    if not torch.isfinite(loss):
+        out["diverged"] = True
+        return False
+    update(loss, opt)
+    if step % 10 == 0:
+        out["train_loss"].append([step, float(loss.detach())])
+    return True
+
+
+def update(loss: torch.Tensor, opt) -> None:
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 NOISE_FIELDS = ("module", "role", "signal", "compression_noise", "compression_variance", "compression_bias",
@@ -222,11 +240,7 @@ def fnt_branch(model, options, checkpoint, branch_at, data, args) -> dict:
     gen = torch.Generator()
     gen.set_state(gen_state)
     for _ in range(total):
-        x, y = windows(data["train"], torch.randint(0, len(data["train"]) - args.block - 1, (args.batch,),
-                                                    generator=gen), args.block)
-        compiled(x, y).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(compiled(*random_batch(data["train"], gen, args)), opt)
         sched.step()
     return {"final_bpb": bits_per_byte(compiled, data["val"]),
             "final_bpb_fp_forward": bits_per_byte(model, data["val"]), "steps": total}

@@ -26,7 +26,7 @@ import sys
 import traceback
 from typing import Optional
 
-from nmcompile.cli.common import EXIT_ERROR, CLIError
+from nmcompile.cli.errors import EXIT_ERROR, CLIError
 from nmcompile.version import __version__
 
 GRAPH_CHOICES = ("joint", "forward", "backward", "joint-before")

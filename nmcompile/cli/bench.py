@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from nmcompile.cli.common import EXIT_USAGE
+from nmcompile.cli.errors import EXIT_USAGE
 
 
 def run(args) -> int:

@@ -1,26 +1,12 @@
-"""What the CLI's commands share: CLIError, the two consoles, the progress line, and loading + capturing a
-TARGET (inspect, export)."""
+"""What the CLI's commands share: the two consoles, the progress line, and loading + capturing a TARGET (inspect,
+export). Its errors are in ``cli.errors``, which ``cli.targets`` imports too: this module imports targets, not the
+other way round."""
 from __future__ import annotations
 
 import contextlib
 import json
 
-EXIT_ERROR = 1  # a CLIError or any other failure
-EXIT_USAGE = 2  # argparse's status for bad usage
-
-
-class CLIError(Exception):
-    """A problem the user can fix; the CLI prints its message as one line and exits non-zero."""
-
-
-@contextlib.contextmanager
-def as_cli_error(*types: type):
-    """Errors of ``types`` raised by the library (their messages are written for the user) become CLIErrors
-    with the same message."""
-    try:
-        yield
-    except types as err:
-        raise CLIError(str(err)) from err
+from nmcompile.cli.errors import as_cli_error
 
 
 def consoles():
@@ -44,7 +30,7 @@ def status(err_console, text: str):
 def prepare(args, err, defaults=None):
     """``--options`` parsed (``defaults`` added where the user gave none) and TARGET loaded:
     (model, inputs, options, config)."""
-    from nmcompile.cli.targets import load_target, parse_options
+    from nmcompile.cli.targets import load_target, parse_options  # torch and the models: only when a command runs
 
     options, config = parse_options(args.options, defaults)
     with status(err, f"loading {args.target} …"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nmcompile.cli.common import CLIError
+from nmcompile.cli.errors import CLIError
 
 
 def run(args) -> int:

@@ -7,7 +7,8 @@ import pathlib
 import sys
 
 from nmcompile.capture import records_by_node
-from nmcompile.cli.common import CLIError, capture, consoles
+from nmcompile.cli.common import capture, consoles
+from nmcompile.cli.errors import CLIError
 
 
 def _paths(out: pathlib.Path, count: int) -> list:

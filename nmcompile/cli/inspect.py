@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import sys
 
-from nmcompile.cli.common import CLIError, capture, consoles, prepare, status
+from nmcompile.cli.common import capture, consoles, prepare, status
+from nmcompile.cli.errors import CLIError
 
 
 def _inspect_noise(args) -> int:

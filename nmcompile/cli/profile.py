@@ -6,7 +6,8 @@ import json
 import pathlib
 import sys
 
-from nmcompile.cli.common import CLIError, as_cli_error, consoles, prepare, status, trace_report
+from nmcompile.cli.common import consoles, prepare, status, trace_report
+from nmcompile.cli.errors import CLIError, as_cli_error
 
 
 def time_table(summary, target: str):

@@ -15,8 +15,8 @@ from typing import Callable, Optional
 import torch
 
 from nmcompile.capture import one_line
-from nmcompile.cli.common import CLIError
-from nmcompile.passes import NMConfig
+from nmcompile.cli.errors import CLIError
+from nmcompile.passes.config import NMConfig
 
 DEFAULT_OPTIONS = {"sparsity": "2:4"}
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pathlib
 import sys
 
-from nmcompile.cli.common import as_cli_error, consoles
+from nmcompile.cli.common import consoles
+from nmcompile.cli.errors import as_cli_error
 
 
 def run(args) -> int:

@@ -28,7 +28,7 @@ FLOP_SHARES = ("sparse_flop_share", "luq_flop_share", "quant_flop_share")
 
 
 def flop_shares(records: list, options: dict) -> dict:
-    from nmcompile.passes import NMConfig
+    from nmcompile.passes.config import NMConfig
     from nmcompile.report import Report
 
     summary = Report(list(records), NMConfig.from_options(options)[0].as_dict()).summary()

@@ -8,7 +8,8 @@ import torch
 
 import nmcompile
 from nmcompile.backend import nm_backend
-from nmcompile.passes import NMConfig, NMJointPass
+from nmcompile.passes.config import NMConfig
+from nmcompile.passes.joint_pass import NMJointPass
 
 
 def test_fresh_process_uses_backend_without_importing_nmcompile():

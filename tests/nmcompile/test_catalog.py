@@ -14,7 +14,7 @@ from nmcompile.kernels import cpu
 from nmcompile.kernels.catalog import KINDS, OPS, STAGES, Form, OpSpec
 from nmcompile.kernels.gemm import DENSE_USE, cpu_reference_kernels, int8_cpu_support
 from nmcompile.noise import NoiseMonitor
-from nmcompile.passes import NMConfig
+from nmcompile.passes.config import NMConfig
 from nmcompile.passes.records import Transform
 from nmcompile.profiling import Annotator
 from nmcompile.report import tensor_core_speedup

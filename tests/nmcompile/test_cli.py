@@ -14,7 +14,7 @@ import torch
 
 from nmcompile.capture import run_captured
 from nmcompile.cli import main
-from nmcompile.cli.common import CLIError
+from nmcompile.cli.errors import CLIError
 from nmcompile.cli.export import write_onnx
 from nmcompile.kernels.gemm import cpu_reference_kernels, int8_cpu_support
 from nmcompile.passes.records import GemmRecord, Transform

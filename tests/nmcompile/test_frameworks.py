@@ -77,12 +77,13 @@ except ValueError as err:
 """
 
 
-def test_hf_trainer_refuses_the_backend_name(tmp_path):
+def test_hf_trainer_refuses_the_backend_name():
     """The page says to compile the model instead: accelerate takes only the names of its DynamoBackend enum.
-    (In a process of its own, started outside the repository: transformers imports a package named ``kernels``,
-    which the repository's own ``kernels/`` folder would shadow.)"""
+    Started at the repository's root, as a newcomer's ``python -c`` would be: transformers imports the installed
+    package named ``kernels``, which the root's ``kernels/`` folder no longer shadows (tests/test_layout.py)."""
     for module in ("transformers", "accelerate"):
         if importlib.util.find_spec(module) is None:
             pytest.skip(f"{module} not installed")
-    proc = subprocess.run([sys.executable, "-c", REFUSAL], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", REFUSAL], cwd=PAGE.parents[1], capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0 and "is not a valid DynamoBackend" in proc.stdout, proc.stdout + proc.stderr[-3000:]

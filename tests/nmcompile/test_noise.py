@@ -14,7 +14,7 @@ from torch import nn
 
 from nmcompile import NoiseMonitor, noise_report
 from nmcompile.kernels.reference import greedy_reference, luq_variance, mvue_variance
-from nmcompile.passes import NMConfig
+from nmcompile.passes.config import NMConfig
 
 K, O, D = 16, 8, 12  # tokens summed over by the update GEMM, output features, input features
 R = 400

@@ -8,7 +8,8 @@ import nmcompile
 from nmcompile.backend import aot_eager
 from nmcompile.kernels import reference as ref
 from nmcompile.kernels.catalog import OPS
-from nmcompile.passes import NMConfig, NMJointPass
+from nmcompile.passes.config import NMConfig
+from nmcompile.passes.joint_pass import NMJointPass
 from nmcompile.passes.grouped import GROUPED_MM, within_experts
 from tests.conftest import heavy_tailed
 from tests.kernels.stats import max_z, variance_z
