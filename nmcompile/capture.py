@@ -122,9 +122,13 @@ class Run:
 
     @functools.cached_property
     def report(self):
+        from nmcompile.kept import annotate, recomputed
         from nmcompile.report import Report
 
-        return Report(list(self.records), self.config.as_dict(), graph_breaks=list(self.graph_breaks))
+        kept = [k for g in self.graphs for k in annotate(self.records, g.index, g.forward, g.backward)]
+        again = [m for g in self.graphs if g.backward is not None for m in recomputed(g.backward)]
+        return Report(list(self.records), self.config.as_dict(), graph_breaks=list(self.graph_breaks), kept=kept,
+                      recomputed=again)
 
 
 def records_by_node(run: Run, index: int) -> dict:

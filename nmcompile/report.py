@@ -13,11 +13,14 @@ from nmcompile.passes.records import GemmRecord, Transform
 from nmcompile.passes.roles import ROLES
 
 # 2: each GEMM has kernel, kernel_note, cusparselt; 3: and the typed forms of its transforms ("ops")
-# and kernel ("kernel_use"); 4: and the run's graph breaks; 5: each GEMM's role_why (and the roles act_lhs, act_rhs)
-SCHEMA = "nmcompile.report/5"
+# and kernel ("kernel_use"); 4: and the run's graph breaks; 5: each GEMM's role_why (and the roles act_lhs, act_rhs);
+# 6: each backward GEMM's kept tensors, the report's other kept tensors and recomputed forward GEMMs ("kept",
+# "recomputed"; empty where the partitioned graphs were not captured)
+SCHEMA = "nmcompile.report/6"
 # Older reports read with their transforms and kernel as labels only (shown, not modelled), and a
 # version-1 report with kernel "dense".
-_READS = ("nmcompile.report/1", "nmcompile.report/2", "nmcompile.report/3", "nmcompile.report/4", SCHEMA)
+_READS = ("nmcompile.report/1", "nmcompile.report/2", "nmcompile.report/3", "nmcompile.report/4", "nmcompile.report/5",
+          SCHEMA)
 
 
 @dataclasses.dataclass
@@ -26,6 +29,8 @@ class Report:
     options: dict
     torch_version: str = torch.__version__
     graph_breaks: list = dataclasses.field(default_factory=list)  # GraphBreaks: what ran outside the graphs
+    kept: list = dataclasses.field(default_factory=list)  # saved tensors no backward GEMM needs (nmcompile.kept.Kept)
+    recomputed: list = dataclasses.field(default_factory=list)  # modules whose forward GEMM the backward runs again
 
     @property
     def backward(self) -> list:
@@ -67,7 +72,8 @@ class Report:
         return {"schema": SCHEMA, "nmcompile": __version__, "torch": self.torch_version,
                 "options": self.options, "summary": self.summary(),
                 "gemms": [g.as_dict() for g in self.gemms],
-                "graph_breaks": [b.as_dict() for b in self.graph_breaks]}
+                "graph_breaks": [b.as_dict() for b in self.graph_breaks],
+                "kept": [k.as_dict() for k in self.kept], "recomputed": list(self.recomputed)}
 
     def to_json(self, indent: Optional[int] = 2) -> str:
         return json.dumps(self.as_dict(), indent=indent)
@@ -90,7 +96,10 @@ class Report:
             g.kernel = KernelUse(g.kernel, **use) if use else DENSE_USE if g.kernel == "dense" else g.kernel
             gemms.append(g)
         breaks = [GraphBreak(**b) for b in data.get("graph_breaks", [])]
-        return cls(gemms, data["options"], data["torch"], breaks)
+        from nmcompile.kept import Kept
+
+        kept = [Kept(**{**k, "shape": tuple(k["shape"])}) for k in data.get("kept", [])]
+        return cls(gemms, data["options"], data["torch"], breaks, kept, data.get("recomputed", []))
 
     def __str__(self) -> str:
         lines = [f"nm report: {self.summary()['rewritten']} of {len(self.gemms)} GEMMs rewritten"]
@@ -168,7 +177,6 @@ def _flops(n: Optional[int]) -> str:
 def gemm_table(report, title: str):
     from rich.table import Table
 
-
     table = Table(title=title, title_justify="left")
     for col, kw in (("g", {"justify": "right"}), ("module", {}), ("role", {}), ("op", {}),
                     ("M×N×K", {"justify": "right"}), ("FLOPs", {"justify": "right"}),
@@ -226,3 +234,43 @@ def module_tree(report, label: str):
         what = ", ".join(r.transforms) if r.transforms else f"[dim]skipped: {r.skipped or 'nothing to do'}[/dim]"
         branches[parts].add(f"{r.role} {r.op} {'×'.join(map(str, r.shape))}: {what}")
     return root
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def kept_table(report, title: str):
+    """What the backward keeps: per backward GEMM its saved tensors and their bytes, then the tensors only the
+    elementwise backward reads; a tensor two GEMMs share is counted once in the total."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    kept_column = escape("kept (dtype[shape] from module.op)")
+    for col, kw in (("g", {"justify": "right"}), ("for", {}), ("role", {}), (kept_column, {}),
+                    ("bytes", {"justify": "right"})):
+        table.add_column(col, **kw)
+    counted: dict = {}
+
+    def cell(kept) -> tuple[str, int]:
+        text = escape(", ".join(f"{k['dtype']}[{'×'.join(map(str, k['shape']))}] from {k['module'] or '<top>'}."
+                                f"{k['what']}" for k in kept))
+        return text, sum(k["bytes"] for k in kept)
+
+    for r in report.backward:
+        if r.kept:
+            text, total = cell(r.kept)
+            counted.update({(r.graph, k["name"]): k["bytes"] for k in r.kept})
+            table.add_row(str(r.graph), r.module or "<top>", r.role, text, _bytes(total))
+    if report.kept:
+        text, total = cell([k.as_dict() for k in report.kept])
+        counted.update({("other", k.name): k.bytes for k in report.kept})
+        again = f"; recomputes the forward GEMMs of {', '.join(report.recomputed)}" if report.recomputed else ""
+        table.add_row("", "[dim]elementwise backward[/dim]", "", text + again, _bytes(total))
+    table.add_section()
+    table.add_row("", "[bold]all saved tensors[/bold]", "", "", f"[bold]{_bytes(sum(counted.values()))}[/bold]")
+    return table

@@ -79,6 +79,9 @@ class GemmRecord:
     kernel_note: Optional[str] = None  # why a rewritten GEMM stayed dense (or on a lesser kernel)
     cusparselt: Optional[int] = None  # torch.backends.cusparselt.version() where it was compiled
     role_why: str = ""  # how the graph showed the role
+    # where the partitioned graphs were captured (nmcompile.kept): the saved tensors this backward GEMM's
+    # non-gradient operand is made from, as {name, shape, dtype, bytes, module, what}
+    kept: list = dataclasses.field(default_factory=list)
 
     @property
     def flops(self) -> Optional[int]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -59,7 +60,12 @@ def test_installed_packages_win_from_the_root_with_the_editable_install(tmp_path
 
 
 def test_installed_packages_win_from_the_root_with_a_wheel(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT), "-w",
+    source = tmp_path / "source"  # a copy: setuptools builds in the source tree
+    for name in ("nmcompile", *SHADOWED):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source), "-w",
                     str(tmp_path / "wheel")], check=True, capture_output=True, timeout=600)
     (wheel,) = (tmp_path / "wheel").glob("nmcompile-*.whl")
     names = zipfile.ZipFile(wheel).namelist()

@@ -14,8 +14,9 @@ stdout, progress and diagnostics to stderr; ``NO_COLOR`` turns colour off. Error
 and a non-zero exit (``--debug`` shows the traceback).
 
 This package is the parser and the dispatch; each command is a module of it (``inspect``, ``export``,
-``profile``, ``view``, ``demo``, ``bench``) with ``run(args) -> exit status``, and ``common`` holds what they
-share (``CLIError``, the consoles, loading and capturing a TARGET).
+``profile``, ``view``, ``demo``, ``bench``) with ``run(args) -> exit status``; ``errors`` holds ``CLIError`` and
+the exit statuses, ``common`` what the commands share (the consoles, capturing a TARGET), ``targets`` loading a
+TARGET and parsing ``--options``.
 """
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="graph to print as code: the joint graph after the rewrite (default), the partitioned "
         "forward/backward, the joint graph before the rewrite, or none",
     )
-    p.add_argument("--json", action="store_true", help="print only the report JSON (schema nmcompile.report/5; "
+    p.add_argument("--json", action="store_true", help="print only the report JSON (schema nmcompile.report/6; "
                    "with --noise nmcompile.noise/1)")
     p.add_argument("--noise", action="store_true", help="measure, on the example inputs, the variance the gradient "
                    "compression adds to each rewritten backward GEMM, next to ‖G‖² and the minibatch noise")

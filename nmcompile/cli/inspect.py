@@ -45,7 +45,7 @@ def run(args) -> int:
     from rich.syntax import Syntax
 
     from nmcompile.export import graph_code
-    from nmcompile.report import gemm_table, graph_break_table, module_tree
+    from nmcompile.report import gemm_table, graph_break_table, kept_table, module_tree
 
     s = report.summary()
     out.print(f"[bold]{args.target}[/bold]: {captured.config.describe()} — {s['rewritten']} of {s['gemms']} GEMMs "
@@ -55,6 +55,7 @@ def run(args) -> int:
     out.print(gemm_table(report, f"GEMMs ({len(report.gemms)}), in {len(captured.graphs)} graph(s)"))
     out.print("[dim]TC speedup: peak tensor-core math ratio vs dense bf16 on H100 (2:4 sparse ×2, both operands "
               "4-bit → FP8 ×2); an upper bound, see docs/cli.md[/dim]")
+    out.print(kept_table(report, "What the backward keeps (the partitioned graphs of this step)"))
     out.print(module_tree(report, f"{args.target} by module"))
     if report.graph_breaks:
         out.print(graph_break_table(report, f"Graph breaks ({s['graph_breaks']}): GEMMs in code that runs eagerly "

@@ -61,7 +61,7 @@ def test_inspect_builtin_json_is_only_the_versioned_report():
                      '{"sparsity": "2:4", "quant": "luq", "fwd_quant": "sawb"}', module=True)
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)  # nothing but JSON on stdout
-    assert data["schema"] == "nmcompile.report/5"
+    assert data["schema"] == "nmcompile.report/6"
     assert data["options"]["sparsity"] == "2:4" and data["options"]["quant"] == "luq"
     gemms = data["gemms"]
     # 3 linear layers: 3 forward GEMMs, 3 wgrad, 2 dgrad (fc1's input needs no gradient)

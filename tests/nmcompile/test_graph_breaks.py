@@ -68,7 +68,7 @@ def test_a_data_dependent_loop_is_reported_with_its_place_and_reason():
 def test_graph_breaks_round_trip_through_json():
     report = nmcompile.explain(MoE(), torch.randn(32, 16), sparsity="2:4", **AOT)
     data = json.loads(report.to_json())
-    assert data["schema"] == "nmcompile.report/5" and data["graph_breaks"]
+    assert data["schema"] == "nmcompile.report/6" and data["graph_breaks"]
     back = Report.from_json(report.to_json())
     assert back.graph_breaks == report.graph_breaks
 

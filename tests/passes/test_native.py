@@ -539,7 +539,7 @@ def test_report_carries_the_kernel():
     model, x = model_and_input("mlp")
     _, _, rep = run(model, x, BOTH, "native", fp8=True)
     data = json.loads(rep.to_json())
-    assert data["schema"] == "nmcompile.report/5"
+    assert data["schema"] == "nmcompile.report/6"
     assert all(g["role_why"] for g in data["gemms"] if g["role"] != "fwd")
     assert {g["kernel"] for g in data["gemms"]} >= {"fp8 e4m3", "2:4 cpu fp8"}
     assert all("cusparselt" in g for g in data["gemms"])

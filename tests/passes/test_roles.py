@@ -207,7 +207,7 @@ def test_remainder_and_tiny_gemms_are_reported():
 def test_report_json_round_trip():
     r = nmcompile.explain(MLP(), torch.randn(48, 32), sparsity="2:4", **AOT)
     data = __import__("json").loads(r.to_json())
-    assert data["schema"] == "nmcompile.report/5" and data["options"]["sparsity"] == "2:4"
+    assert data["schema"] == "nmcompile.report/6" and data["options"]["sparsity"] == "2:4"
     assert data["summary"]["sparse_flop_share"] > 0 and len(data["gemms"]) == len(r.gemms)
     back = nmcompile.Report.from_json(r.to_json())
     assert back.gemms == r.gemms
