@@ -39,7 +39,15 @@ from nmcompile.passes.roles import BACKWARD_ROLES, is_update
 aten = torch.ops.aten
 SCHEMA = "nmcompile.noise/1"
 _COMPRESSIONS = tuple(spec.name for spec in ops_of(stage="gradient"))  # what compresses a neural gradient
-_STALL_FACTOR = 3.0  # Chmiel et al. 2025: training stalls once ‖∇L‖² < 3·σ_q²·d
+STALL_FACTOR = 3.0  # Chmiel et al. 2025: training stalls once ‖∇L‖² < 3·σ_q²·d
+
+
+def stall_ratio(gradient: float, compression_noise: float) -> Optional[float]:
+    """gradient / (3·compression_noise), the stall criterion's ratio (below 1 training stalls): ``gradient`` the
+    squared norm of the exact update less its minibatch variance, both summed over the GEMMs (and measurements)
+    considered; None without compression noise. The one home of the formula: the monitor, PrecisionSwitch and the
+    tools read it here."""
+    return gradient / (STALL_FACTOR * compression_noise) if compression_noise > 0 else None
 
 
 @dataclasses.dataclass
@@ -73,9 +81,9 @@ class GemmNoise:
         """(signal − minibatch_noise) / (3·compression_noise): an estimate of ‖∇L‖²/(3σ_q²d) for this
         weight gradient; Chmiel et al. 2025 ("FP4 All the Way") predict stalling below 1 (their σ_q² is an
         unbiased quantizer's variance; here it is the whole error, bias included)."""
-        if self.minibatch_noise is None or self.compression_noise <= 0:
+        if self.minibatch_noise is None:
             return None
-        return (self.signal - self.minibatch_noise) / (_STALL_FACTOR * self.compression_noise)
+        return stall_ratio(self.signal - self.minibatch_noise, self.compression_noise)
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from nmcompile.noise import _STALL_FACTOR, NoiseMonitor, NoiseReport
+from nmcompile.noise import NoiseMonitor, NoiseReport, stall_ratio
 from nmcompile.passes.roles import is_update
 
 
@@ -116,7 +116,7 @@ class PrecisionSwitch:
         noise = sum(g.compression_noise for g in rows)
         self._recent = [*self._recent, (gradient, noise)][-self.window:]
         total_noise = sum(n for _, n in self._recent)
-        ratio = sum(g for g, _ in self._recent) / (_STALL_FACTOR * total_noise) if total_noise > 0 else None
+        ratio = stall_ratio(sum(g for g, _ in self._recent), total_noise)
         self.measurements.append(Measurement(step, gradient, noise, ratio))
         self._below = self._below + 1 if ratio is not None and ratio < self.threshold else 0
         if self._below < self.patience or self.stage == len(self.recipes) - 1:

@@ -43,6 +43,7 @@ import reproduce_lm as lm  # noqa: E402  (the model, the data, the LR schedule, 
 import nmcompile  # noqa: E402
 from nmcompile.demo.environment import environment  # noqa: E402
 from nmcompile.fnt import fnt_options, fnt_scheduler  # noqa: E402
+from nmcompile.noise import stall_ratio  # noqa: E402
 from nmcompile.passes.config import NMConfig  # noqa: E402
 
 INT8_ROW_SR8 = {"quant": "sr", "bits": 8, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8}
@@ -69,6 +70,8 @@ RECIPES = {
     "int8, row + row, folded, pow2": {**INT8_ROW_SR8, "fwd_scales": "row", "pow2_scales": True},
     "luq4, row": {"quant": "luq", "scales": "row"},
     "luq4, hadamard16": {"quant": "luq", "hadamard": 16},
+    "sr8, row": {"quant": "sr", "bits": 8, "scales": "row"},  # the int8 preset's gradient half alone
+    "absmax8, row": {"fwd_quant": "absmax", "fwd_bits": 8, "fwd_scales": "row"},  # and its forward half
     "luq4, row, hadamard16": {"quant": "luq", "scales": "row", "hadamard": 16},
     "luq4 + absmax8, row": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8, "scales": "row"},
 }
@@ -193,9 +196,9 @@ def stall_ratios(run: dict, window: int = 1) -> list:
     points, out = measurements(run), []
     for i, (step, _, _) in enumerate(points):
         recent = points[max(0, i + 1 - window): i + 1]
-        noise = sum(n for _, _, n in recent)
-        if noise > 0:
-            out.append((step, sum(g for _, g, _ in recent) / (3 * noise)))
+        ratio = stall_ratio(sum(g for _, g, _ in recent), sum(n for _, _, n in recent))
+        if ratio is not None:
+            out.append((step, ratio))
     return out
 
 

@@ -38,6 +38,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import nmcompile
 from nmcompile.demo.environment import environment
 from nmcompile.fnt import fnt_options, fnt_scheduler
+from nmcompile.noise import stall_ratio
 from nmcompile.passes.config import NMConfig
 
 RECIPES = [
@@ -291,8 +292,8 @@ def noise_summary(results: dict) -> dict:
                 entry["wgrad_noise_to_minibatch"] = statistics.fmean(s["compression_noise"] / s["minibatch_noise"]
                                                                      for s in sums)
                 entry["minibatch_to_signal"] = statistics.fmean(s["minibatch_noise"] / s["signal"] for s in sums)
-                stall = [(s["signal"] - s["minibatch_noise"]) / (3 * s["compression_noise"]) for s in sums
-                         if s["compression_noise"] > 0]
+                stall = [r for s in sums
+                         if (r := stall_ratio(s["signal"] - s["minibatch_noise"], s["compression_noise"])) is not None]
                 if stall:
                     entry["wgrad_stall_ratio"] = statistics.median(stall)
                     entry["wgrad_stall_below_1"] = sum(x < 1 for x in stall) / len(stall)
