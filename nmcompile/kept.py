@@ -38,9 +38,15 @@ class Kept:
 
 
 def _nbytes(value) -> int:
+    """Its bytes; 0 for a size only known at run time (dynamic shapes), which the shape then shows."""
     if not isinstance(value, torch.Tensor):
         return 0
-    return value.numel() * value.element_size()
+    n = value.numel() * value.element_size()
+    return n if isinstance(n, int) else 0
+
+
+def _shape(value: torch.Tensor) -> tuple:
+    return tuple(s if isinstance(s, int) else str(s) for s in value.shape)
 
 
 def saved_tensors(forward: fx.GraphModule, backward: fx.GraphModule) -> dict:
@@ -58,7 +64,7 @@ def saved_tensors(forward: fx.GraphModule, backward: fx.GraphModule) -> dict:
         source = node if isinstance(node, fx.Node) else placeholder
         what = info.op if info is not None else "input" if source.op == "placeholder" else getattr(
             source.target, "__name__", str(source.target))
-        kept[placeholder.name] = Kept(placeholder.name, tuple(value.shape), str(value.dtype).replace("torch.", ""),
+        kept[placeholder.name] = Kept(placeholder.name, _shape(value), str(value.dtype).replace("torch.", ""),
                                       _nbytes(value), info.module if info is not None else module_path(source),
                                       what.split(".")[0] if info is None else what)
     return kept
@@ -89,13 +95,24 @@ def needs(gemm: fx.Node, dependent: set) -> list:
 
 
 def recomputed(backward: fx.GraphModule) -> list:
-    """The modules whose forward GEMM runs again in the backward (the partitioner recomputes it from saved codes)."""
+    """The modules whose forward GEMM runs again in the backward (the partitioner recomputes it from saved codes),
+    and "<module> (attention)" for a fused attention forward recomputed on their outputs."""
     modules = []
     for node in backward.graph.nodes:
         info = NodeInfo.read(node)
-        if (info is not None and info.role == "fwd" and node.target in _LOW_PRECISION_GEMMS
-                and info.module not in modules):
-            modules.append(info.module)
+        target = node.target
+        if getattr(target, "__name__", "") == "run_with_rng_state":  # a random op replayed with its saved RNG state
+            target = node.args[1]
+        name = getattr(target, "__name__", "")
+        if info is not None and info.role == "fwd" and node.target in _LOW_PRECISION_GEMMS:
+            what = info.module
+        elif node.op == "call_function" and "scaled_dot_product" in name and "backward" not in name:
+            where = module_path(node) or next((module_path(a) for a in node.all_input_nodes if module_path(a)), "")
+            what = f"{where} (attention)"
+        else:
+            continue
+        if what not in modules:
+            modules.append(what)
     return modules
 
 

@@ -23,15 +23,18 @@ that a device or shape does not allow stays dense, and its record says why.
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Optional
 
 import torch
 import torch.fx as fx
+from torch.utils.checkpoint import CheckpointPolicy
 
 from nmcompile.kernels.catalog import OpSpec, spec_of
 from nmcompile.kernels.fp8 import E4M3, dequantize
 from nmcompile.kernels.gemm import DENSE, DENSE_USE, KERNELS, GemmKernel, cusparselt_version, int8_gemm
-from .analysis import last_dim_is_k, layout_chain, module_path, val
+
+from .analysis import LAYOUT_OPS, last_dim_is_k, layout_chain, module_path, val
 from .config import NMConfig
 from .records import GemmRecord, NodeInfo
 from .splice import atomic, splice
@@ -375,6 +378,46 @@ def _formats(plan: _Plan) -> tuple:
     return fmt(plan.left), fmt(plan.right)
 
 
+# what lies between a qkv GEMM and attention's q, k, v: layouts, the split into three, a bias added after an mm
+_TO_QKV = LAYOUT_OPS | {aten.split.Tensor, aten.split_with_sizes.default, aten.chunk.default, aten.unbind.int,
+                        aten.slice.Tensor, aten.select.int, operator.getitem, aten.unsqueeze.default,
+                        aten.squeeze.dim, aten.squeeze.default, aten.expand.default, aten.unflatten.int,
+                        aten.add.Tensor}
+
+
+def _from_recomputed(node) -> list:
+    """The ops laying out or splitting ``node`` (q, k or v) from a node the backward recomputes (a qkv GEMM's
+    output), node included; [] where it comes from anything else."""
+    path = []
+    while isinstance(node, fx.Node) and node.op == "call_function" and node.target in _TO_QKV:
+        path.append(node)
+        node = node.args[0]
+    recomputed = isinstance(node, fx.Node) and node.meta.get("recompute") is CheckpointPolicy.PREFER_RECOMPUTE
+    return path or [node] if recomputed else []
+
+
+def recompute_attention(graph: fx.Graph) -> list:
+    """Tag fused-attention forwards whose q, k and v the backward recomputes (from an int8 GEMM's codes) for the
+    partitioner to recompute too, as flash attention's own backward recomputes its probabilities: the backward then
+    keeps the codes, not the attention output. fp32 only (the reason the GEMMs' recompute is); the same kernel on
+    the same inputs gives the same bits. Returns the tagged nodes."""
+    tagged = []
+    for node in graph.nodes:
+        name = getattr(node.target, "__name__", "")
+        if node.op != "call_function" or "scaled_dot_product" not in name or "backward" in name:
+            continue
+        out = val(node)
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if not (isinstance(first, torch.Tensor) and first.dtype == torch.float32):
+            continue
+        paths = [_from_recomputed(a) for a in node.args[:3]]
+        if all(paths):  # the ops from the GEMM to q, k, v too: else the partitioner may keep q, k, v instead
+            for n in (node, *[u for u in node.users if u.target is operator.getitem], *(n for p in paths for n in p)):
+                n.meta["recompute"] = CheckpointPolicy.PREFER_RECOMPUTE
+            tagged.append(node)
+    return tagged
+
+
 def lower_gemms(graph: fx.Graph, records: list, config: NMConfig, decompositions: dict) -> None:
     """Pick every recorded GEMM's kernel (``rec.kernel``, ``rec.kernel_note``) and put it in ``graph``."""
     version = cusparselt_version()
@@ -397,3 +440,5 @@ def lower_gemms(graph: fx.Graph, records: list, config: NMConfig, decompositions
             lowerer.forward_codes = codes
             rec.kernel, rec.kernel_note = DENSE_USE, f"native lowering failed ({type(err).__name__}: {err})"
     lowerer.finish()
+    if config.recompute:
+        recompute_attention(graph)

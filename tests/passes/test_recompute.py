@@ -21,9 +21,21 @@ needs_int8 = pytest.mark.skipif(INT8 is not None, reason=f"int8 GEMMs: {INT8}")
 PRESET = {**PRESETS["int8"], "keep_first_last": False, "dense_if_faster": False, "recompute": False}
 
 
+class FusedEncoder(torch.nn.Module):
+    """nn.TransformerEncoderLayer with its fused attention kernel (SDPA's CPU flash attention, opaque to the pass)."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.layer = torch.nn.TransformerEncoderLayer(d, heads, dim_feedforward=2 * d, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
 def models():
     torch.manual_seed(0)
-    return {"mlp": (MLP((32, 64, 64, 16)), torch.randn(8, 16, 32)), "encoder": (Encoder(32, 4), torch.randn(4, 16, 32))}
+    return {"mlp": (MLP((32, 64, 64, 16)), torch.randn(8, 16, 32)), "encoder": (Encoder(32, 4), torch.randn(4, 16, 32)),
+            "fused attention": (FusedEncoder(32, 4), torch.randn(4, 16, 32))}
 
 
 def peak(options: dict) -> int:
@@ -63,7 +75,7 @@ def train(options: dict, name: str, steps: int = 3) -> tuple[list, list]:
 
 
 @needs_int8
-@pytest.mark.parametrize("name", ["mlp", "encoder"])
+@pytest.mark.parametrize("name", ["mlp", "encoder", "fused attention"])
 def test_recompute_changes_no_number(name):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # Inductor's parallel reductions are not deterministic across threads
@@ -80,3 +92,22 @@ def test_the_option_is_a_bool_and_on_in_the_int8_preset():
     assert NMConfig(recompute=True).recompute and PRESETS["int8"]["recompute"] is True
     with pytest.raises(ValueError, match=r"recompute='yes' must be True or False"):
         NMConfig(recompute="yes")
+
+
+@needs_int8
+def test_fused_attention_on_recomputed_qkv_is_recomputed_not_kept():
+    """q, k and v come from the qkv GEMM's recomputed output: the attention forward is recomputed too, so the
+    backward keeps no fp32 attention output (nmcompile.kept reads what it keeps); without recompute it does."""
+    from nmcompile.capture import run_captured
+
+    def kept(options):
+        model, x = models()["fused attention"]
+        report = run_captured(model, (x,), options).report
+        tensors = [k for g in report.backward for k in g.kept] + [k.as_dict() for k in report.kept]
+        attention = [k for k in tensors if k["dtype"] == "float32" and tuple(k["shape"]) == (4, 4, 16, 8)]
+        return attention, report.recomputed
+
+    attention, again = kept({**PRESET, "recompute": True})
+    assert attention == [] and "layer.self_attn (attention)" in again
+    attention, again = kept(PRESET)
+    assert attention and again == []  # the output [batch, heads, tokens, head dim] the SDPA backward reads
