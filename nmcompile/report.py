@@ -265,7 +265,8 @@ def kept_table(report, title: str):
         if r.kept:
             text, total = cell(r.kept)
             counted.update({(r.graph, k["name"]): k["bytes"] for k in r.kept})
-            table.add_row(str(r.graph), r.module or "<top>", r.role, text, _bytes(total))
+            role = r.role if r.role != "?" else r.op  # a fused attention's backward: "sdpa"
+            table.add_row(str(r.graph), r.module or "<top>", role, text, _bytes(total))
     if report.kept:
         text, total = cell([k.as_dict() for k in report.kept])
         counted.update({("other", k.name): k.bytes for k in report.kept})
