@@ -265,11 +265,11 @@ class _Rewriter:
         block = self.config.hadamard
         if not block:
             return {}
-        why = check_block(block, k)
         if experts:
             why = f"hadamard {block} skipped: each expert reduces over its own tokens, of sizes known at run time"
-        elif group and not why:
-            why = check_block(block, group, " (within each conv group's output channels)")
+        else:
+            why = check_block(block, k) or (group and check_block(block, group, " (within each conv group's output "
+                                                                             "channels)"))
         if why:
             rec.notes.append(why)
             return {}
