@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import json
 import sys
 from typing import Callable, Optional
@@ -43,6 +44,15 @@ class GraphCounter:
 class _Recording:
     records: list
     graphs: GraphCounter = dataclasses.field(default_factory=GraphCounter)
+    kept: list = dataclasses.field(default_factory=list)  # saved tensors no backward GEMM needs (nmcompile.kept)
+    recomputed: list = dataclasses.field(default_factory=list)  # forward GEMMs the backwards run again
+
+    def partitioned(self, index: int, forward: torch.fx.GraphModule, backward: torch.fx.GraphModule) -> None:
+        """Read what graph ``index``'s backward keeps into its records (``GemmRecord.kept``) and here."""
+        from nmcompile.kept import annotate, recomputed
+
+        self.kept.extend(annotate(self.records, index, forward, backward))
+        self.recomputed.extend(m for m in recomputed(backward) if m not in self.recomputed)
 
 
 _recorder: contextvars.ContextVar[Optional[_Recording]] = contextvars.ContextVar("nm_recording", default=None)
@@ -61,6 +71,13 @@ def recording():
         yield state.records
     finally:
         _recorder.reset(token)
+
+
+def recorded_kept() -> tuple:
+    """(kept, recomputed) of the innermost ``recording()`` so far: the saved tensors no backward GEMM needs and the
+    forward GEMMs the backwards recompute (``nmcompile.kept``); ([], []) outside one."""
+    state = _recorder.get()
+    return (list(state.kept), list(state.recomputed)) if state is not None else ([], [])
 
 
 _announced: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar("nm_env_announced", default=None)
@@ -95,9 +112,11 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
     state = _recorder.get()
     records = state.records if state is not None else None
     index = state.graphs.next() if state is not None else 0
+    partitioned = functools.partial(state.partitioned, index) if state is not None else None
     if config.inner == "aot_eager":
         return aot_eager(gm, example_inputs,
-                         NMJointPass.for_graph(config, example_inputs, decompose=False, records=records, graph=index))
+                         NMJointPass.for_graph(config, example_inputs, decompose=False, records=records, graph=index),
+                         on_partitioned=partitioned)
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
@@ -107,6 +126,11 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
     patches["joint_custom_pre_pass"] = chain_with_existing(
         patches.get("joint_custom_pre_pass", _users_joint_pass()), ours
     )
+    if partitioned is not None and torch.is_grad_enabled():
+        import torch._inductor.config as inductor_config
+
+        patches["custom_partitioner_fn"] = _ReadingPartitioner(
+            patches.get("custom_partitioner_fn", inductor_config.custom_partitioner_fn), partitioned)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if records is not None and ours.calls == 0 and torch.is_grad_enabled():
         # Inductor's caches served this graph, so the pass did not run on it: trace it once more,
@@ -114,6 +138,30 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
         aot_eager(gm, example_inputs, NMJointPass(config, decompose=True, records=records, graph=index,
                                                        ends=ours.ends))
     return compiled
+
+
+def _partitioner_base():
+    from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+    return CustomPartitionerFn
+
+
+class _ReadingPartitioner(_partitioner_base()):
+    """While recording: Inductor's partitioner (the user's custom one, else the min-cut one), then
+    ``on_partitioned(forward, backward)`` on the graphs it made, so that ``explain`` reports what is kept."""
+
+    def __init__(self, inner, on_partitioned: Callable) -> None:
+        self.inner, self.on_partitioned = inner, on_partitioned
+
+    def __call__(self, gm, joint_inputs, **kwargs):
+        from functorch.compile import min_cut_rematerialization_partition
+
+        forward, backward = (self.inner or min_cut_rematerialization_partition)(gm, joint_inputs, **kwargs)
+        self.on_partitioned(forward, backward)
+        return forward, backward
+
+    def uuid(self):
+        return None  # no caching: a cached graph would skip the reading (recording compiles afresh anyway)
 
 
 def _users_joint_pass():
@@ -129,13 +177,15 @@ def aot_eager(
     *,
     on_joint: Optional[Callable[[torch.fx.GraphModule, str], None]] = None,
     on_graph: Optional[Callable[[torch.fx.GraphModule, str], Optional[Callable]]] = None,
+    on_partitioned: Optional[Callable[[torch.fx.GraphModule, torch.fx.GraphModule], None]] = None,
 ):
     """AOTAutograd with Inductor's decompositions, the user's joint pass and ours applied to the joint
     graph before partitioning (as under Inductor), and eager execution of the resulting graphs.
 
     ``on_joint(joint, "before" | "after")`` sees the joint graph around the passes, ``on_graph(graph,
     "forward" | "backward")`` each partitioned graph before it runs (the CLI keeps and wraps them); when it
-    returns a callable, that runs instead of ``graph.forward`` (the noise monitor interprets the backward)."""
+    returns a callable, that runs instead of ``graph.forward`` (the noise monitor interprets the backward);
+    ``on_partitioned(forward, backward)`` sees the two graphs the partitioner made."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
     import torch._inductor.lowering  # noqa: F401  (some decompositions, e.g. max_pool2d's, read it)
@@ -150,7 +200,10 @@ def aot_eager(
         joint.recompile()
         if on_joint is not None:
             on_joint(joint, "after")
-        return min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+        forward, backward = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
+        if on_partitioned is not None:
+            on_partitioned(forward, backward)
+        return forward, backward
 
     def compiler(kind: str):
         def run_eagerly(graph: torch.fx.GraphModule, _inputs):

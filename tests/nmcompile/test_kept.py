@@ -5,7 +5,8 @@
 - under the int8 recipe with recompute, each backward GEMM keeps only int8 codes and their fp32 scales (no fp32
   activation), and the report names the forward GEMMs the backward runs again; without recompute it names none;
 - an emulated recipe keeps the fp32 input for its wgrad, with the exact bytes;
-- the JSON carries it (schema 6), and the inspect table shows it.
+- the JSON carries it (schema 6), and the inspect table shows it;
+- `explain` (Inductor's partitioner) reports the same as the captured run.
 """
 from __future__ import annotations
 
@@ -76,3 +77,17 @@ def test_the_json_and_the_table_carry_it():
     text = console.export_text()
     assert "int8[128×128] from fc2.absmax_int8" in text and "recomputes the forward GEMMs of" in text
     assert "all saved tensors" in text
+
+
+def test_explain_under_inductor_reports_what_the_captured_run_keeps():
+    """explain() compiles with Inductor; its partitioner's graphs give the same kept tensors, by name and bytes,
+    as the captured aot_eager run of the same model and options."""
+    from nmcompile.explain import explain
+
+    captured_report = captured(INT8).report
+    torch.manual_seed(0)
+    explained = explain(MLP((64, 128, 128, 64)), torch.randn(96, 64), **INT8)
+    assert [(g.module, g.role, g.kept) for g in explained.backward] == \
+        [(g.module, g.role, g.kept) for g in captured_report.backward]
+    assert all(g.kept for g in explained.backward)
+    assert explained.kept == captured_report.kept and explained.recomputed == captured_report.recomputed != []
