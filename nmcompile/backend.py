@@ -20,6 +20,7 @@ from nmcompile.passes.config import NMConfig
 from nmcompile.passes.joint_pass import NMJointPass
 from nmcompile.passes.config import ENV_OPTIONS, environment_options
 from nmcompile.passes.joint_pass import chain_with_existing
+from nmcompile.passes.saved import partition_then_compress
 
 
 class GraphCounter:
@@ -126,11 +127,12 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
     patches["joint_custom_pre_pass"] = chain_with_existing(
         patches.get("joint_custom_pre_pass", _users_joint_pass()), ours
     )
-    if partitioned is not None and torch.is_grad_enabled():
+    if (partitioned is not None or config.saved_int8) and torch.is_grad_enabled():
         import torch._inductor.config as inductor_config
 
-        patches["custom_partitioner_fn"] = _ReadingPartitioner(
-            patches.get("custom_partitioner_fn", inductor_config.custom_partitioner_fn), partitioned)
+        patches["custom_partitioner_fn"] = _Partitioner(
+            patches.get("custom_partitioner_fn", inductor_config.custom_partitioner_fn), config.saved_int8,
+            partitioned)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if records is not None and ours.calls == 0 and torch.is_grad_enabled():
         # Inductor's caches served this graph, so the pass did not run on it: trace it once more,
@@ -146,22 +148,33 @@ def _partitioner_base():
     return CustomPartitionerFn
 
 
-class _ReadingPartitioner(_partitioner_base()):
-    """While recording: Inductor's partitioner (the user's custom one, else the min-cut one), then
-    ``on_partitioned(forward, backward)`` on the graphs it made, so that ``explain`` reports what is kept."""
+class _Partitioner(_partitioner_base()):
+    """Inductor's partitioner (the user's custom one, else the min-cut one), then on the graphs it made the
+    ``saved_int8`` option (``passes.saved``) and, while recording, ``on_partitioned(forward, backward)``, so that
+    ``explain`` reports what is kept."""
 
-    def __init__(self, inner, on_partitioned: Callable) -> None:
-        self.inner, self.on_partitioned = inner, on_partitioned
+    def __init__(self, inner, saved_int8: bool, on_partitioned: Optional[Callable]) -> None:
+        self.inner, self.saved_int8, self.on_partitioned = inner, saved_int8, on_partitioned
 
     def __call__(self, gm, joint_inputs, **kwargs):
         from functorch.compile import min_cut_rematerialization_partition
 
-        forward, backward = (self.inner or min_cut_rematerialization_partition)(gm, joint_inputs, **kwargs)
-        self.on_partitioned(forward, backward)
-        return forward, backward
+        partition = self.inner or min_cut_rematerialization_partition
+        return partition_then_compress(partition, self.saved_int8, self.on_partitioned)(gm, joint_inputs, **kwargs)
+
+    def __getstate__(self):  # Inductor pickles its config into the cache key: what the compiled code depends on
+        return {"uuid": self.uuid()}
 
     def uuid(self):
-        return None  # no caching: a cached graph would skip the reading (recording compiles afresh anyway)
+        if self.on_partitioned is not None:  # no caching: a cached graph would skip the reading (recording
+            # compiles afresh anyway)
+            return None
+        from torch._inductor.custom_graph_pass import get_hash_for_files
+
+        import nmcompile.passes.saved as saved
+
+        inner = self.inner.uuid() if self.inner is not None else "min-cut"
+        return (get_hash_for_files((saved.__file__,)), self.saved_int8, inner)
 
 
 def _users_joint_pass():
@@ -185,7 +198,7 @@ def aot_eager(
     ``on_joint(joint, "before" | "after")`` sees the joint graph around the passes, ``on_graph(graph,
     "forward" | "backward")`` each partitioned graph before it runs (the CLI keeps and wraps them); when it
     returns a callable, that runs instead of ``graph.forward`` (the noise monitor interprets the backward);
-    ``on_partitioned(forward, backward)`` sees the two graphs the partitioner made."""
+    ``on_partitioned(forward, backward)`` sees the two graphs the partitioner made (after ``saved_int8``'s change)."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
     import torch._inductor.lowering  # noqa: F401  (some decompositions, e.g. max_pool2d's, read it)
@@ -200,10 +213,8 @@ def aot_eager(
         joint.recompile()
         if on_joint is not None:
             on_joint(joint, "after")
-        forward, backward = min_cut_rematerialization_partition(joint, joint_inputs, **kwargs)
-        if on_partitioned is not None:
-            on_partitioned(forward, backward)
-        return forward, backward
+        return partition_then_compress(min_cut_rematerialization_partition, joint_pass.config.saved_int8,
+                                       on_partitioned)(joint, joint_inputs, **kwargs)
 
     def compiler(kind: str):
         def run_eagerly(graph: torch.fx.GraphModule, _inputs):

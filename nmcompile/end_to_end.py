@@ -25,7 +25,8 @@ from typing import Callable, Optional
 import torch
 
 # what compresses gradients
-_GRADIENT_OPTIONS = ("sparsity", "method", "gemms", "quant", "bits", "levels", "smp", "scales", "hadamard")
+_GRADIENT_OPTIONS = ("sparsity", "method", "gemms", "quant", "bits", "levels", "smp", "scales", "hadamard",
+                     "saved_int8")
 
 
 @dataclasses.dataclass

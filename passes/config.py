@@ -134,6 +134,7 @@ class NMConfig:
     keep_first_last: bool = True
     dense_if_faster: bool = False
     recompute: bool = False
+    saved_int8: bool = False
     inner: str = "inductor"
     lowering: str = "auto"
 
@@ -157,7 +158,7 @@ class NMConfig:
         _int_in("fwd_bits", self.fwd_bits, OPS[self.fwd_quant or FWD_QUANTS[0]].bits)
         _scales("scales", self.scales, "quant", self.quant)
         _scales("fwd_scales", self.fwd_scales, "fwd_quant", self.fwd_quant)
-        for key in ("pow2_scales", "keep_first_last", "dense_if_faster", "recompute"):
+        for key in ("pow2_scales", "keep_first_last", "dense_if_faster", "recompute", "saved_int8"):
             _flag(key, getattr(self, key))
         _pow2(self)
         _hadamard(self)
@@ -211,7 +212,7 @@ class NMConfig:
 
     @property
     def is_noop(self) -> bool:
-        return not self.compresses_gradients and self.fwd_quant is None
+        return not self.compresses_gradients and self.fwd_quant is None and not self.saved_int8
 
     def as_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -4,6 +4,7 @@
     python tools/bench_step_cpu.py --small     # 2 blocks, d = 128: where int8 GEMMs stop paying on some CPUs
     python tools/bench_step_cpu.py --profile   # also one profiled step per configuration: its top ops
     python tools/bench_step_cpu.py --smoke     # a tiny model, two steps: checks the script, measures nothing
+    python tools/bench_step_cpu.py --model gpt2  # Hugging Face's GPT-2 (transformers) of the same size instead
 
 The model is a stack of pre-LayerNorm Transformer blocks (causal ``scaled_dot_product_attention``, GELU
 MLP 4d; ``bench_train.Block``) between a small input projection and a small output head (the model's
@@ -90,6 +91,9 @@ CONFIGS = {
     "nm int8 bf16 pow2": Config({**INT8, "pow2_scales": True}, True),
     "nm int8 no recompute": Config({**INT8, "recompute": False}),  # the preset before it recomputed from codes
     "nm int8 adamw8bit": Config(INT8, optimizer="adamw8bit"),
+    # and an 8-bit copy of each other activation the backward keeps (changes the numbers: an option, off in the preset)
+    "nm int8 saved8": Config({**INT8, "saved_int8": True}),
+    "nm int8 saved8 adamw8bit": Config({**INT8, "saved_int8": True}, optimizer="adamw8bit"),
     "nm int8 bf16 adamw8bit": Config(INT8, True, optimizer="adamw8bit"),
     "nm luq4+sawb4 bf16": Config(LUQ_SAWB, True),
     "nm luq4+int8fwd bf16": Config(LUQ_INT8, True),
@@ -118,6 +122,35 @@ class Net(nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
+class GPT2(nn.Module):
+    """Hugging Face's GPT-2 (``transformers.GPT2LMHeadModel``, built from a config: no weights to download) on the
+    same bytes: vocabulary 256, ``layers`` blocks of width d, SDPA attention, no dropout. With ``checkpoint``,
+    its own gradient checkpointing (``torch.utils.checkpoint`` per block, non-reentrant), as its users turn it on."""
+
+    def __init__(self, layers: int, d: int, heads: int, checkpoint: bool = False, seq: int = 512):
+        super().__init__()
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        config = GPT2Config(vocab_size=256, n_positions=seq, n_embd=d, n_layer=layers, n_head=heads, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+        self.model = GPT2LMHeadModel(config)
+        if checkpoint:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def forward(self, idx, targets):
+        logits = self.model(input_ids=idx, use_cache=False).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+MODELS = {"net": Net, "gpt2": GPT2}
+
+
+def build(args, checkpoint: bool = False) -> nn.Module:
+    if args.model == "gpt2":
+        return GPT2(args.layers, args.d, args.heads, checkpoint, args.seq)
+    return Net(args.layers, args.d, args.heads, checkpoint)
+
+
 def torchao_version() -> Optional[str]:
     try:
         import torchao
@@ -133,7 +166,7 @@ class Run:
     def __init__(self, name: str, config: Config, args, state: dict):
         options = config.options
         self.name, self.options, self.autocast = name, options, config.autocast
-        model = Net(args.layers, args.d, args.heads, config.checkpoint)
+        model = build(args, config.checkpoint)
         model.load_state_dict(state)
         if options == "torchao":
             from torchao import quantize_
@@ -206,6 +239,8 @@ def cpu_features() -> list:
 
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=MODELS, default="net",
+                   help="net: the Transformer stack below; gpt2: Hugging Face's GPT-2 of the same size (transformers)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--d", type=int, default=1024)
     p.add_argument("--heads", type=int, default=16)
@@ -237,7 +272,7 @@ def main(argv: Optional[list] = None) -> int:
         names = [n for n in names if n not in skipped]
 
     torch.manual_seed(0)
-    state = Net(args.layers, args.d, args.heads).state_dict()
+    state = build(args).state_dict()
     text = stdlib_text(8 << 20)
     data = batches(text, args.warmup + args.steps + 2, args.batch, args.seq)
     runs = []
@@ -281,7 +316,8 @@ def main(argv: Optional[list] = None) -> int:
             "profile": profiles.get(run.name), "dense_layers": run.dense_layers,
         })
     mem32, act32 = memory.get("inductor fp32", (None, None))
-    print(f"\n{args.layers} blocks, d={args.d}, {args.batch}x{args.seq} tokens, AdamW; {cpu_name()} "
+    model = "GPT-2 (transformers), " if args.model == "gpt2" else ""
+    print(f"\n{model}{args.layers} blocks, d={args.d}, {args.batch}x{args.seq} tokens, AdamW; {cpu_name()} "
           f"({', '.join(cpu_features()) or 'none of ' + ', '.join(FLAGS)}), {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}\n")
     print("| configuration | step (s) | × fp32 Inductor | × bf16 Inductor | peak memory (MiB) | × fp32 | "

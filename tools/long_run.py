@@ -68,6 +68,8 @@ RECIPES = {
     "int8, row + row, folded": {**INT8_ROW_SR8, "fwd_scales": "row"},
     # the same with power-of-two scales: the int8 GEMMs rescale in fp32 (kernels/int8.py)
     "int8, row + row, folded, pow2": {**INT8_ROW_SR8, "fwd_scales": "row", "pow2_scales": True},
+    # the same with an 8-bit copy of each other activation the backward keeps (saved_int8): its cost in training
+    "int8, row + row, folded, saved8": {**INT8_ROW_SR8, "fwd_scales": "row", "saved_int8": True},
     "luq4, row": {"quant": "luq", "scales": "row"},
     "luq4, hadamard16": {"quant": "luq", "hadamard": 16},
     "sr8, row": {"quant": "sr", "bits": 8, "scales": "row"},  # the int8 preset's gradient half alone
