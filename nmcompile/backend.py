@@ -127,18 +127,21 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
     patches["joint_custom_pre_pass"] = chain_with_existing(
         patches.get("joint_custom_pre_pass", _users_joint_pass()), ours
     )
-    if (partitioned is not None or config.saved_int8) and torch.is_grad_enabled():
-        import torch._inductor.config as inductor_config
+    import torch._inductor.config as inductor_config
 
+    # Reading what is kept from Inductor's partition makes the graph uncacheable, so it is done only where caches
+    # are off anyway (explain); a compile served from the caches is read from the aot_eager trace below.
+    reading = partitioned if patches.get("force_disable_caches", inductor_config.force_disable_caches) else None
+    if (reading is not None or config.saved_int8) and torch.is_grad_enabled():
         patches["custom_partitioner_fn"] = _Partitioner(
             patches.get("custom_partitioner_fn", inductor_config.custom_partitioner_fn), config.saved_int8,
-            partitioned)
+            reading)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if records is not None and ours.calls == 0 and torch.is_grad_enabled():
         # Inductor's caches served this graph, so the pass did not run on it: trace it once more,
         # without Inductor, to record what the cached code does (only while recording).
         aot_eager(gm, example_inputs, NMJointPass(config, decompose=True, records=records, graph=index,
-                                                       ends=ours.ends))
+                                                       ends=ours.ends), on_partitioned=partitioned)
     return compiled
 
 

@@ -139,8 +139,8 @@ class NMConfig:
     lowering: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.sparsity is not None:
-            parse_pattern(self.sparsity)
+        # parsed once: (N, M) or None, read through .pattern (not a field: as_dict and replace see the string)
+        object.__setattr__(self, "_pattern", parse_pattern(self.sparsity) if self.sparsity is not None else None)
         _choice("method", self.method, METHODS)
         gemms = (self.gemms,) if isinstance(self.gemms, str) else self.gemms
         if not isinstance(gemms, (list, tuple)) or not gemms:
@@ -199,7 +199,7 @@ class NMConfig:
 
     @property
     def pattern(self) -> Optional[tuple[int, int]]:
-        return parse_pattern(self.sparsity) if self.sparsity is not None else None
+        return self._pattern
 
     def params_for(self, spec: OpSpec) -> dict:
         """The parameters this config gives a quantizer (its ``options``: bits, levels, samples)."""
