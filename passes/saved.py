@@ -7,9 +7,9 @@ instead (absmax8, one scale per row along the last dim, round to nearest: ``nm.a
 reads codes·scale in its place: 1 byte an element and one fp32 scale a row are kept, where 4 bytes were.
 
 It changes the numbers: the backward's ops see a rounded copy, an error of at most half a level per element,
-deterministic and so biased (measured in docs/results.md). That is why it is an option, off everywhere, where the
-int8 GEMMs' recompute is exact and on in the ``int8`` preset. COAT stores such activations in FP8 for the same
-reason; the int8 codes here are what the CPU kernels already make.
+deterministic and so biased (measured in docs/results.md). That is why it is an option, off everywhere, the
+``int8`` preset included, unlike the int8 GEMMs' recompute, which is exact and on in the preset. COAT stores such
+activations in FP8 for the same reason; the int8 codes here are what the CPU kernels already make.
 
 It works on the two graphs the partitioner made, so it changes exactly what is kept: each saved tensor becomes two
 (codes and scales), in the forward's outputs and the backward's inputs alike (AOTAutograd reads the count from the
@@ -27,23 +27,12 @@ import torch.fx as fx
 
 from nmcompile.kernels.fp8 import dequantize
 
-from .analysis import LAYOUT_OPS, is_tangent, module_path
+from .analysis import is_fused_attention_backward, is_tangent, layout_chain, module_path
 from .records import NodeInfo
 from .splice import splice
 
 MIN_ROW = 16  # narrower rows are statistics (a LayerNorm's mean and rstd), not activations
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _is_attention_backward(node: fx.Node) -> bool:
-    name = getattr(node.target, "__name__", "")
-    return "scaled_dot_product" in name and "backward" in name
-
-
-def _layout_root(node: fx.Node) -> fx.Node:
-    while node.op == "call_function" and node.target in LAYOUT_OPS and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
 
 
 def _wide_float(value) -> bool:
@@ -61,9 +50,10 @@ def candidates(forward: fx.GraphModule, backward: fx.GraphModule) -> list:
         node = made.get(placeholder.name)
         if node is None or node.op != "call_function" or NodeInfo.read(node) is not None:
             continue
-        if _layout_root(node).op == "placeholder" or not _wide_float(placeholder.meta.get("val")):
+        base = layout_chain(node)[0]  # a view of a graph input (a parameter) is kept anyway
+        if getattr(base, "op", None) == "placeholder" or not _wide_float(placeholder.meta.get("val")):
             continue
-        if not any(_is_attention_backward(u) for u in placeholder.users):
+        if not any(is_fused_attention_backward(u) for u in placeholder.users):
             found.append((node, placeholder))
     return found
 
