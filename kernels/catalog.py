@@ -121,6 +121,11 @@ class OpSpec:
     def apply(self, x: torch.Tensor, **params) -> torch.Tensor:
         """The op on ``x`` with fresh seeds from torch's generator (the functional API and the graph
         pass call this, so both draw alike)."""
+        return self.op(x, *self.call_args(x, **params))
+
+    def call_args(self, x: torch.Tensor, **params) -> tuple:
+        """The arguments after ``x`` of one call with ``params``, fresh seeds drawn for a sampled op (its codes
+        ops take the same)."""
         rest = []
         for name in self.args:
             if name == "u":
@@ -132,7 +137,7 @@ class OpSpec:
                 rest.append(params.get("pow2", False))
             else:
                 rest.append(params[name])
-        return self.op(x, *rest)
+        return tuple(rest)
 
 
 def _samples(u) -> int:
@@ -271,6 +276,19 @@ ABSMAX = OpSpec(
 
 OPS: dict[str, OpSpec] = {spec.name: spec for spec in (MVUE, GREEDY, LUQ, SR, SAWB, ABSMAX)}
 SEEDS_COLOR = "#dee2e6"  # the seed draws and other helper nodes the pass inserts
+
+
+def register(spec: OpSpec) -> OpSpec:
+    """Add ``spec`` to the catalog; its op ``torch.ops.nm.<name>`` (and its codes ops) must be defined first.
+    Every consumer reads ``OPS`` when it runs, not when it is imported, so the op is then an option value, is
+    rewritten, lowered, recorded, exported and measured like the built-in ones."""
+    if spec.name in OPS:
+        raise ValueError(f"an op named {spec.name!r} is already in the catalog")
+    for name in (spec.name, spec.codes_op, spec.int8_op):
+        if name is not None and not hasattr(torch.ops.nm, name):
+            raise ValueError(f"define torch.ops.nm.{name} (torch.library.custom_op) before registering {spec.name!r}")
+    OPS[spec.name] = spec
+    return spec
 
 
 def ops_of(kind: Optional[str] = None, stage: Optional[str] = None) -> tuple[OpSpec, ...]:

@@ -20,6 +20,7 @@ import hashlib
 import os
 import pathlib
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -38,23 +39,62 @@ SOURCE = pathlib.Path(__file__).with_name("nm_cpu.cpp")
 FLAGS = ["-O2", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-std=c++17",
          "-shared", "-fPIC"]
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-_i64, _vp, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+_C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "double": ctypes.c_double}
+
+
+def _c_type(param: str):
+    """The ctypes type of one C parameter declaration ("const int64_t* u_outer" -> c_void_p)."""
+    declared = param.rsplit(None, 1)[0] if "*" not in param else "*"
+    if declared == "*":
+        return ctypes.c_void_p
+    if declared not in _C_TYPES:
+        raise RuntimeError(f"{SOURCE.name}: no ctypes type for parameter {param!r}; add its type to _C_TYPES")
+    return _C_TYPES[declared]
+
+
+def signatures(source: str) -> dict[str, list]:
+    """The ctypes argument types of every entry point in the ``extern "C"`` block of ``source``, read from their
+    C declarations (one that a macro defines, for each name the macro is instantiated with): one description of
+    each signature, the C++ one, so the two cannot disagree."""
+    block = source[source.index('extern "C" {'):source.index('}  // extern "C"')].replace("\\\n", " ")
+    found: dict[str, list] = {}
+    for name, params in re.findall(r"\bvoid (nm_\w+)\(([^)]*)\)", block):
+        found[name] = [_c_type(p.strip()) for p in params.split(",")]
+    for macro, params in re.findall(r"#define (\w+)\(name\)\s+void nm_##name\(([^)]*)\)", block):
+        for name in re.findall(rf"^{macro}\((\w+)\)$", block, re.M):
+            found[f"nm_{name}"] = [_c_type(p.strip()) for p in params.split(",")]
+    return found
+
+
 # Every elementwise stochastic quantizer of the catalog has a kernel nm_<name> with one signature (dtype,
 # x, out, codes, scale, outer, inner, its int parameter, samples, u, seeds, u_outer, u_sample, u_inner,
 # the number of scales, s_outer, s_inner, times, t_outer, t_inner, threads).
-_STOCHASTIC = [_int, _vp, _vp, _vp, _vp, _i64, _i64, _int, _int, _vp, _vp, _vp, _i64, _i64, _i64, _vp, _i64,
-               _vp, _vp, _i64, _int]
-SIGNATURES = {
-    "nm_mvue": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _vp, _i64, _vp, _i64, _i64, _int],
-    "nm_greedy": [_int, _vp, _vp, _i64, _i64, _i64, _int, _int, _int],
-    "nm_sawb": [_int, _vp, _vp, _vp, _i64, ctypes.c_double, ctypes.c_double, _int, _int, _vp, _int],
-    "nm_absmax": [_int, _vp, _vp, _vp, _i64, _i64, _int, _vp, _i64, _vp, _i64, _int],
-    "nm_int8_scale": [_int, _vp, _vp, _i64, _i64, ctypes.c_double, _vp, _i64, _i64, _int],
-    **{f"nm_{spec.name}": _STOCHASTIC for spec in ops_of(kind="quantize", stage="gradient")},
-}
+SIGNATURES = signatures(SOURCE.read_text())
+STOCHASTIC = tuple(f"nm_{spec.name}" for spec in ops_of(kind="quantize", stage="gradient"))
+
+
+class _Checked:
+    """The loaded library, whose entry points refuse a call with the wrong number of arguments (ctypes passes
+    extra ones on as C varargs, where they would be read as other parameters)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        self._lib = lib
+
+    def __getattr__(self, name: str):
+        if name not in SIGNATURES:
+            raise AttributeError(f"{SOURCE.name} has no entry point {name!r} in its extern \"C\" block")
+        function, count = getattr(self._lib, name), len(SIGNATURES[name])
+
+        def call(*args):
+            if len(args) != count:
+                raise TypeError(f"{name} takes {count} arguments ({len(args)} given)")
+            function(*args)
+
+        return call
+
 
 _lock = threading.Lock()
-_library: Optional[ctypes.CDLL] = None
+_library = None  # a _Checked once built
 _failure: Optional[str] = None
 build_seconds: Optional[float] = None  # how long this process spent compiling the library (None: not built)
 
@@ -100,7 +140,7 @@ def _key(cxx: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _build(directory: pathlib.Path) -> ctypes.CDLL:
+def _build(directory: pathlib.Path) -> _Checked:
     global build_seconds
     cxx = _compiler()
     if cxx is None:
@@ -119,13 +159,16 @@ def _build(directory: pathlib.Path) -> ctypes.CDLL:
         os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file
         build_seconds = time.perf_counter() - start
     lib = ctypes.CDLL(str(target))
+    missing = [name for name in (*SIGNATURES, *STOCHASTIC) if not hasattr(lib, name)]
+    if missing:
+        raise RuntimeError(f"{target.name} lacks {missing}")
     for name, argtypes in SIGNATURES.items():
         getattr(lib, name).argtypes = argtypes
         getattr(lib, name).restype = None
-    return lib
+    return _Checked(lib)
 
 
-def library(directory: Optional[pathlib.Path] = None) -> Optional[ctypes.CDLL]:
+def library(directory: Optional[pathlib.Path] = None) -> Optional[_Checked]:
     """The loaded kernels, built on first use; None (and ``failure()`` says why) if that failed."""
     global _library, _failure
     if _library is None and _failure is None:

@@ -18,7 +18,7 @@ import torch
 
 from nmcompile.passes.config import NMConfig
 from nmcompile.passes.joint_pass import NMJointPass
-from nmcompile.passes.config import ENV_OPTIONS, environment_options
+from nmcompile.recipes import ENV_OPTIONS, environment_options
 from nmcompile.passes.joint_pass import chain_with_existing
 from nmcompile.passes.saved import partition_then_compress
 

@@ -24,9 +24,9 @@ from typing import Callable, Optional
 
 import torch
 
-# what compresses gradients
-_GRADIENT_OPTIONS = ("sparsity", "method", "gemms", "quant", "bits", "levels", "smp", "scales", "hadamard",
-                     "saved_int8")
+from nmcompile.passes.config import NMConfig, Part
+
+_GRADIENT_OPTIONS = NMConfig.keys_of(Part.BACKWARD)  # what the exact reference leaves out
 
 
 @dataclasses.dataclass
@@ -89,7 +89,6 @@ def end_to_end_noise(model: torch.nn.Module, *inputs, options: dict, draws: int 
     """Per parameter tensor of ``model``: its gradient's noise under ``options`` against the exact gradient,
     from ``draws`` independent backward passes (options as for ``backend="nm"``)."""
     from nmcompile.capture import reduce_output
-    from nmcompile.passes.config import NMConfig
 
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 2:
         raise ValueError(f"draws={draws!r} must be an integer >= 2 (the variance needs two independent draws)")

@@ -19,8 +19,10 @@ from typing import Optional
 
 import torch
 
-# options that describe the forward quantization and where it applies: carried into the FNT phase
-_KEPT = ("fwd_quant", "fwd_bits", "fwd_scales", "include", "exclude", "keep_first_last", "inner")
+from nmcompile.passes.config import NMConfig, Part
+
+# carried into the FNT phase: the forward quantizer, which layers it covers, and how the graph is compiled
+_KEPT = NMConfig.keys_of(Part.FORWARD, Part.SCOPE, Part.COMPILE)
 
 
 def fnt_schedule(step: float, total: int, lr_start: float, lr_base: float) -> float:
@@ -55,14 +57,14 @@ def fnt_scheduler(optimizer: torch.optim.Optimizer, total: int, lr_start: float,
 
 def fnt_options(options: Optional[dict] = None) -> dict:
     """Backend options for the FNT phase, derived from the 4-bit phase's ``options``: no gradient
-    sparsity, no LUQ; forward quantization kept (``fwd_quant="sawb"`` when the 4-bit phase had none)
-    together with its bit width and the include/exclude/keep_first_last/inner settings."""
+    sparsity, no LUQ, nothing else that changes only the backward; forward quantization kept (``fwd_quant="sawb"``
+    when the 4-bit phase had none) together with its bit width, the layers it covers and how the graph is
+    compiled (``Part.FORWARD``, ``Part.SCOPE`` and ``Part.COMPILE`` options). Options of both halves
+    (``pow2_scales``, ``dense_if_faster``) are dropped: they need the gradient quantizer FNT switches off."""
     options = dict(options or {})
     out = {k: options[k] for k in _KEPT if k in options}
     if not out.get("fwd_quant"):
         out["fwd_quant"] = "sawb"
         out.pop("fwd_scales", None)  # SAWB has one scale per tensor
-    from nmcompile.passes.config import NMConfig
-
     NMConfig.from_options(out)  # fail early on bad values carried over
     return out

@@ -26,7 +26,7 @@ import dataclasses
 import json
 import math
 import operator
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.fx as fx
@@ -38,7 +38,6 @@ from nmcompile.passes.roles import BACKWARD_ROLES, is_update
 
 aten = torch.ops.aten
 SCHEMA = "nmcompile.noise/1"
-_COMPRESSIONS = tuple(spec.name for spec in ops_of(stage="gradient"))  # what compresses a neural gradient
 STALL_FACTOR = 3.0  # Chmiel et al. 2025: training stalls once ‖∇L‖² < 3·σ_q²·d
 
 
@@ -48,6 +47,16 @@ def stall_ratio(gradient: float, compression_noise: float) -> Optional[float]:
     considered; None without compression noise. The one home of the formula: the monitor, PrecisionSwitch and the
     tools read it here."""
     return gradient / (STALL_FACTOR * compression_noise) if compression_noise > 0 else None
+
+
+def windowed_stall_ratio(measurements: Sequence[tuple[float, float]], window: int) -> Optional[float]:
+    """The stall ratio of the last ``window`` of ``measurements`` ((gradient, compression noise) pairs, oldest
+    first), both summed over them: what PrecisionSwitch decides on and the long runs plot (window 1: the last
+    measurement alone)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window={window!r} must be a positive integer number of measurements")
+    recent = measurements[-window:]
+    return stall_ratio(sum(g for g, _ in recent), sum(n for _, n in recent))
 
 
 @dataclasses.dataclass
@@ -183,7 +192,7 @@ def _num(x: Optional[float]) -> str:
 # -- measuring one backward graph ------------------------------------------------------------------
 def _compression(node: fx.Node) -> Optional[NodeInfo]:
     info = NodeInfo.read(node)
-    if info is None or info.op.split("+")[0] not in _COMPRESSIONS:
+    if info is None or info.op.split("+")[0] not in {spec.name for spec in ops_of(stage="gradient")}:
         return None
     return info
 

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from nmcompile.noise import NoiseMonitor, NoiseReport, stall_ratio
+from nmcompile.noise import NoiseMonitor, NoiseReport, windowed_stall_ratio
 from nmcompile.passes.roles import is_update
 
 
@@ -96,7 +96,7 @@ class PrecisionSwitch:
         self._monitor = (NoiseMonitor(self.raw, self.options, every=self.every, draws=self.draws,
                                       loss_fn=self.loss_fn, seed=self.seed)
                          if config.compresses_gradients and self.stage < len(self.recipes) - 1 else None)
-        self._recent: list = []  # (gradient, noise) of the last `window` measurements; restarts with each recipe
+        self._points: list = []  # (gradient, noise) of each measurement under this recipe (restarts with each)
         self._below = 0
 
     def __call__(self, *args, **kwargs):
@@ -114,9 +114,8 @@ class PrecisionSwitch:
         rows = [g for g in report.gemms if is_update(g.role) and g.minibatch_noise is not None]
         gradient = sum(g.signal - g.minibatch_noise for g in rows)
         noise = sum(g.compression_noise for g in rows)
-        self._recent = [*self._recent, (gradient, noise)][-self.window:]
-        total_noise = sum(n for _, n in self._recent)
-        ratio = stall_ratio(sum(g for g, _ in self._recent), total_noise)
+        self._points.append((gradient, noise))
+        ratio = windowed_stall_ratio(self._points, self.window)
         self.measurements.append(Measurement(step, gradient, noise, ratio))
         self._below = self._below + 1 if ratio is not None and ratio < self.threshold else 0
         if self._below < self.patience or self.stage == len(self.recipes) - 1:

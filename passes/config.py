@@ -5,8 +5,7 @@ The methods an option may name are the ops of ``kernels.catalog``: ``method`` a 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import enum
 import re
 from typing import Any, Optional
 
@@ -16,10 +15,14 @@ from nmcompile.kernels.luq import LEVEL_KINDS
 from nmcompile.kernels.scales import GRANULARITIES
 from .roles import BACKWARD_ROLES
 
-METHODS = tuple(s.name for s in ops_of(kind="prune"))
 GEMM_ROLES = BACKWARD_ROLES
-QUANTS = tuple(s.name for s in ops_of(kind="quantize", stage="gradient"))
-FWD_QUANTS = tuple(s.name for s in ops_of(kind="quantize", stage="forward"))
+
+
+def _names(kind: str, stage: str) -> tuple[str, ...]:
+    """The ops an option may name, read from the catalog as a config is made (an op registered later counts)."""
+    return tuple(s.name for s in ops_of(kind=kind, stage=stage))
+
+
 INNERS = ("inductor", "aot_eager")
 LOWERINGS = ("auto", "emulate", "native")
 LUQ_BITS = OPS["luq"].bits  # 1 sign bit + 1..7 exponent bits
@@ -112,36 +115,53 @@ def _regex(key: str, value: Any) -> Optional[str]:
     return value
 
 
+class Part(str, enum.Enum):
+    """What an option shapes, so that code deriving one recipe from another reads it here (FNT keeps the forward,
+    the end-to-end noise reference drops the backward) instead of listing keys by hand."""
+
+    BACKWARD = "backward"  # only what the backward computes: gradient compression, saved_int8
+    FORWARD = "forward"  # the forward quantizer
+    BOTH = "both"  # both halves at once: scales rounded to powers of two, dense_if_faster's choice of layers
+    SCOPE = "scope"  # which layers are rewritten
+    COMPILE = "compile"  # how the graph is compiled and lowered, not its numbers
+
+    __str__ = str.__str__  # the value in f-strings and str() on every Python version
+
+
+def _option(default: Any, part: Part) -> Any:
+    return dataclasses.field(default=default, metadata={"part": part})
+
+
 @dataclasses.dataclass(frozen=True)
 class NMConfig:
     """What the ``nm`` backend does to the joint graph. Field names are the option keys."""
 
-    sparsity: Optional[str] = None
-    method: str = "mvue"
-    gemms: tuple = ("wgrad",)
-    quant: Optional[str] = None
-    bits: int = 4
-    levels: str = "strict"
-    smp: int = 1
-    scales: str = "tensor"
-    fwd_quant: Optional[str] = None
-    fwd_bits: int = 4
-    fwd_scales: str = "tensor"
-    pow2_scales: bool = False
-    hadamard: int = 0
-    include: Optional[str] = None
-    exclude: Optional[str] = None
-    keep_first_last: bool = True
-    dense_if_faster: bool = False
-    recompute: bool = False
-    saved_int8: bool = False
-    inner: str = "inductor"
-    lowering: str = "auto"
+    sparsity: Optional[str] = _option(None, Part.BACKWARD)
+    method: str = _option("mvue", Part.BACKWARD)
+    gemms: tuple = _option(("wgrad",), Part.BACKWARD)
+    quant: Optional[str] = _option(None, Part.BACKWARD)
+    bits: int = _option(4, Part.BACKWARD)
+    levels: str = _option("strict", Part.BACKWARD)
+    smp: int = _option(1, Part.BACKWARD)
+    scales: str = _option("tensor", Part.BACKWARD)
+    fwd_quant: Optional[str] = _option(None, Part.FORWARD)
+    fwd_bits: int = _option(4, Part.FORWARD)
+    fwd_scales: str = _option("tensor", Part.FORWARD)
+    pow2_scales: bool = _option(False, Part.BOTH)
+    hadamard: int = _option(0, Part.BACKWARD)
+    include: Optional[str] = _option(None, Part.SCOPE)
+    exclude: Optional[str] = _option(None, Part.SCOPE)
+    keep_first_last: bool = _option(True, Part.SCOPE)
+    dense_if_faster: bool = _option(False, Part.BOTH)
+    recompute: bool = _option(False, Part.COMPILE)
+    saved_int8: bool = _option(False, Part.BACKWARD)
+    inner: str = _option("inductor", Part.COMPILE)
+    lowering: str = _option("auto", Part.COMPILE)
 
     def __post_init__(self) -> None:
         # parsed once: (N, M) or None, read through .pattern (not a field: as_dict and replace see the string)
         object.__setattr__(self, "_pattern", parse_pattern(self.sparsity) if self.sparsity is not None else None)
-        _choice("method", self.method, METHODS)
+        _choice("method", self.method, _names("prune", "gradient"))
         gemms = (self.gemms,) if isinstance(self.gemms, str) else self.gemms
         if not isinstance(gemms, (list, tuple)) or not gemms:
             raise ValueError(f"gemms={self.gemms!r} must be a non-empty list drawn from {list(GEMM_ROLES)}")
@@ -149,13 +169,13 @@ class NMConfig:
             _choice("gemms", role, GEMM_ROLES)
         object.__setattr__(self, "gemms", tuple(dict.fromkeys(gemms)))
         if self.quant is not None:
-            _choice("quant", self.quant, QUANTS)
-        _int_in("bits", self.bits, OPS[self.quant or QUANTS[0]].bits)
+            _choice("quant", self.quant, _names("quantize", "gradient"))
+        _int_in("bits", self.bits, OPS[self.quant or "luq"].bits)  # unset: what the default quantizer allows
         _choice("levels", self.levels, LEVEL_KINDS)
         _int_in("smp", self.smp, range(1, 65))
         if self.fwd_quant is not None:
-            _choice("fwd_quant", self.fwd_quant, FWD_QUANTS)
-        _int_in("fwd_bits", self.fwd_bits, OPS[self.fwd_quant or FWD_QUANTS[0]].bits)
+            _choice("fwd_quant", self.fwd_quant, _names("quantize", "forward"))
+        _int_in("fwd_bits", self.fwd_bits, OPS[self.fwd_quant or "sawb"].bits)
         _scales("scales", self.scales, "quant", self.quant)
         _scales("fwd_scales", self.fwd_scales, "fwd_quant", self.fwd_quant)
         for key in ("pow2_scales", "keep_first_last", "dense_if_faster", "recompute", "saved_int8"):
@@ -177,6 +197,11 @@ class NMConfig:
     @classmethod
     def keys(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def keys_of(cls, *parts: Part) -> tuple[str, ...]:
+        """The option keys that shape ``parts``, in field order."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata["part"] in parts)
 
     @classmethod
     def from_options(cls, options: Optional[dict]) -> tuple["NMConfig", dict]:
@@ -219,6 +244,11 @@ class NMConfig:
         d["gemms"] = list(self.gemms)
         return d
 
+    def options(self) -> dict:
+        """The options that differ from the defaults: what to pass as ``options=`` for this config."""
+        defaults = NMConfig().as_dict()
+        return {key: value for key, value in self.as_dict().items() if value != defaults[key]}
+
     def describe(self) -> str:
         parts = []
         if self.sparsity:
@@ -232,40 +262,3 @@ class NMConfig:
             parts.append(OPS[self.fwd_quant].transform_label({**self.params_for(OPS[self.fwd_quant]), **rows},
                                                              "forward"))
         return ", ".join(parts) or "no transforms"
-
-
-# -- options without a dict: frameworks that hand torch.compile a backend name only ------------------
-ENV_OPTIONS = "NMCOMPILE_OPTIONS"
-PRESETS: dict[str, dict] = {  # names NMCOMPILE_OPTIONS may hold instead of JSON
-    "2:4": {"sparsity": "2:4"},
-    "luq4": {"quant": "luq"},
-    "luq4+sawb4": {"quant": "luq", "fwd_quant": "sawb"},
-    "luq4+absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
-    # 8-bit unbiased gradient codes and 8-bit forward codes, each with one scale per row along its GEMM's K (the
-    # forward's folded into the gradient where a backward GEMM contracts the dim they vary along): every Linear
-    # GEMM on exact int8, for VNNI/AMX CPUs and sm80+ GPUs, where 4-bit codes would buy no GEMM time over 8-bit
-    # ones (docs/results.md §6-§8); a layer whose int8 GEMMs would be slower on this CPU stays dense; the backward
-    # recomputes the forward int8 GEMMs' fp32 outputs from their codes (exact: the same numbers, less memory)
-    "int8": {"quant": "sr", "bits": 8, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8, "fwd_scales": "row",
-             "dense_if_faster": True, "recompute": True},
-    "2:4+luq4": {"sparsity": "2:4", "quant": "luq"},
-}
-
-
-def environment_options(environ: Optional[dict] = None) -> dict:
-    """The options ``NMCOMPILE_OPTIONS`` holds: a JSON object, or a preset name (``PRESETS``); {} when
-    unset. A value that is neither raises a ValueError naming the variable, the value and what is allowed
-    (the keys and values themselves are checked where they are used, as any options are)."""
-    text = (environ if environ is not None else os.environ).get(ENV_OPTIONS, "").strip()
-    if not text:
-        return {}
-    if text in PRESETS:
-        return dict(PRESETS[text])
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as err:
-        presets = ", ".join(PRESETS)
-        raise ValueError(f"{ENV_OPTIONS}={text!r} is neither a preset ({presets}) nor JSON ({err})") from None
-    if not isinstance(options, dict):
-        raise ValueError(f"{ENV_OPTIONS}={text!r} must be a JSON object of options or a preset ({', '.join(PRESETS)})")
-    return options

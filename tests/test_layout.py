@@ -27,7 +27,7 @@ import kernels, passes
 assert kernels.STAND_IN == "kernels" and passes.STAND_IN == "passes", (kernels.__file__, passes.__file__)
 import torch, nmcompile
 from nmcompile.kernels import catalog
-from nmcompile.passes.config import PRESETS
+from nmcompile.recipes import PRESETS
 assert pathlib.Path(catalog.__file__).parent.name == "kernels" and "int8" in PRESETS
 assert torch.ops.nm.luq.default is catalog.LUQ.op
 print(pathlib.Path(nmcompile.__file__).parent, pathlib.Path(catalog.__file__).parent)

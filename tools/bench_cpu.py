@@ -59,20 +59,15 @@ from torch._inductor.graph import GraphLowering
 
 import nmcompile  # noqa: F401  (ops registered; backend found through the entry point anyway)
 from nmcompile.demo.environment import cpu_name
+from nmcompile.recipes import recipe
 
-OPTIONS: dict[str, dict] = {
-    "2:4": {"sparsity": "2:4"},
-    "1:2": {"sparsity": "1:2"},
-    "luq": {"quant": "luq"},
-    "luq+sawb": {"quant": "luq", "fwd_quant": "sawb"},
-    "2:4+luq": {"sparsity": "2:4", "quant": "luq"},
-    "2:4 wgrad+dgrad": {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"]},
-    "luq+absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
-    # the native graph as CPU runs it (int8 GEMMs, the 2:4 product checked and computed dense): its
-    # compile cost matters (the default "auto" runs the int8 GEMMs only)
-    "2:4+luq+sawb native": {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"], "quant": "luq", "fwd_quant": "sawb",
-                            "lowering": "native"},
-}
+# name here -> recipe (nmcompile.recipes); the names are those of BENCHMARKS.md's rows
+OPTIONS: dict[str, dict] = {name: recipe(r).options for name, r in {
+    "2:4": "mvue 2:4", "1:2": "mvue 1:2", "luq": "luq4", "luq+sawb": "luq4 + sawb4", "2:4+luq": "mvue 2:4 + luq4",
+    "2:4 wgrad+dgrad": "mvue 2:4 wgrad+dgrad", "luq+absmax8": "luq4 + absmax8"}.items()}
+# the native graph as CPU runs it (int8 GEMMs, the 2:4 product checked and computed dense): its compile cost matters
+# (the default "auto" runs the int8 GEMMs only)
+OPTIONS["2:4+luq+sawb native"] = {**recipe("mvue 2:4 wgrad+dgrad + luq4 + sawb4").options, "lowering": "native"}
 WARMUP_STEPS = 3
 SEED = 0
 

@@ -58,11 +58,11 @@ import nmcompile  # noqa: E402
 from nmcompile.demo.environment import cpu_name  # noqa: E402
 from nmcompile.kernels import cpu  # noqa: E402
 from nmcompile.memory import peak_bytes, tensor_bytes  # noqa: E402
-from nmcompile.passes.config import PRESETS  # noqa: E402
+from nmcompile.recipes import recipe  # noqa: E402
 
-LUQ_SAWB = {"quant": "luq", "fwd_quant": "sawb"}
-LUQ_INT8 = {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8}
-INT8 = PRESETS["int8"]  # SR8 gradients, absmax8 forward (per-row scales both), dense where that is faster here
+LUQ_SAWB = recipe("luq4 + sawb4").options
+LUQ_INT8 = recipe("luq4 + absmax8").options
+INT8 = recipe("int8").options  # SR8 gradients, absmax8 forward (per-row scales both), dense where that is faster here
 @dataclasses.dataclass(frozen=True)
 class Config:
     """One configuration: backend options (None: Inductor alone; "torchao": torchao's int8 training under

@@ -10,10 +10,9 @@ block is compiled on its own (regional compilation: one compile serves all layer
 and the loss run eagerly. The GEMMs of every block are compressed (``keep_first_last=False``: the
 first and last GEMMs of the model, embedding and LM head, are outside the blocks and stay bf16).
 
-Per configuration: backend inductor, then backend nm with ``{"quant": "luq", "fwd_quant": "sawb"}`` (FP8
-on sm89+, INT8 on sm80-88), the INT8-forward recipe ``{"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8}``
-(INT8 GEMMs everywhere: absmax has no float8 form), ``{"sparsity": "2:4"}`` (wgrad and dgrad) and 2:4 with
-LUQ and SAWB, each with ``lowering="native"``. Reported:
+Per configuration: backend inductor, then backend nm with the recipes (nmcompile.recipes) ``luq4 + sawb4`` (FP8
+on sm89+, INT8 on sm80-88), ``luq4 + absmax8`` (INT8 GEMMs everywhere: absmax has no float8 form),
+``mvue 2:4 wgrad+dgrad`` and ``mvue 2:4 wgrad+dgrad + luq4 + sawb4``, each with ``lowering="native"``. Reported:
 compile time (first step), median step time over the steps after the first 10 (CUDA-synchronized
 wall clock), its ratio to inductor's, the kernels the nm pass chose, and the mean loss of the last
 20 steps next to inductor's (the loss curves go to the JSON).
@@ -36,13 +35,14 @@ import torch.nn.functional as F
 
 import nmcompile
 from nmcompile.kernels.gemm import cusparselt_version
+from nmcompile.recipes import recipe
 
-CONFIGS = {
+CONFIGS = {  # name -> options (None: Inductor alone), from nmcompile.recipes
     "inductor": None,
-    "luq+sawb": {"quant": "luq", "fwd_quant": "sawb"},
-    "luq+absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},  # every GEMM on int8 (no FP8 form)
-    "2:4": {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"]},
-    "2:4+luq+sawb": {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"], "quant": "luq", "fwd_quant": "sawb"},
+    "luq+sawb": recipe("luq4 + sawb4").options,
+    "luq+absmax8": recipe("luq4 + absmax8").options,  # every GEMM on int8 (no FP8 form)
+    "2:4": recipe("mvue 2:4 wgrad+dgrad").options,
+    "2:4+luq+sawb": recipe("mvue 2:4 wgrad+dgrad + luq4 + sawb4").options,
 }
 
 

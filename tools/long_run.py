@@ -43,40 +43,17 @@ import reproduce_lm as lm  # noqa: E402  (the model, the data, the LR schedule, 
 import nmcompile  # noqa: E402
 from nmcompile.demo.environment import environment  # noqa: E402
 from nmcompile.fnt import fnt_options, fnt_scheduler  # noqa: E402
-from nmcompile.noise import stall_ratio  # noqa: E402
+from nmcompile.noise import windowed_stall_ratio  # noqa: E402
 from nmcompile.passes.config import NMConfig  # noqa: E402
+from nmcompile.recipes import options_of  # noqa: E402
 
-INT8_ROW_SR8 = {"quant": "sr", "bits": 8, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8}
-RECIPES = {
-    "dense": {},
-    "mvue 2:4": {"sparsity": "2:4"},
-    "luq4": {"quant": "luq"},
-    "luq4 smp2": {"quant": "luq", "smp": 2},
-    "luq4 + sawb4": {"quant": "luq", "fwd_quant": "sawb"},
-    "luq4 + absmax8": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8},
-    "sr4": {"quant": "sr"},
-    # SR8 gradients + absmax8 forward, every Linear GEMM on exact int8 (written out, not read from PRESETS, so that
-    # a name keeps meaning what its saved runs ran): per-row SR8 scales along each GEMM's K (kernels/scales.py),
-    # the same with one scale per tensor, and its two halves alone
-    "int8, row sr8": INT8_ROW_SR8,
-    "int8, tensor sr8": {**INT8_ROW_SR8, "scales": "tensor"},
-    "sr8": {"quant": "sr", "bits": 8},
-    "absmax8": {"fwd_quant": "absmax", "fwd_bits": 8},
-    # per-row absmax8 scales too, folded into the gradient where a backward GEMM contracts the dim they vary along:
-    # the `int8` preset since 2026-12-07, less its dense_if_faster (every layer on int8 here, as when measured).
-    # (Runs saved as "int8, row sr8 + row absmax8", before the fold, ran those backward GEMMs dense.)
-    "int8, row + row, folded": {**INT8_ROW_SR8, "fwd_scales": "row"},
-    # the same with power-of-two scales: the int8 GEMMs rescale in fp32 (kernels/int8.py)
-    "int8, row + row, folded, pow2": {**INT8_ROW_SR8, "fwd_scales": "row", "pow2_scales": True},
-    # the same with an 8-bit copy of each other activation the backward keeps (saved_int8): its cost in training
-    "int8, row + row, folded, saved8": {**INT8_ROW_SR8, "fwd_scales": "row", "saved_int8": True},
-    "luq4, row": {"quant": "luq", "scales": "row"},
-    "luq4, hadamard16": {"quant": "luq", "hadamard": 16},
-    "sr8, row": {"quant": "sr", "bits": 8, "scales": "row"},  # the int8 preset's gradient half alone
-    "absmax8, row": {"fwd_quant": "absmax", "fwd_bits": 8, "fwd_scales": "row"},  # and its forward half
-    "luq4, row, hadamard16": {"quant": "luq", "scales": "row", "hadamard": 16},
-    "luq4 + absmax8, row": {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8, "scales": "row"},
-}
+# the recipes it runs, from nmcompile.recipes (a saved run is reused only while its recipe's options are the same;
+# runs saved as "int8, row sr8 + row absmax8", before the fold, ran those backward GEMMs dense)
+RECIPES = dict(options_of(["dense", "mvue 2:4", "luq4", "luq4 smp2", "luq4 + sawb4", "luq4 + absmax8", "sr4",
+                           "int8, row sr8", "int8, tensor sr8", "sr8", "absmax8", "int8, row + row, folded",
+                           "int8, row + row, folded, pow2", "int8, row + row, folded, saved8", "luq4, row",
+                           "luq4, hadamard16", "sr8, row", "absmax8, row", "luq4, row, hadamard16",
+                           "luq4 + absmax8, row"]))
 FNT_OF = "luq4 + sawb4"
 # runs under PrecisionSwitch: name -> (the recipe it starts with, what it switches to)
 SWITCHES = {"luq4 + sawb4, switch": ("luq4 + sawb4", "fnt"),  # to the FNT recipe: backward in high precision
@@ -123,7 +100,8 @@ def run_one(name: str, seed: int, data: dict, args) -> dict:
     if switch is None and NMConfig.from_options(options)[0].compresses_gradients:
         monitor = nmcompile.NoiseMonitor(model, options, every=args.noise_every, seed=seed)
     gen = torch.Generator().manual_seed(seed)
-    out = {"params": params, "steps": args.steps, "curve": [], "train_loss": [], "noise": [], "diverged": False}
+    out = {"params": params, "steps": args.steps, "options": options, "curve": [], "train_loss": [], "noise": [],
+           "diverged": False}
     start = time.perf_counter()
     for step in range(args.steps):
         if step % args.eval_every == 0:
@@ -197,8 +175,7 @@ def stall_ratios(run: dict, window: int = 1) -> list:
     measurements (1: each on its own; PrecisionSwitch's default: 4)."""
     points, out = measurements(run), []
     for i, (step, _, _) in enumerate(points):
-        recent = points[max(0, i + 1 - window): i + 1]
-        ratio = stall_ratio(sum(g for _, g, _ in recent), sum(n for _, _, n in recent))
+        ratio = windowed_stall_ratio([(g, n) for _, g, n in points[: i + 1]], window)
         if ratio is not None:
             out.append((step, ratio))
     return out
@@ -324,6 +301,11 @@ def main(argv=None) -> int:
                "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
                "runs": [], "wall_s": 0.0}  # kept in the results once it has finished a run
     start, longest = time.perf_counter(), 0.0
+    changed = [n for n in names for run in results["runs"].get(n, {}).values()
+               if "options" in run and run["options"] != recipe_options(n, args)]  # older runs did not record them
+    if changed:
+        parser.error(f"{path} holds runs of {sorted(set(changed))} under other options than nmcompile.recipes gives "
+                     "them now; use another --out")
     todo = [(n, s) for n in names for s in args.seeds if str(s) not in results["runs"].get(n, {})]
     log(f"{len(todo)} run(s) to do, {sum(len(v) for v in results['runs'].values())} already in {path}")
     with sdpa_kernel(SDPBackend.MATH):

@@ -33,20 +33,10 @@ from nmcompile.demo.model import DigitsMLP
 from nmcompile.demo.training import cosine_lr, steps_per_epoch, train
 from nmcompile.fnt import fnt_options, fnt_scheduler
 from nmcompile.kernels.reference import mvue_variance
+from nmcompile.recipes import options_of
 
-SPARSITY = [
-    ("dense", {}),
-    ("mvue 1:2", {"sparsity": "1:2"}),
-    ("mvue 2:4", {"sparsity": "2:4"}),
-    ("greedy 1:2", {"sparsity": "1:2", "method": "greedy"}),
-    ("greedy 2:4", {"sparsity": "2:4", "method": "greedy"}),
-    ("greedy 2:4 wgrad+dgrad", {"sparsity": "2:4", "method": "greedy", "gemms": ["wgrad", "dgrad"]}),
-]
-QUANT = [
-    ("luq4", {"quant": "luq"}),
-    ("luq4 smp2", {"quant": "luq", "smp": 2}),
-    ("luq4 smp2 + sawb4", {"quant": "luq", "smp": 2, "fwd_quant": "sawb"}),
-]
+SPARSITY = options_of(["dense", "mvue 1:2", "mvue 2:4", "greedy 1:2", "greedy 2:4", "greedy 2:4 wgrad+dgrad"])
+QUANT = options_of(["luq4", "luq4 smp2", "luq4 smp2 + sawb4"])
 RECIPE = "luq4 smp2 + sawb4"
 
 

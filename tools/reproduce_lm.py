@@ -40,21 +40,10 @@ from nmcompile.demo.environment import environment
 from nmcompile.fnt import fnt_options, fnt_scheduler
 from nmcompile.noise import stall_ratio
 from nmcompile.passes.config import NMConfig
+from nmcompile.recipes import options_of
 
-RECIPES = [
-    ("dense", {}),
-    ("mvue 1:2", {"sparsity": "1:2"}),
-    ("mvue 2:4", {"sparsity": "2:4"}),
-    ("mvue 2:4 wgrad+dgrad", {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"]}),
-    ("greedy 2:4", {"sparsity": "2:4", "method": "greedy"}),
-    ("greedy 2:4 wgrad+dgrad", {"sparsity": "2:4", "method": "greedy", "gemms": ["wgrad", "dgrad"]}),
-    ("luq4", {"quant": "luq"}),
-    ("sr4", {"quant": "sr"}),
-    ("luq4 smp2", {"quant": "luq", "smp": 2}),
-    ("luq4 + sawb4", {"quant": "luq", "fwd_quant": "sawb"}),
-    ("luq4 + absmax8", {"quant": "luq", "fwd_quant": "absmax", "fwd_bits": 8}),
-    ("mvue 2:4 + luq4", {"sparsity": "2:4", "quant": "luq"}),
-]
+RECIPES = options_of(["dense", "mvue 1:2", "mvue 2:4", "mvue 2:4 wgrad+dgrad", "greedy 2:4", "greedy 2:4 wgrad+dgrad",
+                      "luq4", "sr4", "luq4 smp2", "luq4 + sawb4", "luq4 + absmax8", "mvue 2:4 + luq4"])
 FNT_OF = "luq4 + sawb4"  # the recipe whose last --fnt-fraction of steps is also run as FNT
 FNT_NAME = "luq4 + sawb4, FNT last 10%"
 QUICK = ["dense", "mvue 2:4", "luq4 + sawb4"]

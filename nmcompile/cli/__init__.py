@@ -6,17 +6,18 @@
     nmcompile profile TARGET [--steps N] [-o trace.json] [--json]
     nmcompile view    FILE [--host HOST] [--port N] [--browser]   (Netron / Model Explorer, until Ctrl-C)
     nmcompile demo [...]                  (the digits demo, see ``nmcompile demo --help``)
+    nmcompile recipes [--markdown]        (the named recipes: what --options and NMCOMPILE_OPTIONS may name)
 
 TARGET is ``mlp``, ``cnn``, ``gpt`` (built-in examples) or ``FILE.py:FACTORY`` / ``package.module:FACTORY``
 where ``FACTORY()`` returns ``(model, example_inputs)``. ``--options`` is the backend's options as a JSON
-object (default ``{"sparsity": "2:4"}``; a given object replaces the default). Machine output goes to
+object or a recipe's name (default ``{"sparsity": "2:4"}``; what is given replaces the default). Machine output goes to
 stdout, progress and diagnostics to stderr; ``NO_COLOR`` turns colour off. Errors are one line on stderr
 and a non-zero exit (``--debug`` shows the traceback).
 
 This package is the parser and the dispatch; each command is a module of it (``inspect``, ``export``,
-``profile``, ``view``, ``demo``, ``bench``) with ``run(args) -> exit status``; ``errors`` holds ``CLIError`` and
-the exit statuses, ``common`` what the commands share (the consoles, capturing a TARGET), ``targets`` loading a
-TARGET and parsing ``--options``.
+``profile``, ``view``, ``demo``, ``recipes``, ``bench``) with ``run(args) -> exit status``; ``errors`` holds
+``CLIError`` and the exit statuses, ``common`` what the commands share (the consoles, capturing a TARGET),
+``targets`` loading a TARGET and parsing ``--options``.
 """
 from __future__ import annotations
 
@@ -145,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=_command("demo"), debug=False)
+
+    p = sub.add_parser("recipes", help="list the named recipes (presets first), or print docs/recipes.md")
+    p.add_argument("--markdown", action="store_true", help="the docs page: markdown tables of the presets and all")
+    p.set_defaults(func=_command("recipes"), debug=False)
 
     p = sub.add_parser("bench", help="benchmarks live in tools/ (prints where)")
     p.set_defaults(func=_command("bench"), debug=False)

@@ -17,8 +17,9 @@ import torch
 from nmcompile.capture import one_line
 from nmcompile.cli.errors import CLIError
 from nmcompile.passes.config import NMConfig
+from nmcompile.recipes import find
 
-DEFAULT_OPTIONS = {"sparsity": "2:4"}
+DEFAULT_OPTIONS = find("mvue 2:4").options  # {"sparsity": "2:4"}
 
 
 def load_target(spec: str) -> tuple[torch.nn.Module, tuple]:
@@ -76,15 +77,18 @@ def _load_factory(spec: str) -> Callable:
 
 
 def parse_options(text: Optional[str], defaults: Optional[dict] = None) -> tuple[dict, NMConfig]:
-    """``--options`` JSON -> (backend options, the NMConfig they give) (default ``{"sparsity": "2:4"}``);
-    ``defaults`` are added, after the user's keys, where the user gave none."""
+    """``--options`` JSON or a recipe's name -> (backend options, the NMConfig they give) (default
+    ``{"sparsity": "2:4"}``); ``defaults`` are added, after the user's keys, where the user gave none."""
     if text is None:
         options = dict(DEFAULT_OPTIONS)
+    elif find(text) is not None:
+        options = find(text).options
     else:
         try:
             options = json.loads(text)
         except json.JSONDecodeError as err:
-            raise CLIError(f"--options is not valid JSON: {err}") from err
+            raise CLIError(f"--options is neither a recipe's name (nmcompile recipes lists them) nor valid JSON: "
+                           f"{err}") from err
         if not isinstance(options, dict):
             raise CLIError(f"--options must be a JSON object, got {type(options).__name__}")
     options = {**options, **{k: v for k, v in (defaults or {}).items() if k not in options}}

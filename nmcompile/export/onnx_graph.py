@@ -227,7 +227,7 @@ class _OnnxBuilder:
             outs = self.env[src]
             self.env[node] = outs[index] if isinstance(outs, list) else outs
             return
-        handler = _HANDLERS.get(node.target)
+        handler = _HANDLERS.get(node.target) or _nm_handler(node.target)
         n_nodes, n_init = len(self.nodes), len(self.initializers)
         result = None
         if handler is not None:
@@ -535,6 +535,18 @@ def _nm(b: _OnnxBuilder, node: fx.Node, out):
                   **{key: info[key] for key in spec.onnx_attrs if _given(info.get(key))})[0]
 
 
+def _nm_handler(target):
+    """The handler of an nm op or of one of its codes forms, looked up in the catalog as the graph is exported
+    (so an op registered after import is exported too), None for other targets."""
+    for spec in OPS.values():
+        if target is spec.op:
+            return _nm
+        for name, codes in ((spec.codes_op, "float8"), (spec.int8_op, "int8")):
+            if name is not None and target is getattr(torch.ops.nm, name).default:
+                return _codes(spec, codes)
+    return None
+
+
 def _codes(spec, codes: str):
     """A quantizer's codes form (``nm.luq_int8``, ``nm.sawb_fp8``, ...): the quantizer's node with a
     ``codes`` attribute ("int8" / "float8") and two outputs, the codes and their fp32 scale."""
@@ -616,9 +628,6 @@ _HANDLERS: dict = {
     aten._softmax.default: _softmax("Softmax"),
     aten._log_softmax.default: _softmax("LogSoftmax"),
     aten.gelu.default: _gelu,
-    **{spec.op: _nm for spec in OPS.values()},
-    **{getattr(torch.ops.nm, name).default: _codes(spec, codes) for spec in OPS.values()
-       for name, codes in ((spec.codes_op, "float8"), (spec.int8_op, "int8")) if name is not None},
 }
 _HANDLERS = {k: v for k, v in _HANDLERS.items() if v is not None}
 for _op in (aten.bitwise_not.default, aten.logical_not.default):

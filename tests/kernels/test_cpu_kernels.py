@@ -132,3 +132,52 @@ def test_integer_u_must_be_int64_seeds_of_the_right_shape():
         torch.ops.nm.mvue(x, torch.tensor([1, 2]), 2, 4, 1)
     with pytest.raises(ValueError, match="int64 seeds"):
         torch.ops.nm.luq(x, torch.tensor(1, dtype=torch.int32), 4, "strict")
+
+
+# -- the ctypes signatures: read from the C++ declarations, checked at each call ----------------------------------
+
+def test_signatures_are_read_from_the_c_declarations():
+    import ctypes
+
+    source = '''extern "C" {
+void nm_plain(int dtype, const void* x, int64_t n, double c, const int64_t* strides) { body(); }
+#define ENTRY(name) \\
+  void nm_##name(int dtype, float* out, \\
+                 int threads) { name(out); }
+ENTRY(one)
+ENTRY(two)
+}  // extern "C"
+'''
+    found = cpu.signatures(source)
+    assert found == {"nm_plain": [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p],
+                     "nm_one": [ctypes.c_int, ctypes.c_void_p, ctypes.c_int],
+                     "nm_two": [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]}
+    with pytest.raises(RuntimeError, match=r"no ctypes type for parameter 'float scale'"):
+        cpu.signatures(source.replace("double c", "float scale"))
+    assert set(cpu.STOCHASTIC) <= set(cpu.SIGNATURES)  # every stochastic quantizer of the catalog has its entry
+
+
+def test_every_call_passes_the_declared_number_of_arguments():
+    """Each ``lib.nm_*(...)`` call in kernels/cpu.py has as many arguments as its C declaration (a starred
+    argument counts as what it may hold: checked at run time instead), and a wrong count raises before C runs."""
+    import ast
+    import pathlib
+
+    tree = ast.parse(pathlib.Path(cpu.__file__).read_text())
+    calls = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("nm_"):
+            calls.append((node.func.attr, node.args))
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Call)  # getattr(library(), f"nm_{name}")(...)
+              and getattr(node.func.func, "id", None) == "getattr"):
+            calls += [(name, node.args) for name in cpu.STOCHASTIC]
+    assert {name for name, _ in calls} >= {"nm_mvue", "nm_greedy", "nm_sawb", "nm_absmax", "nm_int8_scale",
+                                           *cpu.STOCHASTIC}
+    for name, args in calls:
+        if not any(isinstance(a, ast.Starred) for a in args):
+            assert len(args) == len(cpu.SIGNATURES[name]), name
+    if cpu.available():
+        with pytest.raises(TypeError, match=r"nm_greedy takes 9 arguments \(10 given\)"):
+            cpu.library().nm_greedy(*range(10))
+        with pytest.raises(AttributeError, match="no entry point 'nm_nope'"):
+            cpu.library().nm_nope

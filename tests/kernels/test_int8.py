@@ -149,6 +149,10 @@ INT8_CASES = {  # op -> (its arguments after x, the parameters its form reads)
 }
 
 
+def test_every_op_with_int8_codes_has_cases():
+    assert {case.rstrip("0123456789") for case in INT8_CASES} == {s.name for s in OPS.values() if s.int8_op}
+
+
 def inputs(dtype):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(48, 40, generator=g) * 3

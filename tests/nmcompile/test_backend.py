@@ -172,14 +172,18 @@ def test_the_cli_capture_runs_a_user_joint_pass_too():
 def test_options_from_the_environment_for_frameworks_that_pass_a_backend_name_only(monkeypatch, capsys):
     """NMCOMPILE_OPTIONS (a JSON object or a preset) gives the options; those given to torch.compile
     override it key by key; a bad value fails with the variable's name, and using it is said once."""
-    from nmcompile.passes.config import PRESETS, environment_options
+    from nmcompile.recipes import PRESETS, environment_options
 
     assert environment_options({}) == {}
-    assert environment_options({"NMCOMPILE_OPTIONS": "luq4+absmax8"}) == PRESETS["luq4+absmax8"]
+    assert environment_options({"NMCOMPILE_OPTIONS": "luq4+absmax8"}) == PRESETS["luq4 + absmax8"]  # spaces aside
+    assert environment_options({"NMCOMPILE_OPTIONS": "2:4"}) == PRESETS["mvue 2:4"] == {"sparsity": "2:4"}  # alias
+    assert environment_options({"NMCOMPILE_OPTIONS": "2:4+luq4"}) == {"sparsity": "2:4", "quant": "luq"}
+    assert environment_options({"NMCOMPILE_OPTIONS": "int8, row sr8"})["scales"] == "row"  # any recipe
     assert environment_options({"NMCOMPILE_OPTIONS": ' {"sparsity": "1:2"} '}) == {"sparsity": "1:2"}
-    with pytest.raises(ValueError, match=r"NMCOMPILE_OPTIONS='luq' is neither a preset \(2:4, luq4, .*\) nor JSON"):
+    with pytest.raises(ValueError, match=r"NMCOMPILE_OPTIONS='luq' is neither a recipe's name "
+                                         r"\(presets: mvue 2:4, luq4, .*\) nor JSON"):
         environment_options({"NMCOMPILE_OPTIONS": "luq"})
-    with pytest.raises(ValueError, match="must be a JSON object of options or a preset"):
+    with pytest.raises(ValueError, match="must be a JSON object of options or a recipe's name"):
         environment_options({"NMCOMPILE_OPTIONS": '["2:4"]'})
 
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))

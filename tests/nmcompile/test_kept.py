@@ -15,7 +15,7 @@ from rich.console import Console
 
 from nmcompile.capture import run_captured
 from nmcompile.kept import saved_tensors
-from nmcompile.passes.config import PRESETS
+from nmcompile.recipes import PRESETS
 from nmcompile.report import Report, kept_table
 from tests.models import MLP
 

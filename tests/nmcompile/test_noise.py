@@ -181,3 +181,18 @@ def test_bad_option_and_nothing_to_measure():
         noise_report(Probe(), torch.randn(K, D), torch.randn(K, O), sparsity="3:2")
     with pytest.raises(ValueError, match="no backward GEMM with a compressed gradient"):
         noise_report(Probe(), torch.randn(K, D), torch.randn(K, O), fwd_quant="sawb")
+
+
+def test_the_stall_ratio_over_a_window_sums_its_measurements():
+    from nmcompile.noise import STALL_FACTOR, stall_ratio, windowed_stall_ratio
+
+    points = [(6.0, 1.0), (3.0, 0.0), (0.0, 2.0)]
+    assert stall_ratio(6.0, 1.0) == 6.0 / STALL_FACTOR == 2.0 and stall_ratio(1.0, 0.0) is None
+    assert windowed_stall_ratio(points[:1], 4) == 2.0
+    assert windowed_stall_ratio(points, 1) == 0.0  # the last alone: no gradient left above its minibatch noise
+    assert windowed_stall_ratio(points, 2) == 3.0 / (STALL_FACTOR * 2.0)
+    assert windowed_stall_ratio(points, 3) == windowed_stall_ratio(points, 99) == 9.0 / (STALL_FACTOR * 3.0)
+    assert windowed_stall_ratio(points[1:2], 1) is None  # no compression noise: no ratio
+    for bad in (0, True, 1.5):
+        with pytest.raises(ValueError, match=f"window={bad!r} must be a positive integer"):
+            windowed_stall_ratio(points, bad)

@@ -32,7 +32,7 @@ from nmcompile.kernels import gemm
 from nmcompile.kernels.catalog import OPS
 from nmcompile.kernels.int8 import scaled_sums
 from nmcompile.kernels.sr import sr_scale_of
-from nmcompile.passes.config import PRESETS
+from nmcompile.recipes import PRESETS
 from nmcompile.report import Report
 from tests.kernels.stats import max_z, variance_z
 from tests.models import MLP, AddmmLayer, ConvNet, Encoder

@@ -13,7 +13,7 @@ import torch
 from nmcompile import NMConfig
 from nmcompile.kernels import gemm
 from nmcompile.memory import peak_bytes
-from nmcompile.passes.config import PRESETS
+from nmcompile.recipes import PRESETS
 from tests.models import MLP, Encoder
 
 INT8 = gemm.int8_cpu_support()

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import nmcompile
 from nmcompile.backend import recording
-from nmcompile.passes.config import PRESETS
+from nmcompile.recipes import PRESETS
 from tests.models import MLP, AddmmLayer, ConvNet, Encoder
 
 AOT = {"inner": "aot_eager"}  # same pass, no code generation: fast

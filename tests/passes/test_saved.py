@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from nmcompile.capture import run_captured
 from nmcompile.kernels.absmax import absmax_math
-from nmcompile.passes.config import NMConfig, PRESETS
+from nmcompile.passes.config import NMConfig
+from nmcompile.recipes import PRESETS
 from nmcompile.passes.saved import MIN_ROW
 from tests.models import Encoder
 

@@ -12,7 +12,8 @@ import torch.nn as nn
 from nmcompile.capture import run_captured
 from nmcompile.kernels.gemm import int8_cpu_support
 from nmcompile.passes import speed
-from nmcompile.passes.config import PRESETS, NMConfig
+from nmcompile.passes.config import NMConfig
+from nmcompile.recipes import PRESETS
 
 needs_int8 = pytest.mark.skipif(int8_cpu_support() is not None, reason=f"int8 GEMMs: {int8_cpu_support()}")
 OPTIONS = {**PRESETS["int8"], "keep_first_last": False, "dense_if_faster": True, "inner": "aot_eager"}
