@@ -132,13 +132,9 @@ def markdown_table(names) -> str:
     return "\n".join(rows)
 
 
-def environment_options(environ: Optional[dict] = None) -> dict:
-    """The options ``NMCOMPILE_OPTIONS`` holds: a JSON object, or a recipe's name (a preset, e.g. ``int8``, or any
-    other row of the table); {} when unset. A value that is neither raises a ValueError naming the variable, the
-    value and the presets (the keys and values themselves are checked where they are used, as any options are)."""
-    text = (environ if environ is not None else os.environ).get(ENV_OPTIONS, "").strip()
-    if not text:
-        return {}
+def options_from_text(text: str, source: str) -> dict:
+    """The options a recipe's name or a JSON object in ``text`` gives; a ValueError starting with ``source``
+    (where the text came from) when it is neither."""
     found = find(text)
     if found is not None:
         return found.options
@@ -146,12 +142,20 @@ def environment_options(environ: Optional[dict] = None) -> dict:
     try:
         options = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{ENV_OPTIONS}={text!r} is neither a recipe's name (presets: {presets}; every name in "
-                         f"nmcompile.recipes.RECIPES) nor JSON ({err})") from None
+        raise ValueError(f"{source} is neither a recipe's name (presets: {presets}; nmcompile recipes lists every "
+                         f"one) nor JSON ({err})") from None
     if not isinstance(options, dict):
-        raise ValueError(f"{ENV_OPTIONS}={text!r} must be a JSON object of options or a recipe's name (presets: "
-                         f"{presets})")
+        raise ValueError(f"{source} must be a JSON object of options or a recipe's name (presets: {presets}), got "
+                         f"{type(options).__name__}")
     return options
+
+
+def environment_options(environ: Optional[dict] = None) -> dict:
+    """The options ``NMCOMPILE_OPTIONS`` holds: a JSON object, or a recipe's name (a preset, e.g. ``int8``, or any
+    other row of the table); {} when unset. A value that is neither raises a ValueError naming the variable, the
+    value and the presets (the keys and values themselves are checked where they are used, as any options are)."""
+    text = (environ if environ is not None else os.environ).get(ENV_OPTIONS, "").strip()
+    return options_from_text(text, f"{ENV_OPTIONS}={text!r}") if text else {}
 
 
 def page() -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import pathlib
 import sys
 from typing import Callable, Optional
@@ -17,7 +16,7 @@ import torch
 from nmcompile.capture import one_line
 from nmcompile.cli.errors import CLIError
 from nmcompile.passes.config import NMConfig
-from nmcompile.recipes import find
+from nmcompile.recipes import find, options_from_text
 
 DEFAULT_OPTIONS = find("mvue 2:4").options  # {"sparsity": "2:4"}
 
@@ -81,16 +80,11 @@ def parse_options(text: Optional[str], defaults: Optional[dict] = None) -> tuple
     ``{"sparsity": "2:4"}``); ``defaults`` are added, after the user's keys, where the user gave none."""
     if text is None:
         options = dict(DEFAULT_OPTIONS)
-    elif find(text) is not None:
-        options = find(text).options
     else:
         try:
-            options = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise CLIError(f"--options is neither a recipe's name (nmcompile recipes lists them) nor valid JSON: "
-                           f"{err}") from err
-        if not isinstance(options, dict):
-            raise CLIError(f"--options must be a JSON object, got {type(options).__name__}")
+            options = options_from_text(text, "--options")
+        except ValueError as err:
+            raise CLIError(str(err)) from err
     options = {**options, **{k: v for k, v in (defaults or {}).items() if k not in options}}
     try:
         config, _ = NMConfig.from_options(options)

@@ -226,7 +226,7 @@ def test_profile_factory_rich_summary_and_torch_trace(tmp_path, factory_file):
         (["inspect", "resnet9000"], "unknown target 'resnet9000'"),
         (["inspect", "mlp", "--options", "{sparsity: 2:4"], "--options is neither a recipe's name"),
         (["inspect", "mlp", "--options", "[1, 2]"], "must be a JSON object"),
-        (["inspect", "mlp", "--options", "luq5"], "nor valid JSON"),
+        (["inspect", "mlp", "--options", "luq5"], "nor JSON"),
         (["inspect", "mlp", "--options", '{"sparsity": "3:2"}'], "sparsity='3:2' is not a valid N:M pattern"),
         (["export", "mlp", "-f", "json", "-o", "missing_dir/x.json"], "output directory"),
         (["profile", "mlp", "--steps", "0"], "--steps must be at least 1"),
