@@ -120,5 +120,10 @@ def test_inductor_computes_what_aot_eager_does():
     def rel(a, b):
         return ((grads[a] - grads[b]).norm() / grads[b].norm()).item()
 
-    assert rel(("inductor", True), ("aot_eager", True)) < 1e-5
-    assert rel(("inductor", True), ("inductor", False)) > 1e-4  # about 3e-3 here: the rounded copies
+    effect = rel(("inductor", True), ("inductor", False))  # about 3e-3 here: the rounded copies
+    assert effect > 1e-4
+    # Inductor's and aot_eager's fp32 activations differ by ~1e-7 relative, so a copy's level flips where a value
+    # lies that close to a rounding boundary: a share f ~ 2e-7·127 ~ 3e-5 of the elements. A flip moves an element
+    # by one step where the rounding itself moves it by step/√12 RMS, so the flips' share of the option's effect is
+    # about √f·√12 ~ 0.02: a tenth bounds it with room on any CPU's rounding, and is far from the effect itself.
+    assert rel(("inductor", True), ("aot_eager", True)) < effect / 10
