@@ -11,6 +11,7 @@ naming ops themselves; adding a method is adding a description here (and its ker
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Callable, Mapping, Optional, Sequence
 
 import torch
@@ -23,8 +24,25 @@ from .random import seeds_for
 from .sawb import SAWB_COEFFICIENTS
 from .sr import BITS, kernel_bits, sr_levels, sr_math, sr_scale_of
 
-KINDS = ("prune", "quantize")
-STAGES = ("gradient", "forward")  # the neural gradient of a backward GEMM | a forward GEMM's W and X
+class Kind(str, enum.Enum):
+    """What an op does to its input. A str: compares equal to, and is written in JSON as, its value."""
+
+    PRUNE = "prune"
+    QUANTIZE = "quantize"
+
+    __str__ = str.__str__
+
+
+class Stage(str, enum.Enum):
+    """Which operands an op serves."""
+
+    GRADIENT = "gradient"  # the neural gradient of a backward GEMM
+    FORWARD = "forward"  # a forward GEMM's W and X
+
+    __str__ = str.__str__
+
+
+KINDS, STAGES = tuple(Kind), tuple(Stage)
 
 
 def is_24(n: int, m: int) -> bool:
@@ -64,8 +82,8 @@ class OpSpec:
     the op's parameters (a dict of its argument names, plus ``samples`` for sampled ops)."""
 
     name: str
-    kind: str  # one of KINDS
-    stage: str  # one of STAGES
+    kind: Kind  # a plain string is taken and checked ("prune" -> Kind.PRUNE)
+    stage: Stage
     schema: str  # the op's signature; "u": uniforms or int64 seeds standing for them
     unbiased: bool
     options: Mapping[str, str]  # op parameter -> the backend option that sets it (n, m, dim: the pattern)
@@ -85,6 +103,15 @@ class OpSpec:
     row_scales: bool = False  # takes ``dim``: one scale per slice along it instead of one per tensor
     pow2_scales: bool = False  # takes ``pow2``: its scales rounded up to powers of two
 
+    def __post_init__(self) -> None:
+        for field, kind in (("kind", Kind), ("stage", Stage)):
+            try:
+                object.__setattr__(self, field, kind(getattr(self, field)))
+            except ValueError:
+                allowed = ", ".join(repr(k.value) for k in kind)
+                raise ValueError(f"OpSpec {self.name!r}: {field}={getattr(self, field)!r} is not one of {allowed}") \
+                    from None
+
     @property
     def op(self) -> torch._ops.OpOverload:
         return getattr(torch.ops.nm, self.name).default
@@ -103,7 +130,7 @@ class OpSpec:
     def transform_label(self, params: Mapping, where: str = "") -> str:
         """The label of one application in a GEMM record: "mvue 2:4 along K (tokens)", "luq4 smp2",
         "luq4/row hadamard16", "sawb4 W,X"."""
-        if self.kind == "prune":
+        if self.kind == Kind.PRUNE:
             return f"{self.name} {self.label(params)} along {where}"
         text = self.label(params) + (f" smp{params['samples']}" if params.get("samples", 1) > 1 else "")
         if params.get("hadamard"):  # rotated along K around the quantizer (kernels/hadamard.py)
@@ -147,7 +174,7 @@ def _samples(u) -> int:
 
 def _noise(spec: OpSpec, x: torch.Tensor, params: Mapping) -> tuple[tuple, tuple]:
     """(shape of the uniforms, shape of the seeds standing for them) of one call."""
-    if spec.kind == "prune":  # one uniform per group, one seed
+    if spec.kind == Kind.PRUNE:  # one uniform per group, one seed
         return uniform_shape(x.shape, params["m"], params["dim"]), ()
     samples = params.get("samples", 1)  # one uniform per element and sample, one seed per sample
     return luq_noise_shape(x.shape, samples), (samples,)
@@ -202,7 +229,7 @@ def _prune_label(p: Mapping) -> str:
     return f"{p['n']}:{p['m']}"
 
 
-_PRUNE = dict(kind="prune", stage="gradient", options={}, bits=None, label=_prune_label, form=_structure,
+_PRUNE = dict(kind=Kind.PRUNE, stage=Stage.GRADIENT, options={}, bits=None, label=_prune_label, form=_structure,
               onnx_attrs=("n", "m", "dim"))
 
 MVUE = OpSpec(
@@ -215,7 +242,7 @@ GREEDY = OpSpec(
     summary="keep the N largest magnitudes of every M (biased baseline)", onnx_type="Greedy", color="#ffd43b",
 )
 LUQ = OpSpec(
-    "luq", kind="quantize", stage="gradient",
+    "luq", kind=Kind.QUANTIZE, stage=Stage.GRADIENT,
     schema="(Tensor x, Tensor u, int bits, str levels, int? dim=None) -> Tensor",
     unbiased=True,
     options={"bits": "bits", "levels": "levels", "samples": "smp"}, bits=range(2, 9),
@@ -226,7 +253,7 @@ LUQ = OpSpec(
     kernel_arg=lambda p: luq_levels(p["bits"], p["levels"]) - 1, scale=luq_scale,
 )
 SAWB = OpSpec(
-    "sawb", kind="quantize", stage="forward", schema="(Tensor x, int bits) -> Tensor", unbiased=False,
+    "sawb", kind=Kind.QUANTIZE, stage=Stage.FORWARD, schema="(Tensor x, int bits) -> Tensor", unbiased=False,
     options={"bits": "fwd_bits"}, bits=tuple(sorted(SAWB_COEFFICIENTS)),
     summary="SAWB round-to-nearest quantization of weights and activations (straight-through gradient)",
     label=lambda p: f"sawb{p['bits']}", form=_sawb_form, onnx_type="SAWB", onnx_attrs=("bits",),
@@ -248,7 +275,7 @@ def _sr_form(p: Mapping) -> Form:
 
 
 SR = OpSpec(
-    "sr", kind="quantize", stage="gradient",
+    "sr", kind=Kind.QUANTIZE, stage=Stage.GRADIENT,
     schema="(Tensor x, Tensor u, int bits, int? dim=None, bool pow2=False) -> Tensor", unbiased=True,
     options={"bits": "bits", "samples": "smp", "pow2": "pow2_scales"}, bits=range(2, 9),
     summary="uniform stochastic rounding to 2^(bits-1)-1 magnitudes, absmax scale per tensor or per row",
@@ -265,7 +292,8 @@ def _absmax_form(p: Mapping) -> Form:
 
 
 ABSMAX = OpSpec(
-    "absmax", kind="quantize", stage="forward", schema="(Tensor x, int bits, int? dim=None, bool pow2=False) -> Tensor",
+    "absmax", kind=Kind.QUANTIZE, stage=Stage.FORWARD,
+    schema="(Tensor x, int bits, int? dim=None, bool pow2=False) -> Tensor",
     unbiased=False, options={"bits": "fwd_bits", "pow2": "pow2_scales"}, bits=BITS,
     summary="round-to-nearest onto 2^(bits-1)-1 magnitudes, absmax scale per tensor or per row: the INT8 "
             "forward (straight-through gradient)",
@@ -305,4 +333,4 @@ def spec_of(target) -> Optional[OpSpec]:
 
 def density(spec: OpSpec, params: Mapping) -> Optional[float]:
     """Fraction of values a pruning op keeps (None for other ops)."""
-    return params["n"] / params["m"] if spec.kind == "prune" else None
+    return params["n"] / params["m"] if spec.kind == Kind.PRUNE else None

@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .catalog import ops_of
+from .catalog import Kind, Stage, ops_of
 from .grouping import flat_plan, grouped_layout, prepare, sampled_layout, slice_strides
 from .scales import scale_shape
 
@@ -70,7 +70,7 @@ def signatures(source: str) -> dict[str, list]:
 # x, out, codes, scale, outer, inner, its int parameter, samples, u, seeds, u_outer, u_sample, u_inner,
 # the number of scales, s_outer, s_inner, times, t_outer, t_inner, threads).
 SIGNATURES = signatures(SOURCE.read_text())
-STOCHASTIC = tuple(f"nm_{spec.name}" for spec in ops_of(kind="quantize", stage="gradient"))
+STOCHASTIC = tuple(f"nm_{spec.name}" for spec in ops_of(kind=Kind.QUANTIZE, stage=Stage.GRADIENT))
 
 
 class _Checked:

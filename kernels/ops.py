@@ -24,7 +24,7 @@ from .absmax import absmax_math, check_bits as check_absmax_bits
 from .fp8 import luq_codes, luq_format, sawb_codes
 from .int8 import int8_codes
 from .grouping import uniform_shape
-from .catalog import ABSMAX, LUQ, OpSpec, ops_of
+from .catalog import ABSMAX, LUQ, Kind, OpSpec, Stage, ops_of
 from .luq import luq_levels, luq_noise_shape
 from .random import draw_seed, uniform
 from .sawb import SAWB_COEFFICIENTS, sawb_math, scale_bits
@@ -253,7 +253,7 @@ def _define_int8(spec: OpSpec, params) -> None:
     op.register_fake(lambda x, u, *args: _codes_fake(x, torch.int8, _dim(x, params(args[:own]), spec)))
 
 
-for _spec in ops_of(kind="quantize", stage="gradient"):
+for _spec in ops_of(kind=Kind.QUANTIZE, stage=Stage.GRADIENT):
     _define_stochastic(_spec)
 
 

@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch.fx.node import map_arg
 
-from nmcompile.kernels.catalog import ops_of, spec_of
+from nmcompile.kernels.catalog import Stage, ops_of, spec_of
 from nmcompile.passes.records import NodeInfo
 from nmcompile.passes.roles import BACKWARD_ROLES, is_update
 
@@ -192,7 +192,7 @@ def _num(x: Optional[float]) -> str:
 # -- measuring one backward graph ------------------------------------------------------------------
 def _compression(node: fx.Node) -> Optional[NodeInfo]:
     info = NodeInfo.read(node)
-    if info is None or info.op.split("+")[0] not in {spec.name for spec in ops_of(stage="gradient")}:
+    if info is None or info.op.split("+")[0] not in {spec.name for spec in ops_of(stage=Stage.GRADIENT)}:
         return None
     return info
 

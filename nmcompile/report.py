@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from nmcompile.graph_breaks import GraphBreak
+from nmcompile.kernels.catalog import Kind, Stage
 from nmcompile.kernels.gemm import DENSE_USE, KernelUse, kernel_for
 from nmcompile.passes.records import GemmRecord, Transform
 from nmcompile.passes.roles import ROLES
@@ -147,13 +148,13 @@ def tensor_core_speedup(rec) -> tuple[float, str]:
     gradient can run on sparse tensor cores; a GEMM whose *both* operands are quantized can run on FP8.
     Upper bounds on the math rate, not end-to-end speedups."""
     t = _typed(rec.transforms)
-    sparse = any(x.spec.kind == "prune" and x.spec.form(x.params).sparse24 for x in t)
-    quantized = [x for x in t if x.spec.kind == "quantize"]
+    sparse = any(x.spec.kind == Kind.PRUNE and x.spec.form(x.params).sparse24 for x in t)
+    quantized = [x for x in t if x.spec.kind == Kind.QUANTIZE]
     if rec.role == "fwd":
         low_bit = any(x.where == "W,X" for x in quantized)
     else:
         stages = {x.spec.stage for x in quantized}
-        low_bit = {"gradient", "forward"} <= stages
+        low_bit = {Stage.GRADIENT, Stage.FORWARD} <= stages
     kernel = kernel_for(sparse24=sparse, float8=low_bit)
     return kernel.tc_speedup, kernel.tc_label
 

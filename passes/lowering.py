@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 from torch.utils.checkpoint import CheckpointPolicy
 
-from nmcompile.kernels.catalog import OpSpec, spec_of
+from nmcompile.kernels.catalog import Kind, OpSpec, Stage, spec_of
 from nmcompile.kernels.fp8 import E4M3, dequantize
 from nmcompile.kernels.gemm import DENSE, DENSE_USE, KERNELS, GemmKernel, cusparselt_version, int8_gemm
 
@@ -82,7 +82,7 @@ def _is_24(prune: fx.Node, operand: fx.Node, k_dim: int) -> str:
 
 def _pruned(node) -> bool:
     spec = spec_of(getattr(node, "target", None))
-    return spec is not None and spec.kind == "prune"
+    return spec is not None and spec.kind == Kind.PRUNE
 
 
 def _scales_along_k(o: _Operand) -> bool:
@@ -102,7 +102,7 @@ def _foldable(o: _Operand) -> bool:
 
 def _takes_fold(o: _Operand) -> bool:
     """Whether ``o`` is a gradient quantizer's output itself, so that scales along K can multiply its input."""
-    return o.spec is not None and o.spec.stage == "gradient" and not o.chain and o.int8
+    return o.spec is not None and o.spec.stage == Stage.GRADIENT and not o.chain and o.int8
 
 
 def _varying_why(spec: OpSpec) -> str:
@@ -133,7 +133,7 @@ def _classify(node: fx.Node, k_dim: int) -> _Operand:
     op = _Operand(node, base, chain, k_dim=k_dim)
     spec = spec_of(getattr(base, "target", None))
     whys, prune = [], None
-    if spec is not None and spec.kind == "quantize":
+    if spec is not None and spec.kind == Kind.QUANTIZE:
         params = _params(base, spec)
         form = spec.form(params)
         op.spec, op.pow2 = spec, form.pow2
@@ -142,7 +142,7 @@ def _classify(node: fx.Node, k_dim: int) -> _Operand:
         if spec.int8_op is None:
             whys.append(f"{spec.name} has no int8 codes op")
         elif form.rows and not _scales_along_k(op):
-            if spec.stage == "forward" and _foldable(op):  # int8 if the other side takes the scales (_plan)
+            if spec.stage == Stage.FORWARD and _foldable(op):  # int8 if the other side takes the scales (_plan)
                 op.int8, op.fold = form.int8, True
                 whys.append(form.int8_why)
             else:
@@ -157,12 +157,12 @@ def _classify(node: fx.Node, k_dim: int) -> _Operand:
         else:
             op.fp8 = form.float8
             whys.append(form.why)
-        if spec.stage == "forward":  # forward operands are never pruned
+        if spec.stage == Stage.FORWARD:  # forward operands are never pruned
             op.why = "; ".join(w for w in whys if w)
             return op
         src = base.args[0]
         prune = src if _pruned(src) else None
-    elif spec is not None and spec.kind == "prune":
+    elif spec is not None and spec.kind == Kind.PRUNE:
         prune = base
         whys.append("not quantized")
     elif _rotated(base):
@@ -298,7 +298,7 @@ class _Lowerer:
             if plan.kernel.codes is None:
                 i = take(o.node)
                 return lambda xs: (xs[i], None)
-            if o.spec.stage == "forward":
+            if o.spec.stage == Stage.FORWARD:
                 codes, scale = self._codes_of_forward(o.base, o.spec, plan.kernel.codes)
                 i, j = take(codes), take(scale)
                 if o.fold and plan.kernel.codes == "int8":

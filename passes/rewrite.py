@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from nmcompile.kernels.catalog import OPS
+from nmcompile.kernels.catalog import OPS, Kind
 from nmcompile.kernels.hadamard import check_block, rotated
 from .analysis import (
     CONV_BWD, CONV_FWD, MATMULS, cast_source, forward_partners, is_fused_attention_backward, is_tangent, last_dim_is_k,
@@ -319,7 +319,7 @@ class _Rewriter:
                 dim = 1 if index == 0 else 0
                 steps = self._gradient_steps(rec, role, val(grad).shape[dim], dim, "K (tokens, per expert)",
                                              experts=experts)
-                within = (offsets(node), dim) if steps and steps[0].spec.kind == "prune" else None
+                within = (offsets(node), dim) if steps and steps[0].spec.kind == Kind.PRUNE else None
                 new = self._compress(grad, node, steps, role, within) if steps else None
             if new is None:
                 if not rec.notes:

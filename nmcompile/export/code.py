@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from nmcompile.kernels.catalog import ops_of
+from nmcompile.kernels.catalog import Stage, ops_of
 from nmcompile.passes.records import NodeInfo
 
 from .nodes import is_inserted, nm_attrs
@@ -13,7 +13,7 @@ from .nodes import is_inserted, nm_attrs
 def graph_code(gm, annotate: bool = True) -> tuple[str, set]:
     """The graph's readable code; every line defining an inserted node is marked, and each nm op is
     preceded by a ``# <-- nm: <op> <pattern> <role> <module>`` line. Returns (code, 1-based marked lines)."""
-    gradient_ops = {spec.name for spec in ops_of(stage="gradient")}  # a chain's NodeInfo.op: "mvue+luq"
+    gradient_ops = {spec.name for spec in ops_of(stage=Stage.GRADIENT)}  # a chain's NodeInfo.op: "mvue+luq"
     inserted = {}
     for node in gm.graph.nodes:
         if is_inserted(node):

@@ -7,7 +7,7 @@ import torch
 import torch._inductor.decomposition  # noqa: F401  (defines prims.fma, which the captured graphs use)
 import torch.fx as fx
 
-from nmcompile.kernels.catalog import OPS, SEEDS_COLOR, OpSpec, density, spec_of
+from nmcompile.kernels.catalog import OPS, SEEDS_COLOR, OpSpec, Stage, density, spec_of
 from nmcompile.passes.analysis import module_path
 from nmcompile.passes.records import NodeInfo
 
@@ -39,7 +39,7 @@ def nm_attrs(node: fx.Node) -> Optional[dict]:
         return None
     info = NodeInfo.read(node)
     params = {k: v for k, v in zip(spec.args, node.args[1:]) if k != "u"}
-    out = {"op": spec.name, "role": (info.role if info else "") or ("fwd" if spec.stage == "forward" else "?"),
+    out = {"op": spec.name, "role": (info.role if info else "") or ("fwd" if spec.stage == Stage.FORWARD else "?"),
            "module": info.module if info else module_path(node), "gemm": info.gemm if info else ""}
     out.update(params)
     out["pattern"] = spec.label(params)

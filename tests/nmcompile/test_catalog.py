@@ -11,7 +11,7 @@ import torch
 from nmcompile.capture import run_captured
 from nmcompile.export import graph_code, model_explorer_graph, nm_attrs, to_dot
 from nmcompile.kernels import cpu
-from nmcompile.kernels.catalog import KINDS, OPS, STAGES, Form, OpSpec
+from nmcompile.kernels.catalog import KINDS, OPS, STAGES, Form, Kind, OpSpec, Stage
 from nmcompile.kernels.gemm import DENSE_USE, cpu_reference_kernels, int8_cpu_support
 from nmcompile.noise import NoiseMonitor
 from nmcompile.passes.config import NMConfig
@@ -59,6 +59,7 @@ def runs():
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_every_description_is_complete(spec):
     assert spec.kind in KINDS and spec.stage in STAGES
+    assert isinstance(spec.kind, Kind) and isinstance(spec.stage, Stage)  # typed, even where given as strings
     assert spec.kind == "quantize" or spec.stage == "gradient"  # pruning serves gradients only
     schema = spec.op._schema  # the op is registered, and its description says how
     assert spec.args == tuple(a.name for a in schema.arguments[1:]), (spec.args, str(schema))
@@ -167,6 +168,17 @@ def test_the_noise_monitor_measures_every_gradient_op(spec, rows):
     report = NoiseMonitor(model, options_for(spec, rows), draws=2).measure(x)
     measured = [g for g in report.gemms if any(t.startswith(spec.name) for t in g.transforms)]
     assert measured and all(g.compression_noise is not None for g in measured)
+
+
+def test_a_kind_or_stage_outside_the_vocabulary_does_not_load():
+    import dataclasses
+
+    with pytest.raises(ValueError, match=r"OpSpec 'luq': kind='round' is not one of 'prune', 'quantize'"):
+        dataclasses.replace(OPS["luq"], kind="round")
+    with pytest.raises(ValueError, match=r"OpSpec 'luq': stage='backward' is not one of 'gradient', 'forward'"):
+        dataclasses.replace(OPS["luq"], stage="backward")
+    assert dataclasses.replace(OPS["luq"], kind="quantize").kind is Kind.QUANTIZE
+    assert json.dumps([OPS["luq"].kind, OPS["sawb"].stage]) == '["quantize", "forward"]'  # reports keep strings
 
 
 def test_a_description_missing_a_field_does_not_load():
