@@ -44,9 +44,9 @@ _C_TYPES = {"int": ctypes.c_int, "int64_t": ctypes.c_int64, "double": ctypes.c_d
 
 def _c_type(param: str):
     """The ctypes type of one C parameter declaration ("const int64_t* u_outer" -> c_void_p)."""
-    declared = param.rsplit(None, 1)[0] if "*" not in param else "*"
-    if declared == "*":
+    if "*" in param:
         return ctypes.c_void_p
+    declared = param.rsplit(None, 1)[0]
     if declared not in _C_TYPES:
         raise RuntimeError(f"{SOURCE.name}: no ctypes type for parameter {param!r}; add its type to _C_TYPES")
     return _C_TYPES[declared]
@@ -78,19 +78,26 @@ class _Checked:
     extra ones on as C varargs, where they would be read as other parameters)."""
 
     def __init__(self, lib: ctypes.CDLL):
-        self._lib = lib
+        self._calls = {}
+        for name, argtypes in SIGNATURES.items():
+            function = getattr(lib, name)
+            function.argtypes, function.restype = argtypes, None
+            self._calls[name] = self._checked(name, function, len(argtypes))
 
-    def __getattr__(self, name: str):
-        if name not in SIGNATURES:
-            raise AttributeError(f"{SOURCE.name} has no entry point {name!r} in its extern \"C\" block")
-        function, count = getattr(self._lib, name), len(SIGNATURES[name])
-
+    @staticmethod
+    def _checked(name: str, function, count: int):
         def call(*args):
             if len(args) != count:
                 raise TypeError(f"{name} takes {count} arguments ({len(args)} given)")
             function(*args)
 
         return call
+
+    def __getattr__(self, name: str):
+        try:
+            return self.__dict__["_calls"][name]
+        except KeyError:
+            raise AttributeError(f"{SOURCE.name} has no entry point {name!r} in its extern \"C\" block") from None
 
 
 _lock = threading.Lock()
@@ -158,14 +165,7 @@ def _build(directory: pathlib.Path) -> _Checked:
             raise RuntimeError(f"{cxx} failed to build {SOURCE.name}:\n{done.stderr[-2000:]}")
         os.replace(tmp, target)  # atomic: concurrent processes never load a half-written file
         build_seconds = time.perf_counter() - start
-    lib = ctypes.CDLL(str(target))
-    missing = [name for name in (*SIGNATURES, *STOCHASTIC) if not hasattr(lib, name)]
-    if missing:
-        raise RuntimeError(f"{target.name} lacks {missing}")
-    for name, argtypes in SIGNATURES.items():
-        getattr(lib, name).argtypes = argtypes
-        getattr(lib, name).restype = None
-    return _Checked(lib)
+    return _Checked(ctypes.CDLL(str(target)))
 
 
 def library(directory: Optional[pathlib.Path] = None) -> Optional[_Checked]:

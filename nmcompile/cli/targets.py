@@ -16,9 +16,9 @@ import torch
 from nmcompile.capture import one_line
 from nmcompile.cli.errors import CLIError
 from nmcompile.passes.config import NMConfig
-from nmcompile.recipes import find, options_from_text
+from nmcompile.recipes import options_from_text, recipe
 
-DEFAULT_OPTIONS = find("mvue 2:4").options  # {"sparsity": "2:4"}
+DEFAULT_OPTIONS = recipe("mvue 2:4").options  # {"sparsity": "2:4"}
 
 
 def load_target(spec: str) -> tuple[torch.nn.Module, tuple]:
