@@ -19,7 +19,11 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from .analysis import val
+from nmcompile.kernels.catalog import Kind
+from .analysis import matmul_operands, val
+from .compress import apply_fn, compress, gradient_steps, why_unchanged
+from .context import RewriteContext, sizes
+from .families import ForwardGemm, GemmFamily, register
 
 GROUPED_MM = getattr(torch.ops.aten, "_grouped_mm", None)
 GROUPED_MM = GROUPED_MM.default if GROUPED_MM is not None else None
@@ -93,3 +97,51 @@ def within_experts(prune: Callable, m: int, dim: int) -> Callable:
         return prune(padded).index_select(0, dest).movedim(0, dim)
 
     return apply
+
+
+def _forward(node: fx.Node) -> ForwardGemm:
+    return ForwardGemm(grouped_shape(node)[0], unsupported="forward quantization of grouped (expert) GEMMs is not "
+                       "implemented")
+
+
+def _backward(ctx: RewriteContext, node: fx.Node) -> None:
+    """dgrad pruned along the features like any dgrad, wgrad along each expert's own tokens; quantizers per
+    tensor."""
+    rec = ctx.record(node, "grouped_mm", "?")
+    with ctx.transaction(rec):
+        shape, experts = grouped_shape(node)
+        rec.shape = sizes(shape)
+        role, why, index = grouped_role(node, ctx.grads)
+        if role is None:
+            rec.skipped = why
+            return
+        rec.role, rec.role_why = role, why
+        if not ctx.selected(rec):
+            return
+        grad = node.args[index]
+        if role == "dgrad":  # gy[T, N] times the experts' weights: reduced over N
+            steps = gradient_steps(ctx, rec, role, val(grad).shape[1], 1, "K (features)")
+            new = compress(ctx, grad, node, steps, role) if steps else None
+        else:  # reduced over the tokens: dim 1 of a [P, T] left operand, dim 0 of a [T, Q] right one
+            dim = 1 if index == 0 else 0
+            steps = gradient_steps(ctx, rec, role, val(grad).shape[dim], dim, "K (tokens, per expert)",
+                                   experts=experts)
+            if steps and steps[0].spec.kind == Kind.PRUNE:  # N:M groups start at each expert's first token
+                prune, after = steps[0], apply_fn(steps[1:])
+                params = {**prune.params, "dim": 0}
+                pruned = within_experts(lambda x: prune.spec.apply(x, **params), prune.params["m"], dim)
+                new = compress(ctx, grad, node, steps, role, fn=lambda x, o: after(pruned(x, o)),
+                               inputs=[grad, offsets(node)])
+            else:
+                new = compress(ctx, grad, node, steps, role) if steps else None
+        if new is None:
+            if not rec.notes:
+                rec.skipped = why_unchanged(ctx.config, role)
+            return
+        node.replace_input_with(grad, new)
+
+
+FAMILY = register(GemmFamily(
+    "grouped", label=lambda node: "grouped_mm", is_forward=is_grouped_mm, is_backward=is_grouped_mm,
+    layer_operands=matmul_operands, forward=_forward, backward=_backward,
+))

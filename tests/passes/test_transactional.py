@@ -13,7 +13,7 @@ import copy
 import torch
 
 import nmcompile
-from nmcompile.passes import lowering, rewrite, roles
+from nmcompile.passes import context, conv, forward, lowering, matmul, roles
 from tests.models import MLP, ConvNet
 from tests.passes.test_native import assert_within_accumulation_bound
 
@@ -61,7 +61,7 @@ def test_a_backward_gemm_failing_mid_rewrite_stays_dense(monkeypatch):
     model, x = mlp()
     normal, _, _ = step(model, x, {"sparsity": "2:4"})
     # the second gradient-compression splice raises: nodes of that GEMM were being inserted
-    fail_on(monkeypatch, rewrite, "splice", 2, when=lambda *a, **k: k["info"].op != "sawb")
+    fail_on(monkeypatch, context, "splice", 2, when=lambda *a, **k: k["info"].op != "sawb")
     records, grads, eager = step(model, x, {"sparsity": "2:4"})
     [bad] = failed(records)
     assert bad.role == "wgrad" and bad.transforms == []
@@ -91,7 +91,7 @@ def test_a_failure_before_its_record_exists_never_touches_another(monkeypatch):
     model, x = mlp()
     normal, _, _ = step(model, x, {"sparsity": "2:4"})
     # matmul_operands is the first thing a backward GEMM's rewrite calls (forward GEMMs call it too)
-    fail_on(monkeypatch, rewrite, "matmul_operands", 5)
+    fail_on(monkeypatch, matmul, "matmul_operands", 5)
     records, _, _ = step(model, x, {"sparsity": "2:4"})
     [bad] = failed(records)
     assert len(records) == len(normal)
@@ -104,7 +104,7 @@ def test_a_forward_gemm_failing_between_its_operands_is_left_unquantized(monkeyp
     model, x = mlp()
     options = {"fwd_quant": "sawb", "keep_first_last": False}
     # the second operand's layout replay raises after the first operand's SAWB was inserted
-    fail_on(monkeypatch, rewrite._Rewriter, "_replay", 2)
+    fail_on(monkeypatch, forward, "replay", 2)
     records, _, _ = step(model, x, options)
     [bad] = failed(records)
     assert bad.role == "fwd"
@@ -121,7 +121,7 @@ def test_a_convolution_failing_between_its_two_roles_is_left_whole(monkeypatch):
     options = {"sparsity": "2:4", "gemms": ["wgrad", "dgrad"], "exclude": "head"}  # conv2 then gets the exact dY
     normal, _, _ = step(model, x, options)
     # conv2's backward: dgrad's shape is read, then wgrad's raises after dgrad's nodes were inserted
-    fail_on(monkeypatch, rewrite, "_conv_bwd_shape", 2)
+    fail_on(monkeypatch, conv, "backward_shape", 2)
     records, grads, eager = step(model, x, options)
     bad = failed(records)
     assert {r.role for r in bad} == {"dgrad", "wgrad"} and {r.module for r in bad} == {"conv2"}
