@@ -3,7 +3,7 @@ rounded operands given to the backward GEMMs that differentiate it. Every family
 here; the family says what its operands are (``families.ForwardGemm``)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch.fx as fx
 
@@ -12,7 +12,7 @@ from .analysis import cast_source, is_tangent, last_dim_is_k, layout_chain, modu
 from .compress import apply_fn
 from .config import NMConfig
 from .context import RewriteContext, sizes
-from .families import forward_family
+from .families import GemmFamily
 from .records import GemmRecord, NodeInfo, Transform
 from .speed import dense_is_faster
 
@@ -23,12 +23,12 @@ def forward_transform(cfg: NMConfig, where: str, dim: Optional[int] = None) -> T
     return Transform(spec.name, {**cfg.params_for(spec), **rows}, where)
 
 
-def quantize_forward(ctx: RewriteContext, gemms: list) -> None:
-    """Records every forward GEMM of ``gemms`` and, with ``fwd_quant`` set, quantizes its operands."""
+def quantize_forward(ctx: RewriteContext, gemms: Mapping[fx.Node, GemmFamily]) -> None:
+    """Records every forward GEMM of ``gemms`` (in graph order, each with its family) and, with ``fwd_quant``
+    set, quantizes its operands."""
     cfg = ctx.config
     kept = _kept(ctx, gemms)
-    for node in gemms:
-        family = forward_family(node)
+    for node, family in gemms.items():
         rec = ctx.record(node, family.label(node), "fwd")
         with ctx.transaction(rec):
             gemm = family.forward(node)
@@ -109,12 +109,13 @@ def _quantize_source(ctx: RewriteContext, operand: fx.Node, gemm: fx.Node, dim: 
     return replay(ctx, chain, node, before=gemm), quantize
 
 
-def _kept(ctx: RewriteContext, gemms: list) -> dict:
+def _kept(ctx: RewriteContext, gemms: Mapping[fx.Node, GemmFamily]) -> dict:
     """The forward GEMMs ``keep_first_last`` keeps, each with the reason its record gives: those whose
     weight is the model's first or last layer, or, with no model found, the graph's own first and last."""
     if not ctx.config.keep_first_last or not gemms:
         return {}
     if ctx.ends is None:
+        gemms = list(gemms)
         which = {gemms[0]: "first", gemms[-1]: "last" if gemms[-1] is not gemms[0] else "first and last"}
         return {node: f"{w} forward GEMM of graph {ctx.graph_index} kept in high precision (keep_first_last=True; "
                       "its parameters belong to no module running when it compiled, so each graph keeps its own)"
@@ -122,9 +123,9 @@ def _kept(ctx: RewriteContext, gemms: list) -> dict:
     primals = (n for n in ctx.graph.nodes if n.op == "placeholder" and not is_tangent(n))
     inputs = {n: i for i, n in enumerate(primals)}  # the joint graph's primals are the Dynamo graph's inputs
     kept = {}
-    for node in gemms:
+    for node, family in gemms.items():
         # through autocast's cast too: under autocast the kept layer runs in bf16, as Inductor would run it
-        roles = {r for op in forward_family(node).layer_operands(node)
+        roles = {r for op in family.layer_operands(node)
                  for r in ctx.ends.roles(inputs.get(cast_source(op), -1))}
         if roles:
             which = [w for w in ("first", "last") if w in roles]

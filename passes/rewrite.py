@@ -64,8 +64,8 @@ def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, g
     grads = tangent_descendants(graph)
     partners = forward_partners(graph)
     nodes = [n for n in graph.nodes if n.op == "call_function"]
-    fwd = [n for n in nodes
-           if forward_family(n) is not None and n not in grads and n.meta.get("partitioner_tag") != "is_backward"]
+    fwd = {n: family for n in nodes if (family := forward_family(n)) is not None
+           and n not in grads and n.meta.get("partitioner_tag") != "is_backward"}  # each forward GEMM's family
     if decompose:
         from torch._inductor.decomposition import select_decomp_table
 
@@ -76,9 +76,8 @@ def rewrite_joint_graph(graph: fx.Graph, config: NMConfig, *, decompose: bool, g
                          GraphRoles(graph, parameters, grads, partners),  # reads the graph as it is before the rewrite
                          partners, frozenset(grads), decompositions)
     quantize_forward(ctx, fwd)
-    forward = set(fwd)
     for node in nodes:
-        if node in forward:
+        if node in fwd:
             continue
         family = backward_family(node)
         if family is not None:
