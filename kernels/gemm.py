@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 from typing import Callable, Optional
 
 import torch
@@ -338,6 +339,35 @@ def kernel_choice_key() -> str:
     return f"cpu_reference={_cpu_reference_kernels}|int8_cpu={int8_cpu_support()}"
 
 
+class Codes(str, enum.Enum):
+    """The low-precision codes both operands of a kernel are (with per-tensor or per-row fp32 scales)."""
+
+    FLOAT8 = "float8"
+    INT8 = "int8"
+
+    __str__ = str.__str__
+
+
+class CpuUse(str, enum.Enum):
+    """What a kernel is for on a CPU."""
+
+    FAST = "fast"  # it pays
+    CHECK = "check"  # correct, no faster than dense: lowering="native" only, to test the native graph
+    REFERENCE = "reference"  # torch's scalar reference: only inside cpu_reference_kernels()
+
+    __str__ = str.__str__
+
+
+class Lowering(str, enum.Enum):
+    """Which kernels run the GEMMs the rewrite touched (``passes/lowering.py``)."""
+
+    AUTO = "auto"  # the exact low-precision kernels that pay on the device; the rest stay ordinary GEMMs
+    EMULATE = "emulate"  # ordinary GEMMs on the compressed values in the input dtype: the same numbers
+    NATIVE = "native"  # also the CPU's structure-checking 2:4 product, to test the native graph
+
+    __str__ = str.__str__
+
+
 @dataclasses.dataclass(frozen=True)
 class GemmKernel:
     """One GEMM kernel a recorded GEMM can run on: what its operands must be, where it runs, how
@@ -345,7 +375,7 @@ class GemmKernel:
 
     name: str
     op: Optional[str]  # the nm op that runs it (None: the ordinary aten GEMM)
-    codes: Optional[str]  # both operands are "float8" or "int8" codes with per-tensor scales (None: values)
+    codes: Optional[Codes]  # what codes both operands are (None: values in the input dtype)
     sparse24: bool  # one operand is 2:4 along K (it goes left)
     operands: str  # in words
     events: tuple[str, ...]  # the profiler's aten events that do its math
@@ -354,24 +384,22 @@ class GemmKernel:
     tc_speedup: float
     tc_label: str
     cuda_support: Optional[Callable] = None  # (capability, (M, N, K), out dtype) -> None or why not
-    # On CPU: "fast" (it pays), "check" (correct, no faster than dense: lowering="native" only, to test
-    # the native graph), "reference" (a scalar reference: only inside cpu_reference_kernels())
-    cpu: str = "fast"
+    cpu: CpuUse = CpuUse.FAST
     cpu_support: Optional[Callable[[], Optional[str]]] = None
 
     @property
     def float8(self) -> bool:
-        return self.codes == "float8"
+        return self.codes == Codes.FLOAT8
 
     def support(self, device: torch.device, capability: Optional[tuple], shape: tuple,
-                dtype: torch.dtype, lowering: str = "native") -> Optional[str]:
+                dtype: torch.dtype, lowering: Lowering = Lowering.NATIVE) -> Optional[str]:
         """None if ``device`` can run this kernel on an (M, N, K) GEMM with output ``dtype`` under
-        ``lowering`` ("auto" or "native"), else why not."""
+        ``lowering`` (auto or native), else why not."""
         if device.type == "cpu":
-            if self.cpu == "reference" and not _cpu_reference_kernels:
+            if self.cpu == CpuUse.REFERENCE and not _cpu_reference_kernels:
                 return (f"{self.name} GEMMs on CPU run torch's scalar reference (about 0.1 GFLOP/s), "
                         "which only tests select")
-            if self.cpu == "check" and lowering == "auto":
+            if self.cpu == CpuUse.CHECK and lowering == Lowering.AUTO:
                 return f"{self.name} on CPU is a dense GEMM after a structure check (lowering='native' runs it)"
             return self.cpu_support() if self.cpu_support is not None else None
         if device.type != "cuda":
@@ -383,7 +411,7 @@ class GemmKernel:
         if self.float8 and not self.sparse24:
             label = "fp8 " + "×".join(sorted({_SHORT[f] for f in formats}, reverse=True))
             impl = "scaled_mm"
-        elif self.codes == "int8":
+        elif self.codes == Codes.INT8:
             label, impl = "int8", "int_mm"
         elif self.sparse24:
             impl = "cusparselt" if device.type == "cuda" else "cpu"
@@ -414,6 +442,21 @@ class KernelUse(str):
     def spec(self) -> GemmKernel:
         return KERNELS[self.kernel]
 
+    @property
+    def native(self) -> bool:
+        """It runs on a low-precision or sparse kernel, not the ordinary GEMM in the input dtype."""
+        return self.spec is not DENSE
+
+    @classmethod
+    def from_label(cls, label: str) -> "KernelUse":
+        """The use a label alone names (reports before schema 3 kept only the label), or a ValueError."""
+        sparse = label.startswith("2:4 ")
+        kernel = ("fp8" if label.startswith("fp8 ") else "2:4 fp8" if sparse and label.endswith(" fp8")
+                  else "2:4" if sparse else label)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel label {label!r} names no kernel; kernels: {', '.join(KERNELS)}")
+        return cls(label, kernel)
+
     def as_dict(self) -> dict:
         return {"kernel": self.kernel, "formats": list(self.formats), "impl": self.impl}
 
@@ -423,20 +466,21 @@ DENSE = GemmKernel("dense", None, codes=None, sparse24=False, operands="the inpu
                            "aten::_convolution", "aten::matmul", "aten::linear", "aten::baddbmm",
                            "aten::mkldnn_convolution", "aten::thnn_conv2d"),
                    tc_speedup=1.0, tc_label="dense bf16")
-SPARSE24_FP8 = GemmKernel("2:4 fp8", "sparse24_mm", codes="float8", sparse24=True,
+SPARSE24_FP8 = GemmKernel("2:4 fp8", "sparse24_mm", codes=Codes.FLOAT8, sparse24=True,
                           operands="a 2:4 gradient's e4m3 codes × e4m3 codes",
                           events=("aten::_cslt_sparse_mm", "aten::_scaled_mm"), tc_speedup=4.0,
-                          tc_label="2:4 sparse TC + FP8 TC", cuda_support=_sparse_support(fp8=True), cpu="reference")
-FP8 = GemmKernel("fp8", "fp8_mm", codes="float8", sparse24=False, operands="float8 codes × float8 codes",
+                          tc_label="2:4 sparse TC + FP8 TC", cuda_support=_sparse_support(fp8=True),
+                          cpu=CpuUse.REFERENCE)
+FP8 = GemmKernel("fp8", "fp8_mm", codes=Codes.FLOAT8, sparse24=False, operands="float8 codes × float8 codes",
                  events=("aten::_scaled_mm",), tc_speedup=2.0, tc_label="FP8 TC",
-                 cuda_support=_fp8_support, cpu="reference")
-INT8 = GemmKernel("int8", "int8_mm", codes="int8", sparse24=False,
+                 cuda_support=_fp8_support, cpu=CpuUse.REFERENCE)
+INT8 = GemmKernel("int8", "int8_mm", codes=Codes.INT8, sparse24=False,
                   operands="int8 codes × int8 codes (exact int32 sums)", events=("aten::_int_mm",),
                   tc_speedup=2.0, tc_label="INT8 TC", cuda_support=_int8_support, cpu_support=int8_cpu_support)
 SPARSE24 = GemmKernel("2:4", "sparse24_mm", codes=None, sparse24=True,
                       operands="a 2:4 gradient in bf16/fp16 × the other operand",
                       events=("aten::_cslt_sparse_mm",), tc_speedup=2.0, tc_label="2:4 sparse TC",
-                      cuda_support=_sparse_support(fp8=False), cpu="check")
+                      cuda_support=_sparse_support(fp8=False), cpu=CpuUse.CHECK)
 
 # In the lowering's order of preference: FP8 before INT8 where both run (sm89+; on CPU FP8 never runs
 # outside tests), a 2:4 gradient in 16 bits only where no exact codes kernel took the GEMM.
@@ -447,5 +491,5 @@ DENSE_USE = KernelUse("dense", "dense")
 def kernel_for(sparse24: bool, float8: bool) -> GemmKernel:
     """The kernel whose operands are exactly these (float8: low-precision codes, FP8 on the GPUs the
     speed model describes): what a GEMM with such operands could run on."""
-    codes = "float8" if float8 else None
+    codes = Codes.FLOAT8 if float8 else None
     return next(k for k in KERNELS.values() if k.sparse24 == sparse24 and k.codes == codes)

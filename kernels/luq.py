@@ -9,19 +9,30 @@ the portable implementation and the specification of the CPU kernel (``nm_cpu.cp
 """
 from __future__ import annotations
 
+import enum
 from typing import Optional
 
 import torch
 
 from .scales import amax_of, check_dim
 
-LEVEL_KINDS = ("strict", "reference")
+
+class Levels(str, enum.Enum):
+    """How many magnitudes LUQ's ``bits`` hold (``luq_levels``). A str: ops take and JSON writes its value."""
+
+    STRICT = "strict"  # 2^(bits-1)-1: sign and exponent fit in ``bits``
+    REFERENCE = "reference"  # 2^(bits-1), as the paper's code
+
+    __str__ = str.__str__
+
+
+LEVEL_KINDS = tuple(Levels)
 
 
 def luq_levels(bits: int, levels: str) -> int:
     """Number of nonzero magnitudes L: 2^(bits-1)-1 ("strict", fits sign+exponent in ``bits``)
     or 2^(bits-1) ("reference", as the paper's code)."""
-    return 2 ** (bits - 1) - (1 if levels == "strict" else 0)
+    return 2 ** (bits - 1) - (1 if levels == Levels.STRICT else 0)
 
 
 def luq_noise_shape(shape: torch.Size | tuple, samples: int) -> tuple:

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from nmcompile.passes.config import NMConfig
+from nmcompile.passes.config import Inner, NMConfig
 from nmcompile.passes.joint_pass import NMJointPass
 from nmcompile.recipes import ENV_OPTIONS, environment_options
 from nmcompile.passes.joint_pass import chain_with_existing
@@ -114,7 +114,7 @@ def nm_backend(gm: torch.fx.GraphModule, example_inputs, *, mode: Optional[str] 
     records = state.records if state is not None else None
     index = state.graphs.next() if state is not None else 0
     partitioned = functools.partial(state.partitioned, index) if state is not None else None
-    if config.inner == "aot_eager":
+    if config.inner == Inner.AOT_EAGER:
         return aot_eager(gm, example_inputs,
                          NMJointPass.for_graph(config, example_inputs, decompose=False, records=records, graph=index),
                          on_partitioned=partitioned)

@@ -39,29 +39,34 @@ class CNN(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, d: int, heads: int):
+    """Causal self-attention, written with matmuls (its two GEMMs of activations are then in the graph, the pass
+    decides their roles) or, with ``sdpa``, through ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, d: int, heads: int, sdpa: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.sdpa = heads, sdpa
         self.qkv = nn.Linear(d, 3 * d)
         self.proj = nn.Linear(d, d)
 
     def forward(self, x):
         b, t, d = x.shape
-        h = self.heads
-        q, k, v = self.qkv(x).split(d, dim=-1)
-        q, k, v = (z.view(b, t, h, d // h).transpose(1, 2) for z in (q, k, v))  # (b, h, t, dh)
-        att = (q @ k.transpose(-2, -1)) / math.sqrt(d // h)
-        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-        att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(b, t, d)
-        return self.proj(y)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, -1))
+        if self.sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            att = (q @ k.transpose(-2, -1)) / math.sqrt(d // self.heads)
+            mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+            y = att.masked_fill(~mask, float("-inf")).softmax(dim=-1) @ v
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))
 
 
 class Block(nn.Module):
-    def __init__(self, d: int, heads: int):
+    """A pre-LayerNorm transformer block: attention, then a GELU MLP of width 4d, each around a residual."""
+
+    def __init__(self, d: int, heads: int, sdpa: bool = False):
         super().__init__()
         self.ln1 = nn.LayerNorm(d)
-        self.attn = CausalSelfAttention(d, heads)
+        self.attn = CausalSelfAttention(d, heads, sdpa)
         self.ln2 = nn.LayerNorm(d)
         self.fc = nn.Linear(d, 4 * d)
         self.out = nn.Linear(4 * d, d)
@@ -71,24 +76,31 @@ class Block(nn.Module):
         return x + self.out(F.gelu(self.fc(self.ln2(x))))
 
 
-class TinyGPT(nn.Module):
-    """A 2-layer GPT (d=64, 4 heads): causal self-attention written with matmuls."""
+class GPT(nn.Module):
+    """A GPT that returns the mean next-token cross-entropy (nats) of ``idx`` against ``targets``: token and
+    position embeddings, ``layers`` blocks, a final LayerNorm and a linear head. With ``tied`` the head is the token
+    embedding's transpose and both embeddings start at GPT-2's scale (std 0.02), so the logits start near uniform.
+    The CLI's ``gpt`` example, the LM tools' byte-level model and the step benchmarks' decoder are all this one."""
 
-    def __init__(self, vocab: int = 64, d: int = 64, layers: int = 2, heads: int = 4, block: int = 16):
+    def __init__(self, vocab: int, d: int, layers: int, heads: int, block: int, sdpa: bool = False,
+                 tied: bool = False):
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
         self.pos = nn.Embedding(block, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.blocks = nn.ModuleList(Block(d, heads, sdpa) for _ in range(layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = None if tied else nn.Linear(d, vocab, bias=False)
+        if tied:
+            for emb in (self.tok, self.pos):
+                nn.init.normal_(emb.weight, std=0.02)
 
     def forward(self, idx, targets):
-        t = idx.shape[1]
-        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
+        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
         for block in self.blocks:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        x = self.ln(x)
+        logits = x @ self.tok.weight.t() if self.head is None else self.head(x)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # fp32 loss under autocast too
 
 
 def mlp():
@@ -104,7 +116,7 @@ def cnn():
 def gpt():
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 64, (2, 16), generator=g)
-    return TinyGPT(), (idx, torch.roll(idx, -1, dims=1))
+    return GPT(vocab=64, d=64, layers=2, heads=4, block=16), (idx, torch.roll(idx, -1, dims=1))
 
 
 EXAMPLES = {

@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from nmcompile.passes.analysis import is_tangent, module_path
 from nmcompile.passes.records import NodeInfo
+from nmcompile.passes.roles import Role
 
 _LOW_PRECISION_GEMMS = {torch.ops.aten._int_mm.default, torch.ops.nm.fp8_mm.default, torch.ops.nm.int8_mm.default,
                         torch.ops.nm.sparse24_mm.default}
@@ -62,7 +63,7 @@ def saved_tensors(forward: fx.GraphModule, backward: fx.GraphModule) -> dict:
             continue  # a saved size (SymInt)
         info = NodeInfo.read(node) if isinstance(node, fx.Node) else None
         source = node if isinstance(node, fx.Node) else placeholder
-        what = info.op if info is not None else "input" if source.op == "placeholder" else getattr(
+        what = info.label if info is not None else "input" if source.op == "placeholder" else getattr(
             source.target, "__name__", str(source.target))
         kept[placeholder.name] = Kept(placeholder.name, _shape(value), str(value.dtype).replace("torch.", ""),
                                       _nbytes(value), info.module if info is not None else module_path(source),
@@ -104,7 +105,7 @@ def recomputed(backward: fx.GraphModule) -> list:
         if getattr(target, "__name__", "") == "run_with_rng_state":  # a random op replayed with its saved RNG state
             target = node.args[1]
         name = getattr(target, "__name__", "")
-        if info is not None and info.role == "fwd" and node.target in _LOW_PRECISION_GEMMS:
+        if info is not None and info.role == Role.FWD and node.target in _LOW_PRECISION_GEMMS:
             what = info.module
         elif node.op == "call_function" and "scaled_dot_product" in name and "backward" not in name:
             where = module_path(node) or next((module_path(a) for a in node.all_input_nodes if module_path(a)), "")
@@ -123,7 +124,7 @@ def annotate(records: list, index: int, forward: Optional[fx.GraphModule], backw
         return []
     saved = saved_tensors(forward, backward)
     dependent = _tangent_dependent(backward.graph)
-    by_node = {r.node: r for r in records if r.graph == index and r.role != "fwd"}
+    by_node = {r.node: r for r in records if r.graph == index and r.role != Role.FWD}
     used = set()
     for node in backward.graph.nodes:
         rec = by_node.get(node.name)

@@ -34,7 +34,7 @@ from torch.fx.node import map_arg
 
 from nmcompile.kernels.catalog import Stage, ops_of, spec_of
 from nmcompile.passes.records import NodeInfo
-from nmcompile.passes.roles import BACKWARD_ROLES, is_update
+from nmcompile.passes.roles import BACKWARD_ROLES, Role, is_update
 
 aten = torch.ops.aten
 SCHEMA = "nmcompile.noise/1"
@@ -124,7 +124,7 @@ class NoiseReport:
             with_mb = [g for g in rows if g.minibatch_noise is not None]
             mb = sum(g.minibatch_noise for g in with_mb) if with_mb else None
             mb_noise = sum(g.compression_noise for g in with_mb)
-            out[role] = {
+            out[str(role)] = {  # plain str keys, as JSON reads back
                 "gemms": len(rows),
                 "signal": signal,
                 "compression_noise": noise,
@@ -192,7 +192,7 @@ def _num(x: Optional[float]) -> str:
 # -- measuring one backward graph ------------------------------------------------------------------
 def _compression(node: fx.Node) -> Optional[NodeInfo]:
     info = NodeInfo.read(node)
-    if info is None or info.op.split("+")[0] not in {spec.name for spec in ops_of(stage=Stage.GRADIENT)}:
+    if info is None or info.op[0] not in {spec.name for spec in ops_of(stage=Stage.GRADIENT)}:
         return None
     return info
 
@@ -292,9 +292,9 @@ def _sq(x: torch.Tensor) -> float:
     return float(x.pow(2).sum())
 
 
-def _output_picker(node: fx.Node, role: str) -> Callable:
+def _output_picker(node: fx.Node, role: Role) -> Callable:
     if node.target is aten.convolution_backward.default:
-        index = 0 if role == "dgrad" else 1
+        index = 0 if role == Role.DGRAD else 1
         return operator.itemgetter(index)
     return lambda value: value
 

@@ -22,7 +22,7 @@ import torch.fx as fx
 from nmcompile.capture import Run, run_captured, run_step, step
 from nmcompile.export import nm_attrs
 from nmcompile.kernels.gemm import KERNELS
-from nmcompile.passes.config import NMConfig
+from nmcompile.passes.config import Inner, NMConfig
 
 GEMM_OPS = tuple(dict.fromkeys(event for kernel in KERNELS.values() for event in kernel.events))
 STEP_PREFIX = "ProfilerStep#"  # the name torch's scheduled profiler gives steps: HTA numbers iterations by it
@@ -166,7 +166,7 @@ def profile_run(model: torch.nn.Module, inputs: tuple, options: dict, config: NM
     from nmcompile.backend import nm_backend, recording
 
     annotator: Optional[Annotator] = None
-    if config.inner == "aot_eager":
+    if config.inner == Inner.AOT_EAGER:
         annotator = Annotator()
         run = run_captured(model, inputs, options, wrap=annotator, config=config)
         compiled = run.compiled

@@ -9,9 +9,9 @@ import torch
 
 from nmcompile.graph_breaks import GraphBreak
 from nmcompile.kernels.catalog import Kind, Stage
-from nmcompile.kernels.gemm import DENSE_USE, KernelUse, kernel_for
+from nmcompile.kernels.gemm import KernelUse, kernel_for
 from nmcompile.passes.records import GemmRecord, Transform
-from nmcompile.passes.roles import ROLES
+from nmcompile.passes.roles import ROLES, Role
 
 # 2: each GEMM has kernel, kernel_note, cusparselt; 3: and the typed forms of its transforms ("ops")
 # and kernel ("kernel_use"); 4: and the run's graph breaks; 5: each GEMM's role_why (and the roles act_lhs, act_rhs);
@@ -35,11 +35,11 @@ class Report:
 
     @property
     def backward(self) -> list:
-        return [g for g in self.gemms if g.role != "fwd"]
+        return [g for g in self.gemms if g.role != Role.FWD]
 
     @property
     def forward(self) -> list:
-        return [g for g in self.gemms if g.role == "fwd"]
+        return [g for g in self.gemms if g.role == Role.FWD]
 
     def find(self, module: Optional[str] = None, role: Optional[str] = None) -> list:
         return [g for g in self.gemms if (module is None or g.module == module) and (role is None or g.role == role)]
@@ -63,7 +63,7 @@ class Report:
             "sparse_flop_share": share("prune"),
             "luq_flop_share": share("quantize", "luq"),
             "quant_flop_share": share("quantize"),
-            "native_flop_share": sum(g.flops or 0 for g in bwd if g.kernel != "dense") / total if total else 0.0,
+            "native_flop_share": sum(g.flops or 0 for g in bwd if g.kernel.native) / total if total else 0.0,
             "graph_breaks": sum(b.count for b in self.graph_breaks),
         }
 
@@ -90,11 +90,11 @@ class Report:
         gemms = []
         for d in data["gemms"]:
             g = GemmRecord(**{k: v for k, v in d.items() if k in fields})
-            g.shape = tuple(g.shape)
+            g.shape, g.role = tuple(g.shape), ROLES.get(g.role, g.role)
             if d.get("ops") is not None and len(d["ops"]) == len(g.transforms):
                 g.transforms = [Transform.from_dict(t) for t in d["ops"]]
             use = d.get("kernel_use")
-            g.kernel = KernelUse(g.kernel, **use) if use else DENSE_USE if g.kernel == "dense" else g.kernel
+            g.kernel = KernelUse(g.kernel, **use) if use else KernelUse.from_label(g.kernel)
             gemms.append(g)
         breaks = [GraphBreak(**b) for b in data.get("graph_breaks", [])]
         from nmcompile.kept import Kept
@@ -107,13 +107,13 @@ class Report:
         for g in self.gemms:
             what = ", ".join(g.transforms) if g.transforms else _unchanged(g)
             kernel = (
-                f"  [{g.kernel}]" if g.kernel != "dense" else (f"  [dense: {g.kernel_note}]" if g.kernel_note else "")
+                f"  [{g.kernel}]" if g.kernel.native else (f"  [dense: {g.kernel_note}]" if g.kernel_note else "")
             )
             lines.append(
                 f"  [{g.graph}] {g.module or '<top>':30s} {g.role:7s} {g.op:5s} "
                 f"{'x'.join(map(str, g.shape)):>18s}  {what}{kernel}"
             )
-            if g.role_why and not ROLES[g.role].quantized:
+            if g.role_why and not g.role.quantized:
                 lines.append(f"{'':42s}{g.role}: {g.role_why}")  # the roles no default compresses say why
         if self.graph_breaks:
             lines.append(f"graph breaks ({sum(b.count for b in self.graph_breaks)}): what follows them runs eagerly, "
@@ -126,11 +126,11 @@ def kernel_cell(g: GemmRecord) -> str:
     """The kernel, in rich markup: native ones green, a fallback with its reason dimmed."""
     from rich.markup import escape
 
-    if g.kernel != "dense":
+    if g.kernel.native:
         return f"[green]{escape(g.kernel)}[/green]" + (
             f" [dim]({escape(g.kernel_note)})[/dim]" if g.kernel_note else ""
         )
-    return "dense" + (f" [dim]({escape(g.kernel_note)})[/dim]" if g.kernel_note else "")
+    return str(g.kernel) + (f" [dim]({escape(g.kernel_note)})[/dim]" if g.kernel_note else "")
 
 
 def _unchanged(g: GemmRecord) -> str:
@@ -150,7 +150,7 @@ def tensor_core_speedup(rec) -> tuple[float, str]:
     t = _typed(rec.transforms)
     sparse = any(x.spec.kind == Kind.PRUNE and x.spec.form(x.params).sparse24 for x in t)
     quantized = [x for x in t if x.spec.kind == Kind.QUANTIZE]
-    if rec.role == "fwd":
+    if rec.role == Role.FWD:
         low_bit = any(x.where == "W,X" for x in quantized)
     else:
         stages = {x.spec.stage for x in quantized}
@@ -193,7 +193,7 @@ def gemm_table(report, title: str):
         if r.role_why:
             what += f"\n[dim]{r.role}: {r.role_why}[/dim]"
         speed, why = tensor_core_speedup(r)
-        role_style = ROLES[r.role].style if r.role in ROLES else "red"
+        role_style = ROLES[r.role].style if r.role in ROLES else Role.UNKNOWN.style
         table.add_row(str(r.graph), r.module or "<top>", f"[{role_style}]{r.role}[/{role_style}]", r.op,
                       "×".join(map(str, r.shape)), _flops(r.flops), what, kernel_cell(r),
                       f"{speed:g}×" + (f" [dim]{why}[/dim]" if speed > 1 else ""))
@@ -266,7 +266,7 @@ def kept_table(report, title: str):
         if r.kept:
             text, total = cell(r.kept)
             counted.update({(r.graph, k["name"]): k["bytes"] for k in r.kept})
-            role = r.role if r.role != "?" else r.op  # a fused attention's backward: "sdpa"
+            role = r.role if r.role != Role.UNKNOWN else r.op  # a fused attention's backward: "sdpa"
             table.add_row(str(r.graph), r.module or "<top>", role, text, _bytes(total))
     if report.kept:
         text, total = cell([k.as_dict() for k in report.kept])

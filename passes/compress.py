@@ -12,7 +12,7 @@ from .analysis import module_path
 from .config import NMConfig
 from .context import RewriteContext
 from .records import GemmRecord, NodeInfo, Transform
-from .roles import ROLES
+from .roles import Role
 
 
 # The ops are opaque calls, each drawing its seeds from torch's generator. Inductor calls them as extern kernels
@@ -31,7 +31,7 @@ def apply_fn(transforms: Sequence[Transform]) -> Callable:
     return compress
 
 
-def gradient_steps(ctx: RewriteContext, rec: GemmRecord, role: str, k, dim: int, dim_name: str, group: int = 0,
+def gradient_steps(ctx: RewriteContext, rec: GemmRecord, role: Role, k, dim: int, dim_name: str, group: int = 0,
                    experts: object = 0) -> list:
     """The Transforms to apply to a gradient operand reduced over ``dim`` of size ``k``; records them.
     ``group``: the reduction splits into independent groups of this size (a grouped convolution's
@@ -59,7 +59,7 @@ def gradient_steps(ctx: RewriteContext, rec: GemmRecord, role: str, k, dim: int,
                 rec.notes.append(f"symbolic reduction size {k}: a remainder mod {m} stays dense")
             elif k_int % m:
                 rec.notes.append(f"reduction size {k_int} not divisible by {m}: last {k_int % m} stay dense")
-    if cfg.quant is not None and (ROLES[role].quantized or role in cfg.gemms):
+    if cfg.quant is not None and (role.quantized or role in cfg.gemms):
         spec = OPS[cfg.quant]
         rows = {"dim": dim} if cfg.scales == "row" else {}  # one scale per row of the GEMM's output side
         steps.append(Transform(spec.name, {**cfg.params_for(spec), **rows,
@@ -85,19 +85,19 @@ def _rotation(cfg: NMConfig, rec: GemmRecord, k, dim: int, group: int, experts: 
     return {"hadamard": block, "hadamard_dim": dim}
 
 
-def why_unchanged(cfg: NMConfig, role: str) -> str:
+def why_unchanged(cfg: NMConfig, role: Role) -> str:
     """Why a backward GEMM of ``role`` got no gradient transform."""
-    if not ROLES[role].quantized and role not in cfg.gemms:
-        return (f"{role} not in gemms={list(cfg.gemms)}: a gradient of an activation × activation GEMM propagates "
-                "to every layer below, so it is compressed only where gemms names it")
+    if not role.quantized and role not in cfg.gemms:
+        return (f"{role} not in gemms={list(map(str, cfg.gemms))}: a gradient of an activation × activation GEMM "
+                "propagates to every layer below, so it is compressed only where gemms names it")
     if cfg.pattern is not None and role not in cfg.gemms:
-        return f"{role} not in gemms={list(cfg.gemms)} and no quant set"
+        return f"{role} not in gemms={list(map(str, cfg.gemms))} and no quant set"
     return "no gradient transform configured"
 
 
-def compress(ctx: RewriteContext, operand: fx.Node, gemm: fx.Node, steps: Sequence[Transform], role: str,
+def compress(ctx: RewriteContext, operand: fx.Node, gemm: fx.Node, steps: Sequence[Transform], role: Role,
              fn: Optional[Callable] = None, inputs: Optional[Sequence[fx.Node]] = None) -> fx.Node:
     """``operand`` rebuilt as ``steps`` applied to it, spliced in before ``gemm``. ``fn`` and ``inputs``: a
     function of ``inputs`` that applies the steps its own way (a grouped GEMM's, within each expert)."""
-    info = NodeInfo("+".join(t.op for t in steps), gemm.name, module_path(gemm), role)
+    info = NodeInfo(tuple(t.op for t in steps), gemm.name, module_path(gemm), role)
     return ctx.splice(gemm, fn or apply_fn(steps), inputs or [operand], serves=gemm, info=info)

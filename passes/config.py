@@ -9,22 +9,33 @@ import enum
 import re
 from typing import Any, Optional
 
-from nmcompile.kernels.catalog import OPS, OpSpec, ops_of
+from nmcompile.kernels.catalog import OPS, Kind, OpSpec, Stage, ops_of
+from nmcompile.kernels.gemm import Lowering
 from nmcompile.kernels.hadamard import BLOCKS as HADAMARD_BLOCKS
-from nmcompile.kernels.luq import LEVEL_KINDS
+from nmcompile.kernels.luq import LEVEL_KINDS, Levels
 from nmcompile.kernels.scales import GRANULARITIES
-from .roles import BACKWARD_ROLES
+from .roles import BACKWARD_ROLES, Role
 
 GEMM_ROLES = BACKWARD_ROLES
 
 
-def _names(kind: str, stage: str) -> tuple[str, ...]:
+def _names(kind: Kind, stage: Stage) -> tuple[str, ...]:
     """The ops an option may name, read from the catalog as a config is made (an op registered later counts)."""
     return tuple(s.name for s in ops_of(kind=kind, stage=stage))
 
 
-INNERS = ("inductor", "aot_eager")
-LOWERINGS = ("auto", "emulate", "native")
+
+
+class Inner(str, enum.Enum):
+    """The compiler the rewritten graphs go to."""
+
+    INDUCTOR = "inductor"
+    AOT_EAGER = "aot_eager"
+
+    __str__ = str.__str__
+
+
+INNERS, LOWERINGS = tuple(Inner), tuple(Lowering)
 LUQ_BITS = OPS["luq"].bits  # 1 sign bit + 1..7 exponent bits
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -41,9 +52,15 @@ def parse_pattern(pattern: Any, key: str = "sparsity") -> tuple[int, int]:
     )
 
 
+def _plain(value: Any) -> Any:
+    """An enum member's value (what options, JSON and graph arguments hold); anything else as it is."""
+    return value.value if isinstance(value, enum.Enum) else value
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> Any:
     if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(repr, allowed))}")
+        shown = ", ".join(repr(_plain(a)) for a in allowed)
+        raise ValueError(f"{key}={_plain(value)!r} is not allowed; choose one of {shown}")
     return value
 
 
@@ -138,10 +155,10 @@ class NMConfig:
 
     sparsity: Optional[str] = _option(None, Part.BACKWARD)
     method: str = _option("mvue", Part.BACKWARD)
-    gemms: tuple = _option(("wgrad",), Part.BACKWARD)
+    gemms: tuple = _option((Role.WGRAD,), Part.BACKWARD)
     quant: Optional[str] = _option(None, Part.BACKWARD)
     bits: int = _option(4, Part.BACKWARD)
-    levels: str = _option("strict", Part.BACKWARD)
+    levels: Levels = _option(Levels.STRICT, Part.BACKWARD)
     smp: int = _option(1, Part.BACKWARD)
     scales: str = _option("tensor", Part.BACKWARD)
     fwd_quant: Optional[str] = _option(None, Part.FORWARD)
@@ -155,26 +172,27 @@ class NMConfig:
     dense_if_faster: bool = _option(False, Part.BOTH)
     recompute: bool = _option(False, Part.COMPILE)
     saved_int8: bool = _option(False, Part.BACKWARD)
-    inner: str = _option("inductor", Part.COMPILE)
-    lowering: str = _option("auto", Part.COMPILE)
+    inner: Inner = _option(Inner.INDUCTOR, Part.COMPILE)
+    lowering: Lowering = _option(Lowering.AUTO, Part.COMPILE)
 
     def __post_init__(self) -> None:
         # parsed once: (N, M) or None, read through .pattern (not a field: as_dict and replace see the string)
         object.__setattr__(self, "_pattern", parse_pattern(self.sparsity) if self.sparsity is not None else None)
-        _choice("method", self.method, _names("prune", "gradient"))
+        _choice("method", self.method, _names(Kind.PRUNE, Stage.GRADIENT))
         gemms = (self.gemms,) if isinstance(self.gemms, str) else self.gemms
         if not isinstance(gemms, (list, tuple)) or not gemms:
-            raise ValueError(f"gemms={self.gemms!r} must be a non-empty list drawn from {list(GEMM_ROLES)}")
+            raise ValueError(f"gemms={self.gemms!r} must be a non-empty list drawn from {list(map(str, GEMM_ROLES))}")
         for role in gemms:
             _choice("gemms", role, GEMM_ROLES)
-        object.__setattr__(self, "gemms", tuple(dict.fromkeys(gemms)))
+        object.__setattr__(self, "gemms", tuple(dict.fromkeys(Role(r) for r in gemms)))
         if self.quant is not None:
-            _choice("quant", self.quant, _names("quantize", "gradient"))
+            _choice("quant", self.quant, _names(Kind.QUANTIZE, Stage.GRADIENT))
         _int_in("bits", self.bits, OPS[self.quant or "luq"].bits)  # unset: what the default quantizer allows
         _choice("levels", self.levels, LEVEL_KINDS)
+        object.__setattr__(self, "levels", Levels(self.levels))
         _int_in("smp", self.smp, range(1, 65))
         if self.fwd_quant is not None:
-            _choice("fwd_quant", self.fwd_quant, _names("quantize", "forward"))
+            _choice("fwd_quant", self.fwd_quant, _names(Kind.QUANTIZE, Stage.FORWARD))
         _int_in("fwd_bits", self.fwd_bits, OPS[self.fwd_quant or "sawb"].bits)
         _scales("scales", self.scales, "quant", self.quant)
         _scales("fwd_scales", self.fwd_scales, "fwd_quant", self.fwd_quant)
@@ -193,6 +211,8 @@ class NMConfig:
                                  f"{', '.join(missing)}")
         _choice("inner", self.inner, INNERS)
         _choice("lowering", self.lowering, LOWERINGS)
+        object.__setattr__(self, "inner", Inner(self.inner))
+        object.__setattr__(self, "lowering", Lowering(self.lowering))
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -228,7 +248,7 @@ class NMConfig:
 
     def params_for(self, spec: OpSpec) -> dict:
         """The parameters this config gives a quantizer (its ``options``: bits, levels, samples)."""
-        return {param: getattr(self, key) for param, key in spec.options.items()}
+        return {param: _plain(getattr(self, key)) for param, key in spec.options.items()}
 
     @property
     def compresses_gradients(self) -> bool:
@@ -240,8 +260,9 @@ class NMConfig:
         return not self.compresses_gradients and self.fwd_quant is None and not self.saved_int8
 
     def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["gemms"] = list(self.gemms)
+        """The options as plain values (strings where the fields hold enums), as JSON and ``options=`` take them."""
+        d = {key: _plain(value) for key, value in dataclasses.asdict(self).items()}
+        d["gemms"] = [r.value for r in self.gemms]
         return d
 
     def options(self) -> dict:

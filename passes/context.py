@@ -12,7 +12,7 @@ from .analysis import module_path, size_str, val
 from .config import NMConfig
 from .ends import ModelEnds
 from .records import GemmRecord, NodeInfo
-from .roles import GraphRoles
+from .roles import GraphRoles, Role
 from .splice import atomic, splice
 
 
@@ -33,7 +33,7 @@ class RewriteContext:
     quantized_gemms: set = dataclasses.field(default_factory=set)  # forward GEMMs whose operands were quantized
     dense_layers: dict = dataclasses.field(default_factory=dict)  # forward GEMM -> why its layer stays dense
 
-    def record(self, node: fx.Node, op: str, role: str) -> GemmRecord:
+    def record(self, node: fx.Node, op: str, role: Role) -> GemmRecord:
         """A new record for ``node``, its shape unknown until the rewrite reads it."""
         out = val(node)
         dtype = (

@@ -12,7 +12,7 @@ from .compress import compress, gradient_steps
 from .context import RewriteContext, sizes
 from .families import ForwardGemm, GemmFamily, register
 from .forward import forward_transform, requantized
-from .roles import ROLES
+from .roles import Role
 
 _getitem = operator.getitem
 
@@ -24,7 +24,7 @@ def _forward(node: fx.Node) -> ForwardGemm:
 def _backward(ctx: RewriteContext, node: fx.Node) -> None:
     mask = list(node.args[10])
     getitems = {u.args[1]: u for u in node.users if u.target is _getitem}
-    roles = [(index, role) for index, role in ((0, "dgrad"), (1, "wgrad")) if mask[index] and index in getitems]
+    roles = [(index, role) for index, role in ((0, Role.DGRAD), (1, Role.WGRAD)) if mask[index] and index in getitems]
     recs = {index: ctx.record(node, "conv", role) for index, role in roles}
     for index, rec in recs.items():
         rec.role_why = f"convolution_backward's {'input' if index == 0 else 'weight'} gradient"
@@ -37,15 +37,15 @@ def _backward(ctx: RewriteContext, node: fx.Node) -> None:
             rec = recs[index]
             rec.shape = sizes(backward_shape(node, role))
             if new_x is not x or new_w is not w:
-                rec.transforms.append(forward_transform(ctx.config, ROLES[role].other))
+                rec.transforms.append(forward_transform(ctx.config, role.other))
             g = grad
             if grad in ctx.grads and ctx.selected(rec):
                 # dgrad reduces over output channels (dim 1), within each conv group; wgrad over N·H·W: group along W
-                dim = 1 if role == "dgrad" else val(grad).dim() - 1
+                dim = 1 if role == Role.DGRAD else val(grad).dim() - 1
                 groups = _groups(node)
-                group = val(grad).shape[1] // groups if role == "dgrad" and groups > 1 else 0
+                group = val(grad).shape[1] // groups if role == Role.DGRAD and groups > 1 else 0
                 steps = gradient_steps(ctx, rec, role, val(grad).shape[dim], dim,
-                                       "C_out" if role == "dgrad" else "W (tokens)", group)
+                                       "C_out" if role == Role.DGRAD else "W (tokens)", group)
                 if steps:
                     g = compress(ctx, grad, node, steps, role)
             if g is grad and new_x is x and new_w is w:
@@ -83,13 +83,13 @@ def _groups(node: fx.Node) -> int:
     return groups if isinstance(groups, int) and not transposed else 1
 
 
-def backward_shape(node: fx.Node, role: str) -> tuple:
+def backward_shape(node: fx.Node, role: Role) -> tuple:
     """(M, N, K) of a convolution's backward GEMM, K per conv group: dgrad reduces each input channel's
     gradient over the C_out/groups output channels of its group (× the kernel positions)."""
     grad, x, w = (val(a) for a in node.args[:3])
     if grad is None or x is None or w is None:
         return ("?", "?", "?")
-    if role == "dgrad":
+    if role == Role.DGRAD:
         groups = _groups(node)
         return (x.shape[0] * x.shape[2:].numel(), w.shape[1] * groups, w.shape[0] // groups * w.shape[2:].numel())
     return (w.shape[0], w.shape[1:].numel(), grad.shape[0] * grad.shape[2:].numel())

@@ -14,6 +14,7 @@ from .config import NMConfig
 from .context import RewriteContext, sizes
 from .families import GemmFamily
 from .records import GemmRecord, NodeInfo, Transform
+from .roles import Role
 from .speed import dense_is_faster
 
 
@@ -29,7 +30,7 @@ def quantize_forward(ctx: RewriteContext, gemms: Mapping[fx.Node, GemmFamily]) -
     cfg = ctx.config
     kept = _kept(ctx, gemms)
     for node, family in gemms.items():
-        rec = ctx.record(node, family.label(node), "fwd")
+        rec = ctx.record(node, family.label(node), Role.FWD)
         with ctx.transaction(rec):
             gemm = family.forward(node)
             rec.shape = sizes(gemm.shape)
@@ -103,7 +104,7 @@ def _quantize_source(ctx: RewriteContext, operand: fx.Node, gemm: fx.Node, dim: 
         while anchor.op == "placeholder":  # keep placeholders first
             anchor = anchor.next
         quantize = forward_transform(ctx.config, "W,X", dim)
-        info = NodeInfo(quantize.op, gemm.name, module_path(gemm), "fwd", bits=quantize.params["bits"])
+        info = NodeInfo((quantize.op,), gemm.name, module_path(gemm), Role.FWD, bits=quantize.params["bits"])
         ctx.quantized[base] = ctx.splice(anchor, apply_fn([quantize]), [base], serves=gemm, info=info), quantize
     node, quantize = ctx.quantized[base]
     return replay(ctx, chain, node, before=gemm), quantize

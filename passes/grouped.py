@@ -24,6 +24,7 @@ from .analysis import matmul_operands, val
 from .compress import apply_fn, compress, gradient_steps, why_unchanged
 from .context import RewriteContext, sizes
 from .families import ForwardGemm, GemmFamily, register
+from .roles import Role
 
 GROUPED_MM = getattr(torch.ops.aten, "_grouped_mm", None)
 GROUPED_MM = GROUPED_MM.default if GROUPED_MM is not None else None
@@ -57,9 +58,9 @@ def grouped_role(node: fx.Node, grads: set) -> tuple[Optional[str], str, Optiona
     if (a in grads) == (b in grads):
         return None, "both operands depend on the incoming gradient" if a in grads else "no operand is a gradient", None
     if va.dim() == 2 and vb.dim() == 3 and a in grads:
-        return "dgrad", "2D×3D: each token's gradient times its expert's weight", 0
+        return Role.DGRAD, "2D×3D: each token's gradient times its expert's weight", 0
     if va.dim() == 2 and vb.dim() == 2:
-        return "wgrad", "2D×2D: each expert's weight gradient, summed over its tokens", 0 if a in grads else 1
+        return Role.WGRAD, "2D×2D: each expert's weight gradient, summed over its tokens", 0 if a in grads else 1
     return None, f"grouped GEMM of a {va.dim()}D and a {vb.dim()}D operand with the gradient in the 3D one", None
 
 
@@ -107,7 +108,7 @@ def _forward(node: fx.Node) -> ForwardGemm:
 def _backward(ctx: RewriteContext, node: fx.Node) -> None:
     """dgrad pruned along the features like any dgrad, wgrad along each expert's own tokens; quantizers per
     tensor."""
-    rec = ctx.record(node, "grouped_mm", "?")
+    rec = ctx.record(node, "grouped_mm", Role.UNKNOWN)
     with ctx.transaction(rec):
         shape, experts = grouped_shape(node)
         rec.shape = sizes(shape)
@@ -119,7 +120,7 @@ def _backward(ctx: RewriteContext, node: fx.Node) -> None:
         if not ctx.selected(rec):
             return
         grad = node.args[index]
-        if role == "dgrad":  # gy[T, N] times the experts' weights: reduced over N
+        if role == Role.DGRAD:  # gy[T, N] times the experts' weights: reduced over N
             steps = gradient_steps(ctx, rec, role, val(grad).shape[1], 1, "K (features)")
             new = compress(ctx, grad, node, steps, role) if steps else None
         else:  # reduced over the tokens: dim 1 of a [P, T] left operand, dim 0 of a [T, Q] right one

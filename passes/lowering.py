@@ -32,11 +32,13 @@ from torch.utils.checkpoint import CheckpointPolicy
 
 from nmcompile.kernels.catalog import Kind, OpSpec, Stage, spec_of
 from nmcompile.kernels.fp8 import E4M3, dequantize
-from nmcompile.kernels.gemm import DENSE, DENSE_USE, KERNELS, GemmKernel, cusparselt_version, int8_gemm
+from nmcompile.kernels.gemm import (DENSE, DENSE_USE, KERNELS, Codes, CpuUse, GemmKernel, Lowering, cusparselt_version,
+                                    int8_gemm)
 
 from .analysis import LAYOUT_OPS, last_dim_is_k, layout_chain, module_path, val
 from .config import NMConfig
 from .records import GemmRecord, NodeInfo
+from .roles import Role
 from .splice import atomic, splice
 
 aten = torch.ops.aten
@@ -113,7 +115,7 @@ def _varying_why(spec: OpSpec) -> str:
 def _rotated(node: fx.Node) -> bool:
     """``node`` is the last step of a gradient quantizer wrapped in a rotation (the rewrite's ``hadamard``)."""
     info = NodeInfo.read(node)
-    return info is not None and info.role not in ("", "fwd") and spec_of(node.target) is None and any(
+    return info is not None and info.role not in ("", Role.FWD) and spec_of(node.target) is None and any(
         spec_of(n.target) is not None for n in _ancestors_within(node, info))
 
 
@@ -191,8 +193,8 @@ class _Plan:
     right: Optional[_Operand] = None
 
 
-def _plan(node: Optional[fx.Node], rec: GemmRecord, lowering: str) -> _Plan:
-    if lowering == "emulate":
+def _plan(node: Optional[fx.Node], rec: GemmRecord, lowering: Lowering) -> _Plan:
+    if lowering == Lowering.EMULATE:
         return _Plan(DENSE, None)
     if node is None or node.target not in _GEMMS:
         return _Plan(DENSE, f"no native kernel for {rec.op} GEMMs (mm and addmm only)")
@@ -216,7 +218,7 @@ def _plan(node: Optional[fx.Node], rec: GemmRecord, lowering: str) -> _Plan:
         return _Plan(DENSE, "symbolic shapes: native kernels need static sizes")
     capability = torch.cuda.get_device_capability(out.device) if out.device.type == "cuda" else None
     sparse = left.sparse24 or right.sparse24
-    codes = {"float8": bool(left.fp8 and right.fp8), "int8": left.int8 and right.int8, None: True}
+    codes = {Codes.FLOAT8: bool(left.fp8 and right.fp8), Codes.INT8: left.int8 and right.int8, None: True}
     notes = []
     candidates = []
     for kernel in KERNELS.values():
@@ -231,8 +233,9 @@ def _plan(node: Optional[fx.Node], rec: GemmRecord, lowering: str) -> _Plan:
         why = kernel.support(out.device, capability, (m, n, k), out.dtype, lowering)
         if why is None:
             # a CPU's reference kernels are never the choice: naming them beside every choice is noise
-            notes += [f"{k.name}: {w}" for k, w in skipped if not (out.device.type == "cpu" and k.cpu == "reference")]
-            notes += folds if kernel.codes == "int8" else []
+            notes += [f"{k.name}: {w}" for k, w in skipped
+                      if not (out.device.type == "cpu" and k.cpu == CpuUse.REFERENCE)]
+            notes += folds if kernel.codes == Codes.INT8 else []
             return _Plan(kernel, "; ".join(notes) or None, left, right)
         skipped.append((kernel, why))
     notes += [f"{k.name}: {w}" for k, w in skipped]
@@ -242,12 +245,12 @@ def _plan(node: Optional[fx.Node], rec: GemmRecord, lowering: str) -> _Plan:
     return _Plan(DENSE, "; ".join(notes))
 
 
-def _codes_op(spec: OpSpec, codes: str) -> str:
-    """The op giving ``spec``'s output as ``codes`` ("float8" or "int8") and a scale."""
-    return spec.codes_op if codes == "float8" else spec.int8_op
+def _codes_op(spec: OpSpec, codes: Codes) -> str:
+    """The op giving ``spec``'s output as ``codes`` (float8 or int8) and a scale."""
+    return spec.codes_op if codes == Codes.FLOAT8 else spec.int8_op
 
 
-def _codes_fn(spec: OpSpec, args: tuple, codes: str):
+def _codes_fn(spec: OpSpec, args: tuple, codes: Codes):
     codes_op = getattr(torch.ops.nm, _codes_op(spec, codes)).default
     return lambda *xs, **kwargs: codes_op(*xs, *args, **kwargs)
 
@@ -255,9 +258,9 @@ def _codes_fn(spec: OpSpec, args: tuple, codes: str):
 class _Lowerer:
     def __init__(self, graph: fx.Graph, decompositions: dict, recompute: bool = False):
         self.graph, self.decompositions, self.recompute = graph, decompositions, recompute
-        self.forward_codes: dict = {}  # (forward quantizer node, "float8" | "int8") -> (codes node, scale node)
+        self.forward_codes: dict = {}  # (forward quantizer node, Codes) -> (codes node, scale node)
 
-    def _codes_of_forward(self, base: fx.Node, spec: OpSpec, codes: str) -> tuple:
+    def _codes_of_forward(self, base: fx.Node, spec: OpSpec, codes: Codes) -> tuple:
         """A forward quantizer's codes, computed once right after it: the forward GEMM and the
         backward GEMMs that reuse its output all read them (and the backward keeps only them)."""
         if (base, codes) not in self.forward_codes:
@@ -267,7 +270,7 @@ class _Lowerer:
                 _codes_fn(spec, tuple(base.args[1:]), codes),
                 [base.args[0]],
                 serves=base,
-                info=dataclasses.replace(NodeInfo.read(base), op=_codes_op(spec, codes)),
+                info=dataclasses.replace(NodeInfo.read(base), op=(_codes_op(spec, codes),)),
                 decompositions=self.decompositions,
             )
         return self.forward_codes[base, codes]
@@ -301,7 +304,7 @@ class _Lowerer:
             if o.spec.stage == Stage.FORWARD:
                 codes, scale = self._codes_of_forward(o.base, o.spec, plan.kernel.codes)
                 i, j = take(codes), take(scale)
-                if o.fold and plan.kernel.codes == "int8":
+                if o.fold and plan.kernel.codes == Codes.INT8:
                     # its scales, constant along the other dim, laid out like the other operand's K: [1, K] / [K, 1]
                     folded.append(lambda xs: laid_out(xs[j].expand(xs[i].shape)).narrow(1 - o.k_dim, 0, 1).t())
                     return lambda xs: (laid_out(xs[i]), torch.ones((), dtype=torch.float32, device=xs[i].device))
@@ -334,15 +337,16 @@ class _Lowerer:
                 if transposed:  # A·B = (Bᵀ·Aᵀ)ᵀ
                     return torch.ops.nm.sparse24_mm.default(b.t(), a.t(), sb, sa, out_dtype).t()
                 return torch.ops.nm.sparse24_mm.default(a, b, sa, sb, out_dtype)
-            if plan.kernel.codes == "int8":  # inlined: Inductor fuses the scaling into the output's consumer
+            if plan.kernel.codes == Codes.INT8:  # inlined: Inductor fuses the scaling into the output's consumer
                 return int8_gemm(a, sa, b, sb, xs[bias] if bias is not None else None, out_dtype, pow2)
             return torch.ops.nm.fp8_mm.default(a, sa, b, sb, xs[bias] if bias is not None else None, out_dtype)
 
-        info = NodeInfo("gemm", node.name, module_path(node), rec.role, kernel=rec.kernel)
+        info = NodeInfo(("gemm",), node.name, module_path(node), rec.role, kernel=rec.kernel)
         # A forward int8 GEMM is exact, so the backward can recompute its output from the codes it keeps anyway.
         # Only in fp32: Inductor keeps a bf16 result that it fuses into its consumer in fp32, unrounded, so
         # a bf16 output recomputed inside a backward kernel would not be the one the forward stored.
-        recompute = self.recompute and rec.role == "fwd" and plan.kernel.codes == "int8" and out_dtype == torch.float32
+        recompute = (self.recompute and rec.role == Role.FWD and plan.kernel.codes == Codes.INT8
+                     and out_dtype == torch.float32)
         new = splice(self.graph, node, gemm, inputs, serves=node, info=info, decompositions=self.decompositions,
                      recompute=recompute)
         node.replace_all_uses_with(new)
@@ -364,7 +368,7 @@ class _Lowerer:
                     lambda c, s: dequantize(c, s, dtype),
                     [codes, scale],
                     serves=base,
-                    info=dataclasses.replace(NodeInfo.read(base), op="dequantize"),
+                    info=dataclasses.replace(NodeInfo.read(base), op=("dequantize",)),
                     decompositions=self.decompositions,
                 )
                 base.replace_all_uses_with(deq)
@@ -373,7 +377,7 @@ class _Lowerer:
 
 def _formats(plan: _Plan) -> tuple:
     def fmt(o: _Operand):
-        return {"float8": o.fp8, "int8": torch.int8}.get(plan.kernel.codes) or val(o.node).dtype
+        return {Codes.FLOAT8: o.fp8, Codes.INT8: torch.int8}.get(plan.kernel.codes) or val(o.node).dtype
 
     return fmt(plan.left), fmt(plan.right)
 

@@ -11,7 +11,7 @@ from .context import RewriteContext, sizes
 from .families import ForwardGemm, GemmFamily, register
 from .forward import requantized
 from .records import Transform
-from .roles import ROLES
+from .roles import Role
 
 
 def _is_matmul(node: fx.Node) -> bool:
@@ -25,7 +25,7 @@ def _forward(node: fx.Node) -> ForwardGemm:
 
 
 def _backward(ctx: RewriteContext, node: fx.Node) -> None:
-    rec = ctx.record(node, MATMULS[node.target], "?")
+    rec = ctx.record(node, MATMULS[node.target], Role.UNKNOWN)
     with ctx.transaction(rec):
         left, right = matmul_operands(node)
         rec.shape = sizes(matmul_shape(left, right))
@@ -50,10 +50,10 @@ def _backward(ctx: RewriteContext, node: fx.Node) -> None:
         requant = requantized(ctx, other, node, partner)
         if requant is not None:
             changes.append((other, requant[0]))
-            rec.transforms.append(Transform(requant[1].op, requant[1].params, ROLES[role].other))
+            rec.transforms.append(Transform(requant[1].op, requant[1].params, role.other))
         if ctx.selected(rec):
             dim = val(grad).dim() - (1 if grad_left else 2)  # the reduction dim of the gradient operand
-            steps = gradient_steps(ctx, rec, role, val(grad).shape[dim], dim, ROLES[role].reduces)
+            steps = gradient_steps(ctx, rec, role, val(grad).shape[dim], dim, role.reduces)
             if steps:
                 changes.append((grad, compress(ctx, grad, node, steps, role)))
             elif not rec.transforms and not rec.notes:

@@ -43,14 +43,23 @@ class NodeInfo:
     """What a node the pass inserted carries (``node.meta["nm"]``): written by the rewrite, the seed
     merge and the lowering; read by the CLI, the exports and the profiler."""
 
-    op: str  # "mvue", "luq", "mvue+luq", ... (gradient compression), "sawb", "seeds", "gemm",
-    #          "sawb_fp8", "dequantize"
+    op: tuple  # what it runs, in order: ("mvue",), ("mvue", "luq"), ... (gradient compression), ("sawb",),
+    #            ("seeds",), ("gemm",), ("sawb_fp8",), ("dequantize",), ("saved_int8",)
     gemm: str = ""  # the GEMM node it serves (for seeds: the GEMMs whose draws were merged, comma-separated)
     module: str = ""  # that GEMM's module
-    role: str = ""  # a name in passes.roles.ROLES ("" where it serves several)
+    role: str = ""  # a passes.roles.Role ("" where it serves several)
     bits: Optional[int] = None  # SAWB bit width
     kernel: str = ""  # the native GEMM's kernel
     count: Optional[int] = None  # seeds: how many draws were merged
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.op, tuple) or not self.op or not all(isinstance(o, str) for o in self.op):
+            raise TypeError(f"NodeInfo.op must be a non-empty tuple of op names, got {self.op!r}")
+
+    @property
+    def label(self) -> str:
+        """How tables print it: "mvue+luq"."""
+        return "+".join(self.op)
 
     def write(self, node) -> None:
         node.meta["nm"] = self
@@ -66,16 +75,16 @@ class GemmRecord:
     graph: int  # index of the joint graph in this compile (Dynamo may produce several)
     node: str  # name of the GEMM node in the joint graph
     op: str  # mm | bmm | addmm | conv
-    role: str  # a name in passes.roles.ROLES, or ? (unclassified)
+    role: str  # a passes.roles.Role (Role.UNKNOWN: unclassified); a str, as JSON holds it
     module: str  # qualified name of the nn.Module that owns it ("" at top level)
     shape: tuple  # (M, N, K) of the GEMM; str entries for symbolic sizes
     dtype: str
     transforms: list = dataclasses.field(default_factory=list)  # Transforms, in the order they apply
     skipped: Optional[str] = None  # why nothing was applied, when nothing was
     notes: list = dataclasses.field(default_factory=list)
-    # the kernel that runs it (kernels.gemm.KernelUse): "dense" (input dtype), "fp8 e4m3", "fp8 e5m2×e4m3",
+    # the kernel that runs it: a str whose value is its label, "dense" (input dtype), "fp8 e4m3", "int8",
     # "2:4 cusparselt bf16", "2:4 cusparselt fp8", or on CPU "2:4 cpu bf16" / "2:4 cpu fp8"
-    kernel: str = DENSE_USE
+    kernel: KernelUse = DENSE_USE
     kernel_note: Optional[str] = None  # why a rewritten GEMM stayed dense (or on a lesser kernel)
     cusparselt: Optional[int] = None  # torch.backends.cusparselt.version() where it was compiled
     role_why: str = ""  # how the graph showed the role
@@ -96,7 +105,7 @@ class GemmRecord:
         d["transforms"] = [str(t) for t in self.transforms]
         d["ops"] = [t.as_dict() for t in self.transforms if isinstance(t, Transform)]
         d["kernel"] = str(self.kernel)
-        d["kernel_use"] = self.kernel.as_dict() if isinstance(self.kernel, KernelUse) else None
+        d["kernel_use"] = self.kernel.as_dict()
         d["shape"] = list(self.shape)
         d["flops"] = self.flops
         return d

@@ -21,7 +21,7 @@ from .forward import quantize_forward
 from .grouped import is_opaque_grouped_mm
 from .lowering import lower_gemms
 from .records import GemmRecord
-from .roles import GraphRoles
+from .roles import GraphRoles, Role
 from .seeds import merge_seed_draws
 
 
@@ -35,7 +35,7 @@ class Unrewritten:
 
     def record(self, node: fx.Node, graph_index: int) -> GemmRecord:
         dtype = str(getattr(val(node.args[0]), "dtype", "?")).replace("torch.", "")
-        return GemmRecord(graph_index, node.name, self.op, "?", module_path(node), ("?",) * 3, dtype,
+        return GemmRecord(graph_index, node.name, self.op, Role.UNKNOWN, module_path(node), ("?",) * 3, dtype,
                           skipped=self.reason(node))
 
 

@@ -13,7 +13,7 @@ contraction (``analysis.matmul_role``). What it *is* comes from where its output
 """
 from __future__ import annotations
 
-import dataclasses
+import enum
 from typing import Optional
 
 import torch
@@ -24,9 +24,21 @@ from .analysis import LAYOUT_OPS, MATMULS, cast_source, is_tangent, matmul_opera
 aten, prims = torch.ops.aten, torch.ops.prims
 
 
-@dataclasses.dataclass(frozen=True)
-class Role:
-    name: str
+class Role(str, enum.Enum):
+    """What a GEMM of a training step is for: one entry per role, with what the rest of the pass needs to
+    know about it. A str: compares equal to, and is written in JSON and reports as, its value."""
+
+    FWD = ("fwd", False, False, "", "", "cyan", "a forward GEMM")
+    WGRAD = ("wgrad", True, True, "K (tokens)", "X", "magenta",
+             "gradient of a parameter, Xᵀ · gy, summed over the tokens: an update")
+    DGRAD = ("dgrad", False, True, "K (features)", "W", "green",
+             "gradient of a layer's input, gy · Wᵀ: propagates to the layers below")
+    ACT_LHS = ("act_lhs", False, False, "K (features)", "B", "yellow",
+               "gradient of the left operand of a GEMM of two activations (dq of q @ kᵀ, dp of p @ v): propagates")
+    ACT_RHS = ("act_rhs", False, False, "K (tokens)", "A", "yellow",
+               "gradient of the right operand of a GEMM of two activations (dk of q @ kᵀ, dv of p @ v): propagates")
+    UNKNOWN = ("?", False, False, "", "", "red", "not decided from the graph: left unchanged, and says why")
+
     update: bool  # its output is a parameter's gradient (the optimizer applies it; it does not propagate)
     quantized: bool  # a gradient quantizer (``quant``) compresses it without ``gemms`` naming it
     reduces: str  # what the gradient operand is reduced over, as records print it
@@ -34,19 +46,18 @@ class Role:
     style: str  # its colour in tables
     meaning: str
 
+    def __new__(cls, value: str, update: bool, quantized: bool, reduces: str, other: str, style: str, meaning: str):
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.update, member.quantized, member.reduces, member.other = update, quantized, reduces, other
+        member.style, member.meaning = style, meaning
+        return member
 
-ROLES: dict = {r.name: r for r in (
-    Role("fwd", False, False, "", "", "cyan", "a forward GEMM"),
-    Role("wgrad", True, True, "K (tokens)", "X", "magenta", "gradient of a parameter, Xᵀ · gy, summed over the tokens: "
-         "an update"),
-    Role("dgrad", False, True, "K (features)", "W", "green", "gradient of a layer's input, gy · Wᵀ: propagates to the "
-         "layers below"),
-    Role("act_lhs", False, False, "K (features)", "B", "yellow", "gradient of the left operand of a GEMM of two "
-         "activations (dq of q @ kᵀ, dp of p @ v): propagates"),
-    Role("act_rhs", False, False, "K (tokens)", "A", "yellow", "gradient of the right operand of a GEMM of two "
-         "activations (dk of q @ kᵀ, dv of p @ v): propagates"),
-)}
-BACKWARD_ROLES = tuple(name for name in ROLES if name != "fwd")
+    __str__ = str.__str__
+
+
+ROLES: dict = {r.value: r for r in Role}  # by name, as options, records and JSON spell it
+BACKWARD_ROLES = tuple(r for r in Role if r not in (Role.FWD, Role.UNKNOWN))
 
 
 def is_update(role: str) -> bool:
@@ -87,10 +98,10 @@ class GraphRoles:
         sides = {n: self._guarded(self._side, n) for nodes in by_seq.values() for n in nodes}
         self._roles: dict = {}
         for node, side in sides.items():
-            if side is not None and side[0] != "dgrad":
+            if side is not None and side[0] != Role.DGRAD:
                 self._roles[node] = self._guarded(self._role_of_wgrad_side, node, *side)[:2]
         for node, side in sides.items():
-            if side is not None and side[0] == "dgrad":
+            if side is not None and side[0] == Role.DGRAD:
                 siblings = [s for s in by_seq[node.meta.get("seq_nr")] if s is not node]
                 self._roles[node] = self._guarded(self._role_of_dgrad_side, node, siblings, *side)[:2]
 
@@ -114,25 +125,25 @@ class GraphRoles:
             return None
         grad_left = left in self.grads
         side, how = matmul_role(node, grad_left, self.partners.get(node.meta.get("seq_nr")))
-        return side, how, right if grad_left else left
+        return Role(side) if side is not None else None, how, right if grad_left else left
 
     def _role_of_wgrad_side(self, node: fx.Node, side: Optional[str], how: str, other) -> tuple:
         if side is None:
             return None, how
         target = self._parameter_gradient(node)
         if target is not None:
-            return "wgrad", f"reduces over tokens ({how}); its output is the gradient of parameter input {target}"
-        return "act_rhs", (f"reduces over tokens ({how}), but its output is an activation's gradient (it reaches "
+            return Role.WGRAD, f"reduces over tokens ({how}); its output is the gradient of parameter input {target}"
+        return Role.ACT_RHS, (f"reduces over tokens ({how}), but its output is an activation's gradient (it reaches "
                            "no parameter's gradient): both operands of its forward GEMM are activations")
 
     def _role_of_dgrad_side(self, node: fx.Node, siblings: list, side: str, how: str, other) -> tuple:
-        if any(self[s][0] == "wgrad" for s in siblings):
-            return "dgrad", (f"reduces over features ({how}); the other side of its forward GEMM is a parameter's "
+        if any(self[s][0] == Role.WGRAD for s in siblings):
+            return Role.DGRAD, (f"reduces over features ({how}); the other side of its forward GEMM is a parameter's "
                              "gradient")
         if self._is_weight(other):
-            return "dgrad", (f"reduces over features ({how}); its other operand is a parameter (one that needs no "
+            return Role.DGRAD, (f"reduces over features ({how}); its other operand is a parameter (one that needs no "
                              "gradient)")
-        return "act_lhs", (f"reduces over features ({how}), times an activation: both operands of its forward GEMM "
+        return Role.ACT_LHS, (f"reduces over features ({how}), times an activation: both operands of its forward GEMM "
                            "are activations")
 
     def _parameter_gradient(self, node: fx.Node) -> Optional[int]:

@@ -67,7 +67,7 @@ def compress_saved(forward: fx.GraphModule, backward: fx.GraphModule) -> list:
     first = next(n for n in backward.graph.nodes if n.op != "placeholder")
     done = []
     for node, placeholder in candidates(forward, backward):
-        info = NodeInfo("saved_int8", node.name, module_path(node))
+        info = NodeInfo(("saved_int8",), node.name, module_path(node))
         last = node.meta["val"].dim() - 1
         codes, scale = splice(forward.graph, output, lambda x: torch.ops.nm.absmax_int8.default(x, 8, last), [node],
                               serves=node, info=info, decompositions=decompositions)

@@ -39,7 +39,7 @@ def merge_seed_draws(graph: fx.Graph) -> None:
         seeds = graph.call_function(torch.ops.nm.seeds.default, (sum(sizes), first.kwargs["device"]))
     seeds.meta.update(first.meta)
     seeds.meta["val"] = seeds_val
-    NodeInfo("seeds", ",".join(NodeInfo.read(n).gemm for n in draws), count=len(draws)).write(seeds)
+    NodeInfo(("seeds",), ",".join(NodeInfo.read(n).gemm for n in draws), count=len(draws)).write(seeds)
     offset = 0
     for draw, size in zip(draws, sizes):
         with graph.inserting_before(draw), fake.fake_mode:

@@ -19,7 +19,7 @@ import torch
 
 from nmcompile.kernels import timing
 from nmcompile.kernels.catalog import OPS
-from nmcompile.kernels.gemm import int8_cpu_support
+from nmcompile.kernels.gemm import Lowering, int8_cpu_support
 from .config import NMConfig
 
 
@@ -57,7 +57,7 @@ def layer_costs(m: int, n: int, k: int, dtype: torch.dtype, config: NMConfig) ->
 
 def dense_is_faster(m, n, k, dtype: torch.dtype, device: torch.device, config: NMConfig) -> Optional[str]:
     """Why this layer stays dense under ``dense_if_faster``, or None where int8 is faster (or not on this CPU)."""
-    if device.type != "cpu" or config.lowering == "emulate" or int8_cpu_support() is not None:
+    if device.type != "cpu" or config.lowering == Lowering.EMULATE or int8_cpu_support() is not None:
         return None
     if not all(isinstance(size, int) for size in (m, n, k)):
         return None  # symbolic shapes: the lowering leaves these dense and says why

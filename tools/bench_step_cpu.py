@@ -7,11 +7,10 @@
     python tools/bench_step_cpu.py --model gpt2  # Hugging Face's GPT-2 (transformers) of the same size instead
 
 The model is a stack of pre-LayerNorm Transformer blocks (causal ``scaled_dot_product_attention``, GELU
-MLP 4d; ``bench_train.Block``) between a small input projection and a small output head (the model's
+MLP 4d; ``nmcompile.examples.Block``) between a small input projection and a small output head (the model's
 first layer is the byte embedding, its last the head, which ``keep_first_last`` keeps in high precision),
-trained with AdamW on next-byte
-prediction over Python's standard-library sources (bytes embedded in 256 dims): batch × seq tokens a
-step, the same batches for every configuration.
+trained with AdamW on next-byte prediction over Python's standard-library sources (the training bytes of
+``tools/lm/corpus.py``, embedded in 256 dims): batch × seq tokens a step, the same batches for every configuration.
 
 Configurations (``--configs``): Inductor in fp32 and under ``torch.autocast("cpu", torch.bfloat16)``
 (the baseline a CPU user has); backend nm with LUQ4 gradients and SAWB4 forward, and with LUQ4
@@ -51,14 +50,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_train import Block, batches, stdlib_text  # noqa: E402
+import nmcompile
+from nmcompile.demo.environment import cpu_name
+from nmcompile.examples import Block
+from nmcompile.kernels import cpu
+from nmcompile.memory import peak_bytes, tensor_bytes
+from nmcompile.passes.roles import Role
+from nmcompile.recipes import recipe
 
-import nmcompile  # noqa: E402
-from nmcompile.demo.environment import cpu_name  # noqa: E402
-from nmcompile.kernels import cpu  # noqa: E402
-from nmcompile.memory import peak_bytes, tensor_bytes  # noqa: E402
-from nmcompile.recipes import recipe  # noqa: E402
+from lm.corpus import fixed_batches, stdlib_corpus  # tools/lm: the LM tools' shared parts
 
 LUQ_SAWB = recipe("luq4 + sawb4").options
 LUQ_INT8 = recipe("luq4 + absmax8").options
@@ -110,7 +110,7 @@ class Net(nn.Module):
         self.checkpoint = checkpoint
         self.embed = nn.Embedding(256, 256)
         self.inp = nn.Linear(256, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(d, heads, sdpa=True) for _ in range(layers))
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, 256)
 
@@ -273,8 +273,7 @@ def main(argv: Optional[list] = None) -> int:
 
     torch.manual_seed(0)
     state = build(args).state_dict()
-    text = stdlib_text(8 << 20)
-    data = batches(text, args.warmup + args.steps + 2, args.batch, args.seq)
+    data = fixed_batches(stdlib_corpus()[0], args.warmup + args.steps + 2, args.batch, args.seq)
     runs = []
     for name in names:
         print(f"compiling {name} ...", file=sys.stderr, flush=True)
@@ -284,7 +283,7 @@ def main(argv: Optional[list] = None) -> int:
         for r in records:
             if r.transforms:
                 run.kernels[str(r.kernel)] = run.kernels.get(str(r.kernel), 0) + 1
-            elif r.role == "fwd" and r.skipped and "dense is faster" in r.skipped:
+            elif r.role == Role.FWD and r.skipped and "dense is faster" in r.skipped:
                 run.dense_layers.append(r.skipped)
         dense = f", {len(run.dense_layers)} layers dense (faster here)" if run.dense_layers else ""
         print(f"  {name}: compiled in {run.compile_s:.1f} s, kernels {run.kernels}{dense}", file=sys.stderr, flush=True)

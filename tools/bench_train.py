@@ -3,9 +3,9 @@
     python tools/bench_train.py [--layers 12 --d 1024 --seq 1024 --batch 8 --steps 200] [--out bench-train.json]
     python tools/bench_train.py --smoke        # a tiny decoder on CPU for a few steps (tests the script)
 
-The decoder is built here (pre-LayerNorm blocks, causal ``scaled_dot_product_attention``, GELU MLP,
-tied embeddings), trained with AdamW under bf16 autocast on real text: the bytes of Python's own
-standard-library sources (read at run time, vocabulary 256), the same batches for every run. Each
+The decoder is ``nmcompile.examples.GPT`` (pre-LayerNorm blocks, causal ``scaled_dot_product_attention``, GELU
+MLP, tied embeddings), trained with AdamW under bf16 autocast on real text: the training bytes of Python's own
+standard-library sources (``tools/lm/corpus.py``, vocabulary 256), the same batches for every run. Each
 block is compiled on its own (regional compilation: one compile serves all layers), the embedding
 and the loss run eagerly. The GEMMs of every block are compressed (``keep_first_last=False``: the
 first and last GEMMs of the model, embedding and LM head, are outside the blocks and stay bf16).
@@ -21,21 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
 import sys
-import sysconfig
 import time
 import traceback
 from typing import Optional
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import nmcompile
+from nmcompile.examples import GPT
 from nmcompile.kernels.gemm import cusparselt_version
 from nmcompile.recipes import recipe
+
+from lm.corpus import fixed_batches, stdlib_corpus  # tools/lm: the LM tools' shared parts
 
 CONFIGS = {  # name -> options (None: Inductor alone), from nmcompile.recipes
     "inductor": None,
@@ -46,65 +45,9 @@ CONFIGS = {  # name -> options (None: Inductor alone), from nmcompile.recipes
 }
 
 
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(d, dim=-1)
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, d)
-        x = x + self.proj(y)
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class Decoder(nn.Module):
-    def __init__(self, layers: int, d: int, heads: int, seq: int, vocab: int = 256):
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(seq, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln_f = nn.LayerNorm(d)
-        for emb in (self.tok, self.pos):  # GPT-2's scale: the tied logits start near uniform
-            nn.init.normal_(emb.weight, std=0.02)
-
-    def forward(self, idx, targets):
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        logits = self.ln_f(x) @ self.tok.weight.t()
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-
-
-def stdlib_text(limit: int = 64 << 20) -> torch.Tensor:
-    """The bytes of the standard library's .py files (sorted, up to ``limit``), as int64 tokens."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    chunks, size = [], 0
-    for path in sorted(root.rglob("*.py")):
-        if "site-packages" in path.parts:
-            continue
-        data = path.read_bytes()
-        chunks.append(data)
-        size += len(data)
-        if size >= limit:
-            break
-    return torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8).long()
-
-
-def batches(text: torch.Tensor, steps: int, batch: int, seq: int, seed: int = 0) -> list:
-    g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(text) - seq - 1, (steps, batch), generator=g)
-    offsets = torch.arange(seq + 1)
-    return [text[s[:, None] + offsets] for s in starts]
-
-
 def train(name: str, options: Optional[dict], args, data: list, device: torch.device) -> dict:
     torch.manual_seed(0)
-    model = Decoder(args.layers, args.d, args.heads, args.seq).to(device)
+    model = GPT(256, args.d, args.layers, args.heads, args.seq, sdpa=True, tied=True).to(device)
     torch._dynamo.reset()
     for block in model.blocks:
         if options is None:
@@ -169,7 +112,7 @@ def main(argv: Optional[list] = None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown config {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
-    data = batches(stdlib_text(), args.steps, args.batch, args.seq)
+    data = fixed_batches(stdlib_corpus()[0], args.steps, args.batch, args.seq)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results = []
     for name in names:

@@ -5,12 +5,12 @@
     python tools/long_run.py --quick --out /tmp/x    # smoke test (CI): seconds
     python tools/long_run.py --tables-from docs/results_long.json   # tables and plots from saved results
 
-The byte-level GPT of ``tools/reproduce_lm.py`` (same data: Python's standard-library sources, split by file),
-made small enough that 20 bytes per parameter fit a CPU session: 2 blocks, d = 64, 4 heads, context 128. Every
-run: AdamW, warm-up then cosine LR, ``torch.compile(backend="nm")`` with Inductor and the default lowering (exact
-int8 GEMMs where the recipe's operands allow), attention through the math SDPA kernel so its GEMMs are
-compressed too. The noise monitor measures every ``--noise-every`` steps; at the end, the end-to-end noise of
-every parameter tensor (``nmcompile.end_to_end_noise``).
+The byte-level GPT of the LM tools (``tools/lm``; the data of ``tools/reproduce_lm.py``: Python's standard-library
+sources, split by file), made small enough that 20 bytes per parameter fit a CPU session: 2 blocks, d = 64, 4 heads,
+context 128. Every run: AdamW, warm-up then cosine LR, ``torch.compile(backend="nm")`` with Inductor and the
+default lowering (exact int8 GEMMs where the recipe's operands allow), attention through the math SDPA kernel so
+its GEMMs are compressed too. The noise monitor measures every ``--noise-every`` steps; at the end, the end-to-end
+noise of every parameter tensor (``nmcompile.end_to_end_noise``).
 
 Besides the fixed recipes:
 - **FNT** (LUQ paper §5.2): the ``luq4 + sawb4`` runs go on after their full schedule for ``--fnt-fraction``
@@ -26,7 +26,6 @@ skips it; ``--budget-minutes`` stops before a run that would not finish in the b
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import pathlib
@@ -37,15 +36,16 @@ import time
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import reproduce_lm as lm  # noqa: E402  (the model, the data, the LR schedule, the scoring)
+import nmcompile
+from nmcompile.demo.environment import environment
+from nmcompile.fnt import fnt_options
+from nmcompile.noise import windowed_stall_ratio
+from nmcompile.passes.config import NMConfig
+from nmcompile.passes.roles import Role
+from nmcompile.recipes import options_of
 
-import nmcompile  # noqa: E402
-from nmcompile.demo.environment import environment  # noqa: E402
-from nmcompile.fnt import fnt_options, fnt_scheduler  # noqa: E402
-from nmcompile.noise import windowed_stall_ratio  # noqa: E402
-from nmcompile.passes.config import NMConfig  # noqa: E402
-from nmcompile.recipes import options_of  # noqa: E402
+from lm.corpus import lm_data, random_batch  # tools/lm: the LM tools' shared parts
+from lm.train import Snapshot, adamw, add_training_arguments, bits_per_byte, branch, byte_gpt, lr_at, train
 
 # the recipes it runs, from nmcompile.recipes (a saved run is reused only while its recipe's options are the same;
 # runs saved as "int8, row sr8 + row absmax8", before the fold, ran those backward GEMMs dense)
@@ -82,44 +82,29 @@ def switch_target(name: str, options: dict) -> dict:
 
 def run_one(name: str, seed: int, data: dict, args) -> dict:
     """One training run; the FNT recipe also runs its two extra phases, the switched one its switch."""
-    torch._dynamo.reset()
-    torch.manual_seed(seed)
-    model = lm.ByteGPT(args.d, args.layers, args.heads, args.block)
+    model = byte_gpt(seed, args)
     params = sum(p.numel() for p in model.parameters())
     args.steps = steps_for(args, params)
-    opt = torch.optim.AdamW(model.parameters(), lr=lm.lr_at(0, args), betas=(0.9, 0.95), weight_decay=0.1)
+    opt = adamw(model, lr_at(0, args))
     options = recipe_options(name, args)
-    switch = None
+    switch = monitor = None
     if name in SWITCHES:
         switch = nmcompile.PrecisionSwitch(model, options, then=switch_target(name, options), every=args.noise_every,
                                            threshold=args.switch_threshold, seed=seed, log=log)
         compiled = switch
     else:
         compiled = torch.compile(model, backend="nm", options=options)
-    monitor = None
-    if switch is None and NMConfig.from_options(options)[0].compresses_gradients:
-        monitor = nmcompile.NoiseMonitor(model, options, every=args.noise_every, seed=seed)
+        if NMConfig.from_options(options)[0].compresses_gradients:  # no monitor beside a switch
+            monitor = nmcompile.NoiseMonitor(model, options, every=args.noise_every, seed=seed)
     gen = torch.Generator().manual_seed(seed)
-    out = {"params": params, "steps": args.steps, "options": options, "curve": [], "train_loss": [], "noise": [],
-           "diverged": False}
-    start = time.perf_counter()
-    for step in range(args.steps):
-        if step % args.eval_every == 0:
-            out["curve"].append([step, lm.bits_per_byte(compiled, data["val_small"])])
-        x, y = lm.random_batch(data["train"], gen, args)
-        if switch is not None:
-            switch.on_step(step, x, y)  # measures (its own noise record) and may switch before this step
-        if not lm.train_step(compiled, opt, x, y, step, args, monitor, out):  # no monitor beside a switch
-            break
-    out["curve"].append([args.steps, lm.bits_per_byte(compiled, data["val_small"])])
-    out["final_bpb"] = lm.bits_per_byte(compiled, data["val"])
-    out["wall_s"] = time.perf_counter() - start
+    record, _ = train(model, compiled, opt, data, args, gen, monitor=monitor, switch=switch)
+    out = {"params": params, "steps": args.steps, "options": options, **record}
     if switch is not None:
         out["switch"] = {"window": switch.window, "patience": switch.patience, "threshold": switch.threshold,
                          "events": [{"step": e.step, "ratio": e.ratio, "to": e.to_options} for e in switch.events],
                          "measurements": [vars(m) for m in switch.measurements]}
     if NMConfig.from_options(options)[0].compresses_gradients:
-        x, y = lm.random_batch(data["train"], torch.Generator().manual_seed(10_000 + seed), args)
+        x, y = random_batch(data["train"], torch.Generator().manual_seed(10_000 + seed), args.batch, args.block)
         e2e = nmcompile.end_to_end_noise(model, x, y, options=options, draws=args.e2e_draws, seed=seed)
         out["end_to_end"] = [{k: v for k, v in p.as_dict().items() if k != "shape"} for p in e2e.params]
     if name == FNT_OF and not out["diverged"]:
@@ -131,22 +116,10 @@ def extra_phases(model, opt, options: dict, gen: torch.Generator, data: dict, ar
     """From the end of the schedule, ``fnt_fraction``·steps more, twice from the same state and batches: as FNT
     (high-precision backward) and in the recipe itself, both with the LR of the LUQ paper's Eq. 17."""
     total = max(1, round(args.fnt_fraction * args.steps))
-    state = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()), gen.get_state())
-    lr_end = lm.lr_at(args.steps - 1, args)
+    end = Snapshot.take(model, opt, gen, lr_at(args.steps - 1, args))
     out = {"steps": total}
     for phase, phase_options in (("fnt", fnt_options(options)), ("same", options)):
-        torch._dynamo.reset()
-        model.load_state_dict(state[0])
-        phase_opt = torch.optim.AdamW(model.parameters(), lr=lr_end, betas=(0.9, 0.95), weight_decay=0.1)
-        phase_opt.load_state_dict(state[1])
-        sched = fnt_scheduler(phase_opt, total=total, lr_start=lr_end, lr_base=args.lr)
-        compiled = torch.compile(model, backend="nm", options=phase_options)
-        phase_gen = torch.Generator()
-        phase_gen.set_state(state[2])
-        for _ in range(total):
-            lm.update(compiled(*lm.random_batch(data["train"], phase_gen, args)), phase_opt)
-            sched.step()
-        out[phase] = lm.bits_per_byte(compiled, data["val"])
+        out[phase] = bits_per_byte(branch(model, end, phase_options, total, data, args), data["val"])
     return out
 
 
@@ -164,7 +137,7 @@ def measurements(run: dict) -> list:
         return [(m["step"], m["gradient"], m["noise"]) for m in run["switch"]["measurements"]]
     out = []
     for point in run["noise"]:
-        s = point["summary"].get("wgrad")
+        s = point["summary"].get(Role.WGRAD)
         if s and s["minibatch_noise"] is not None:
             out.append((point["step"], s["signal"] - s["minibatch_noise"], s["compression_noise"]))
     return out
@@ -259,7 +232,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--recipes", nargs="+", metavar="NAME", help="a subset (default: all, then the switch)")
     parser.add_argument("--tokens-per-param", type=float, default=20.0, help="training bytes per parameter")
-    lm.add_training_arguments(parser, d=64, warmup=0.05, every=100)
+    add_training_arguments(parser, d=64, warmup=0.05, every=100)
     parser.add_argument("--e2e-draws", type=int, default=8, help="draws of the end-to-end noise at the end")
     parser.add_argument("--switch-threshold", type=float, default=1.0)
     parser.add_argument("--inner", choices=("inductor", "aot_eager"), default="inductor",
@@ -291,11 +264,7 @@ def main(argv=None) -> int:
         parser.error(f"{path} holds runs made with other settings ({results['settings']}); use another --out")
     if results is None:
         results = {"settings": settings, "runs": {}, "sessions": []}
-    train, val, corpus = lm.stdlib_corpus()
-    vgen = torch.Generator().manual_seed(1234)
-    starts = torch.randint(0, len(val) - args.block - 1, (args.eval_batches * args.batch,), generator=vgen)
-    val_batches = [lm.windows(val, s, args.block) for s in starts.split(args.batch)]
-    data = {"train": train, "val": val_batches, "val_small": val_batches[: max(1, args.eval_batches // 4)]}
+    data, corpus = lm_data(args.batch, args.block, args.eval_batches)
     results["corpus"] = corpus
     session = {"environment": {**environment(), "nmcompile": nmcompile.__version__},
                "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),

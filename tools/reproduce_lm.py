@@ -20,27 +20,26 @@ Writes results_lm.json, reproduce_lm_bpb.png and reproduce_lm_noise.png to --out
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
 import json
 import math
 import pathlib
 import statistics
 import sys
-import sysconfig
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import nmcompile
 from nmcompile.demo.environment import environment
-from nmcompile.fnt import fnt_options, fnt_scheduler
+from nmcompile.fnt import fnt_options
 from nmcompile.noise import stall_ratio
 from nmcompile.passes.config import NMConfig
+from nmcompile.passes.roles import Role
 from nmcompile.recipes import options_of
+
+from lm.corpus import lm_data  # tools/lm: the LM tools' shared parts
+from lm.train import adamw, add_training_arguments, bits_per_byte, branch, byte_gpt, lr_at, train
 
 RECIPES = options_of(["dense", "mvue 1:2", "mvue 2:4", "mvue 2:4 wgrad+dgrad", "greedy 2:4", "greedy 2:4 wgrad+dgrad",
                       "luq4", "sr4", "luq4 smp2", "luq4 + sawb4", "luq4 + absmax8", "mvue 2:4 + luq4"])
@@ -53,187 +52,27 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-# ----------------------------------------------------------------------------- data
-def stdlib_corpus(val_every: int = 10) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(train bytes, validation bytes, description): every stdlib ``.py`` outside test packages and
-    site-packages, in sorted order; a file is validation when a stable hash of its path is 0 mod ``val_every``."""
-    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idle_test"}
-    files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
-    train, val, digest = [], [], hashlib.sha256()
-    for path in files:
-        rel = path.relative_to(root).as_posix()
-        data = path.read_bytes()
-        digest.update(rel.encode() + b"\0" + data)
-        (val if int(hashlib.sha256(rel.encode()).hexdigest(), 16) % val_every == 0 else train).append(data)
-    join = b"\n\n".join
-    meta = {"root": str(root), "files": len(files), "validation_files": len(val), "sha256": digest.hexdigest()}
-    t, v = torch.frombuffer(bytearray(join(train)), dtype=torch.uint8), torch.frombuffer(bytearray(join(val)),
-                                                                                         dtype=torch.uint8)
-    meta.update(train_bytes=len(t), validation_bytes=len(v))
-    return t.long(), v.long(), meta
-
-
-def windows(data: torch.Tensor, starts: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = starts.unsqueeze(1) + torch.arange(block + 1)
-    chunk = data[idx]
-    return chunk[:, :-1], chunk[:, 1:]
-
-
-# ----------------------------------------------------------------------------- model
-class Attention(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.heads, self.qkv, self.proj = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-    def forward(self, x):
-        b, t, d = x.shape
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in self.qkv(x).split(d, -1))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))
-
-
-class Block(nn.Module):
-    def __init__(self, d: int, heads: int):
-        super().__init__()
-        self.ln1, self.attn, self.ln2 = nn.LayerNorm(d), Attention(d, heads), nn.LayerNorm(d)
-        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln1(x))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
-class ByteGPT(nn.Module):
-    """Returns the mean next-byte cross-entropy (nats) of ``idx`` against ``targets``."""
-
-    def __init__(self, d: int, layers: int, heads: int, block: int):
-        super().__init__()
-        self.tok, self.pos = nn.Embedding(256, d), nn.Embedding(block, d)
-        self.blocks = nn.ModuleList(Block(d, heads) for _ in range(layers))
-        self.ln, self.head = nn.LayerNorm(d), nn.Linear(d, 256, bias=False)
-
-    def forward(self, idx, targets):
-        x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
-        for block in self.blocks:
-            x = block(x)
-        return F.cross_entropy(self.head(self.ln(x)).flatten(0, 1), targets.flatten())
-
-
 # ----------------------------------------------------------------------------- training
-def lr_at(step: int, args) -> float:
-    warm = max(1, int(args.warmup * args.steps))
-    if step < warm:
-        return args.lr * (step + 1) / warm
-    frac = (step - warm) / max(1, args.steps - warm)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
-
-
-def bits_per_byte(model_fn, val_batches) -> float:
-    """Mean cross-entropy over the validation batches, in bits. ``model_fn`` runs with grad enabled so a
-    compiled model runs its training graph (with its quantized forward); nothing is backpropagated."""
-    total = 0.0
-    for x, y in val_batches:
-        with torch.enable_grad():
-            total += float(model_fn(x, y).detach())
-    return total / len(val_batches) / math.log(2)
-
-
 def train_run(name: str, options: dict, seed: int, data: dict, args, fnt: bool = False) -> dict:
-    """One run of ``name``; with ``fnt`` also the FNT branch from the checkpoint at 1 − fnt_fraction."""
-    torch._dynamo.reset()
-    torch.manual_seed(seed)
-    model = ByteGPT(args.d, args.layers, args.heads, args.block)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr_at(0, args), betas=(0.9, 0.95), weight_decay=0.1)
+    """One run of ``name``; with ``fnt`` also the FNT branch from the state at 1 − fnt_fraction of the steps."""
+    model = byte_gpt(seed, args)
+    opt = adamw(model, lr_at(0, args))
     opts = {**options, "inner": "aot_eager"}
     compiled = torch.compile(model, backend="nm", options=opts)
     monitor = None
     if seed in args.noise_seeds and NMConfig.from_options(options)[0].compresses_gradients:
         monitor = nmcompile.NoiseMonitor(model, options, every=args.noise_every, seed=seed)
-    gen = torch.Generator().manual_seed(seed)
-    train = data["train"]
     branch_at = args.steps - int(round(args.fnt_fraction * args.steps)) if fnt else None
-    out = {"curve": [], "train_loss": [], "noise": [], "diverged": False}
-    checkpoint = None
-    start = time.perf_counter()
-    for step in range(args.steps):
-        if step == branch_at:
-            checkpoint = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()),
-                          torch.random.get_rng_state(), gen.get_state(), lr_at(step, args))
-        if step % args.eval_every == 0:
-            out["curve"].append([step, bits_per_byte(compiled, data["val_small"])])
-        x, y = random_batch(train, gen, args)
-        if not train_step(compiled, opt, x, y, step, args, monitor, out):
-            break
-    out["curve"].append([args.steps, bits_per_byte(compiled, data["val_small"])])
-    out["final_bpb"] = bits_per_byte(compiled, data["val"])
+    out, snapshot = train(model, compiled, opt, data, args, torch.Generator().manual_seed(seed), monitor=monitor,
+                          snapshot_at=branch_at)
     if options.get("fwd_quant"):
         out["final_bpb_fp_forward"] = bits_per_byte(model, data["val"])
-    out["wall_s"] = time.perf_counter() - start
-    if checkpoint is not None:
-        out["fnt"] = fnt_branch(model, opts, checkpoint, branch_at, data, args)
+    if snapshot is not None:  # the rest of the schedule as FNT: backward in high precision, forward still SAWB-4
+        steps = args.steps - branch_at
+        fnt_model = branch(model, snapshot, fnt_options(opts), steps, data, args)
+        out["fnt"] = {"final_bpb": bits_per_byte(fnt_model, data["val"]),
+                      "final_bpb_fp_forward": bits_per_byte(model, data["val"]), "steps": steps}
     return out
-
-
-def random_batch(train: torch.Tensor, gen: torch.Generator, args) -> tuple[torch.Tensor, torch.Tensor]:
-    """``args.batch`` windows of ``args.block`` bytes (and their next bytes) at starts drawn from ``gen``."""
-    return windows(train, torch.randint(0, len(train) - args.block - 1, (args.batch,), generator=gen), args.block)
-
-
-def train_step(compiled, opt, x, y, step: int, args, monitor, out: dict) -> bool:
-    """Step ``step`` of the schedule on batch (x, y), recorded in ``out``: the noise monitor's measurement at its
-    steps (on this batch, before the update), the LR of ``lr_at``, forward, backward and the update, and the training
-    loss every 10 steps. False, with ``out["diverged"]``, when the loss is not finite (nothing is updated)."""
-    if monitor is not None and step % args.noise_every == 0:
-        report = monitor.measure(x, y, step=step)
-        out["noise"].append({"step": step, "summary": report.summary(),
-                             "gemms": [compact(g.as_dict()) for g in report.gemms]})
-    for group in opt.param_groups:
-        group["lr"] = lr_at(step, args)
-    loss = compiled(x, y)
-    if not torch.isfinite(loss):
-        out["diverged"] = True
-        return False
-    update(loss, opt)
-    if step % 10 == 0:
-        out["train_loss"].append([step, float(loss.detach())])
-    return True
-
-
-def update(loss: torch.Tensor, opt) -> None:
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-NOISE_FIELDS = ("module", "role", "signal", "compression_noise", "compression_variance", "compression_bias",
-                "minibatch_noise")
-
-
-def compact(gemm: dict) -> dict:
-    """A GEMM's measured numbers only (its ratios follow from them): keeps results_lm.json small."""
-    return {key: gemm[key] for key in NOISE_FIELDS}
-
-
-def fnt_branch(model, options, checkpoint, branch_at, data, args) -> dict:
-    """From the checkpoint: the remaining steps as FNT (backward in high precision, forward still SAWB-4),
-    LR along the LUQ paper's Eq. 17 from the LR there (LR_T) to the base LR and down to 0."""
-    state, opt_state, rng, gen_state, lr_t = checkpoint
-    torch._dynamo.reset()
-    model.load_state_dict(state)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr_t, betas=(0.9, 0.95), weight_decay=0.1)
-    opt.load_state_dict(opt_state)
-    total = args.steps - branch_at
-    sched = fnt_scheduler(opt, total=total, lr_start=lr_t, lr_base=args.lr)
-    compiled = torch.compile(model, backend="nm", options=fnt_options(options))
-    torch.random.set_rng_state(rng)
-    gen = torch.Generator()
-    gen.set_state(gen_state)
-    for _ in range(total):
-        update(compiled(*random_batch(data["train"], gen, args)), opt)
-        sched.step()
-    return {"final_bpb": bits_per_byte(compiled, data["val"]),
-            "final_bpb_fp_forward": bits_per_byte(model, data["val"]), "steps": total}
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -271,13 +110,13 @@ def noise_summary(results: dict) -> dict:
         if not points:
             continue
         entry = {"measurements": len(points)}
-        for role in ("wgrad", "dgrad"):
+        for role in (Role.WGRAD, Role.DGRAD):
             sums = [p["summary"][role] for p in points if role in p["summary"]]
             if not sums:
                 continue
             entry[f"{role}_noise_to_signal"] = statistics.fmean(s["compression_noise"] / s["signal"] for s in sums)
             entry[f"{role}_bias_to_signal"] = statistics.fmean(s["compression_bias"] / s["signal"] for s in sums)
-            if role == "wgrad":
+            if role == Role.WGRAD:
                 entry["wgrad_noise_to_minibatch"] = statistics.fmean(s["compression_noise"] / s["minibatch_noise"]
                                                                      for s in sums)
                 entry["minibatch_to_signal"] = statistics.fmean(s["minibatch_noise"] / s["signal"] for s in sums)
@@ -358,7 +197,7 @@ def plot(results: dict, out: pathlib.Path) -> None:
     for name, points in noise.items():
         by_step: dict = {}
         for p in points:
-            w = p["summary"].get("wgrad")
+            w = p["summary"].get(Role.WGRAD)
             if w and w["minibatch_noise"] and w["compression_noise"] > 0:
                 by_step.setdefault(p["step"], []).append(w["compression_noise"] / w["minibatch_noise"])
         if by_step:
@@ -394,22 +233,6 @@ def plot(results: dict, out: pathlib.Path) -> None:
 
 
 # ----------------------------------------------------------------------------- main
-def add_training_arguments(parser: argparse.ArgumentParser, *, d: int, warmup: float, every: int) -> None:
-    """The model, batch, schedule, evaluation, noise and FNT arguments this tool shares with tools/long_run.py;
-    ``every``: the default of --eval-every and --noise-every."""
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--block", type=int, default=128, help="context length in bytes")
-    parser.add_argument("--d", type=int, default=d)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--warmup", type=float, default=warmup, help="warm-up fraction of the steps")
-    parser.add_argument("--eval-every", type=int, default=every)
-    parser.add_argument("--eval-batches", type=int, default=16, help="validation batches for the final score")
-    parser.add_argument("--noise-every", type=int, default=every)
-    parser.add_argument("--fnt-fraction", type=float, default=0.1)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"1 seed, {', '.join(QUICK)}, 12 steps (a smoke test)")
@@ -445,11 +268,7 @@ def main(argv=None) -> int:
         args.noise_seeds = list(args.seeds)
     out.mkdir(parents=True, exist_ok=True)
 
-    train, val, corpus = stdlib_corpus()
-    vgen = torch.Generator().manual_seed(1234)
-    starts = torch.randint(0, len(val) - args.block - 1, (args.eval_batches * args.batch,), generator=vgen)
-    val_batches = [windows(val, s, args.block) for s in starts.split(args.batch)]
-    data = {"train": train, "val": val_batches, "val_small": val_batches[: max(1, args.eval_batches // 4)]}
+    data, corpus = lm_data(args.batch, args.block, args.eval_batches)
     log(f"data: {corpus['files']} stdlib files ({corpus['validation_files']} for validation), "
         f"{corpus['train_bytes'] / 1e6:.1f} MB train / {corpus['validation_bytes'] / 1e6:.1f} MB validation; "
         f"{args.steps} steps × {args.batch}×{args.block} bytes = "

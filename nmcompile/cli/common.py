@@ -7,6 +7,7 @@ import contextlib
 import json
 
 from nmcompile.cli.errors import as_cli_error
+from nmcompile.passes.config import Inner
 
 
 def consoles():
@@ -43,9 +44,9 @@ def capture(args, err):
     from nmcompile.capture import ModelRunError, run_captured
 
     model, inputs, options, config = prepare(args, err)
-    if config.inner != "aot_eager":
+    if config.inner != Inner.AOT_EAGER:
         err.print(f"[dim]note: graphs captured with inner='aot_eager' so the nm ops stay visible; "
-                  f"the rewrite is the same as with inner={config.inner!r}[/dim]")
+                  f"the rewrite is the same as with inner={str(config.inner)!r}[/dim]")
     with status(err, f"compiling {args.target} with options {json.dumps(options)} and running one step …"):
         with as_cli_error(ModelRunError):
             run = run_captured(model, inputs, options, config=config)

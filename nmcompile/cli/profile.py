@@ -8,6 +8,7 @@ import sys
 
 from nmcompile.cli.common import consoles, prepare, status, trace_report
 from nmcompile.cli.errors import CLIError, as_cli_error
+from nmcompile.passes.config import Inner
 
 
 def time_table(summary, target: str):
@@ -55,7 +56,7 @@ def run(args) -> int:
     if trace_path.parent and not trace_path.parent.exists():
         raise CLIError(f"output directory {str(trace_path.parent)!r} does not exist")
     model, inputs, options, config = prepare(args, err, defaults={"inner": "aot_eager"})
-    if config.inner != "aot_eager":
+    if config.inner != Inner.AOT_EAGER:
         err.print(
             "[yellow]note: with inner='inductor' the nm ops show as plain nm::<op> operator events, without "
             "module/role/pattern (use the default inner='aot_eager' for attribution)[/yellow]"

@@ -13,7 +13,7 @@ from .nodes import is_inserted, nm_attrs
 def graph_code(gm, annotate: bool = True) -> tuple[str, set]:
     """The graph's readable code; every line defining an inserted node is marked, and each nm op is
     preceded by a ``# <-- nm: <op> <pattern> <role> <module>`` line. Returns (code, 1-based marked lines)."""
-    gradient_ops = {spec.name for spec in ops_of(stage=Stage.GRADIENT)}  # a chain's NodeInfo.op: "mvue+luq"
+    gradient_ops = {spec.name for spec in ops_of(stage=Stage.GRADIENT)}
     inserted = {}
     for node in gm.graph.nodes:
         if is_inserted(node):
@@ -22,10 +22,11 @@ def graph_code(gm, annotate: bool = True) -> tuple[str, set]:
                 inserted[node.name] = f"nm: {info['op']} {info['pattern']} {info['role']} {info['module'] or '<top>'}"
             else:
                 meta = NodeInfo.read(node)
-                if meta is None or meta.op == "seeds" or meta.op.split("+")[0] in gradient_ops:
+                if meta is None or meta.op == ("seeds",) or meta.op[0] in gradient_ops:
                     inserted[node.name] = f"nm: uniforms for {meta.gemm if meta else '?'}"
                 else:  # lowering="native": float8 codes and the FP8 / 2:4 GEMMs
-                    inserted[node.name] = f"nm: {meta.kernel or meta.op} {meta.role or 'fwd'} {meta.module or '<top>'}"
+                    what = meta.kernel or meta.label
+                    inserted[node.name] = f"nm: {what} {meta.role or 'fwd'} {meta.module or '<top>'}"
     code = gm.print_readable(print_output=False, include_stride=False, include_device=False)
     lines, marked = [], set()
     pattern = re.compile(r'^\s*(\w+)(?:\s*:\s*"[^"]*")?\s*=')

@@ -42,7 +42,7 @@ def to_dot(gm: fx.GraphModule, graph_id: str, records: Optional[dict] = None) ->
         rec = records.get(node.name)
         if rec is not None:
             label += f"\n{rec.role} {'x'.join(map(str, rec.shape))}" + (
-                f"\n{rec.kernel}" if rec.kernel != "dense" else ""
+                f"\n{rec.kernel}" if rec.kernel.native else ""
             )
             attrs["penwidth"] = "2.5"
         attrs["label"] = label

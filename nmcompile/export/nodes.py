@@ -10,6 +10,7 @@ import torch.fx as fx
 from nmcompile.kernels.catalog import OPS, SEEDS_COLOR, OpSpec, Stage, density, spec_of
 from nmcompile.passes.analysis import module_path
 from nmcompile.passes.records import NodeInfo
+from nmcompile.passes.roles import Role
 
 aten = torch.ops.aten
 
@@ -39,7 +40,8 @@ def nm_attrs(node: fx.Node) -> Optional[dict]:
         return None
     info = NodeInfo.read(node)
     params = {k: v for k, v in zip(spec.args, node.args[1:]) if k != "u"}
-    out = {"op": spec.name, "role": (info.role if info else "") or ("fwd" if spec.stage == Stage.FORWARD else "?"),
+    role = (info.role if info else "") or (Role.FWD if spec.stage == Stage.FORWARD else Role.UNKNOWN)
+    out = {"op": spec.name, "role": str(role),  # a plain str: ONNX attributes and JSON take it
            "module": info.module if info else module_path(node), "gemm": info.gemm if info else ""}
     out.update(params)
     out["pattern"] = spec.label(params)

@@ -52,14 +52,6 @@ def test_tables_redraw_from_the_saved_json(quick, tmp_path):
     assert "| mvue 2:4 |" in proc.stdout and (tmp_path / "reproduce_lm_bpb.png").exists()
 
 
-def test_corpus_split_is_by_file_and_stable():
-    train, val, meta = reproduce_lm.stdlib_corpus()
-    again = reproduce_lm.stdlib_corpus()[2]
-    assert meta == again and meta["train_bytes"] == len(train) and meta["validation_bytes"] == len(val)
-    assert 0.03 < meta["validation_bytes"] / (meta["train_bytes"] + meta["validation_bytes"]) < 0.3
-    assert int(train.max()) < 256 and int(train.min()) >= 0
-
-
 def test_unknown_recipe_is_named():
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "reproduce_lm.py"), "--recipes", "mvue 3:4"],
                           capture_output=True, text=True, timeout=120)
