@@ -44,7 +44,8 @@ from nmcompile.passes.config import NMConfig
 from nmcompile.passes.roles import Role
 from nmcompile.recipes import options_of
 
-from lm.corpus import lm_data, random_batch  # tools/lm: the LM tools' shared parts
+from lm import plots  # tools/lm: the LM tools' shared parts
+from lm.corpus import lm_data, random_batch
 from lm.train import Snapshot, adamw, add_training_arguments, bits_per_byte, branch, byte_gpt, lr_at, train
 
 # the recipes it runs, from nmcompile.recipes (a saved run is reused only while its recipe's options are the same;
@@ -185,10 +186,7 @@ def _mean_curve(curves: list) -> tuple:
 
 
 def plot(results: dict, out: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     runs = results["runs"]
     colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(runs)}
@@ -220,9 +218,7 @@ def plot(results: dict, out: pathlib.Path) -> None:
     for a in (ax, dx, nx):
         a.grid(alpha=0.3)
         a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "long_run.png", dpi=100)
-    plt.close(fig)
+    plots.save(fig, out / "long_run.png", 100)
 
 
 # ----------------------------------------------------------------------------- main

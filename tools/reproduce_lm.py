@@ -38,7 +38,8 @@ from nmcompile.passes.config import NMConfig
 from nmcompile.passes.roles import Role
 from nmcompile.recipes import options_of
 
-from lm.corpus import lm_data  # tools/lm: the LM tools' shared parts
+from lm import plots  # tools/lm: the LM tools' shared parts
+from lm.corpus import lm_data
 from lm.train import adamw, add_training_arguments, bits_per_byte, branch, byte_gpt, lr_at, train
 
 RECIPES = options_of(["dense", "mvue 1:2", "mvue 2:4", "mvue 2:4 wgrad+dgrad", "greedy 2:4", "greedy 2:4 wgrad+dgrad",
@@ -157,10 +158,7 @@ def print_tables(results: dict) -> None:
 
 
 def plot(results: dict, out: pathlib.Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = plots.pyplot()
 
     runs = results["runs"]
     colours = {name: plt.cm.tab10(i % 10) for i, name in enumerate(runs)}
@@ -185,9 +183,7 @@ def plot(results: dict, out: pathlib.Path) -> None:
     axes[0].set_ylabel("bits per byte")
     lo = min(min(v for _, v in r["curve"]) for rs in runs.values() for r in rs.values() if not r["diverged"])
     axes[0].set_ylim(lo - 0.1, lo + 1.5)
-    fig.tight_layout()
-    fig.savefig(out / "reproduce_lm_bpb.png", dpi=90)
-    plt.close(fig)
+    plots.save(fig, out / "reproduce_lm_bpb.png", 90)
 
     noise = {n: [p for r in rs.values() for p in r.get("noise", [])] for n, rs in runs.items()}
     noise = {n: p for n, p in noise.items() if p}
@@ -227,9 +223,7 @@ def plot(results: dict, out: pathlib.Path) -> None:
     axes[1].set_xlabel("update GEMMs: E‖Ĝ−G‖² / minibatch variance (mean over training)")
     axes[1].set_ylabel("Δ bits per byte (mean ± std over seeds)")
     axes[1].grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(out / "reproduce_lm_noise.png", dpi=90)
-    plt.close(fig)
+    plots.save(fig, out / "reproduce_lm_noise.png", 90)
 
 
 # ----------------------------------------------------------------------------- main
