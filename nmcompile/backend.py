@@ -168,6 +168,11 @@ class _Partitioner(_partitioner_base()):
     def __getstate__(self):  # Inductor pickles its config into the cache key: what the compiled code depends on
         return {"uuid": self.uuid()}
 
+    def __deepcopy__(self, memo):  # torch 2.11 copies its config (get_config_copy): the copy must still partition,
+        return self  # which one rebuilt from __getstate__ cannot (it is immutable, so sharing it is safe)
+
+    __copy__ = lambda self: self  # noqa: E731
+
     def uuid(self):
         if self.on_partitioned is not None:  # no caching: a cached graph would skip the reading (recording
             # compiles afresh anyway)

@@ -17,6 +17,7 @@ import torch
 import nmcompile
 from nmcompile import NMConfig
 from nmcompile.kernels.hadamard import BLOCKS, hadamard_blocks, rotate, rotated, signs, unrotate
+from nmcompile.kernels.random import draw_seed
 from nmcompile.kernels.reference import luq_variance
 from tests.conftest import heavy_tailed
 from tests.kernels.stats import max_z, variance_z
@@ -92,13 +93,23 @@ def test_rotating_back_with_other_signs_is_rejected():
 
 
 def test_rotated_keeps_the_dtype_and_draws_its_signs_from_torch():
-    x = torch.randn(32, 64, dtype=torch.bfloat16)
+    x = torch.randn(32, 64, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     torch.manual_seed(0)
     a = rotated(lambda y: y, x, 1, 32)
     torch.manual_seed(0)
     b = rotated(lambda y: y, x, 1, 32)
     assert a.dtype == torch.bfloat16 and torch.equal(a, b)
-    assert torch.equal(a, x)  # the identity quantizer: rotated there and back, rounded once to bf16
+    # the identity quantizer: rotated there and back in fp32, then rounded once to bf16
+    torch.manual_seed(0)
+    d = signs(draw_seed(x.device), 64, x.device)
+    y = unrotate(rotate(x, d, 1, 32), d, 1, 32)
+    assert torch.equal(a, y.to(torch.bfloat16))
+    # fp32 round trip: 2·log2(32) butterfly stages and two scalings, each rounding within 2^-24 of values no
+    # larger than the block's 1-norm (<= the row's); the orthogonal second rotation can gather a block's errors
+    # into one element (at most √32 times the largest). Then one bf16 rounding: half an ulp, 2^-9 relative.
+    fp32 = 12 * 32**0.5 * 2.0**-24 * x.float().abs().sum(-1, keepdim=True)
+    assert ((y - x.float()).abs() <= fp32).all()
+    assert ((a.float() - x.float()).abs() <= 2.0**-9 * x.float().abs() + 2 * fp32).all()
 
 
 # ---- through the pass ------------------------------------------------------------------------------------

@@ -10,10 +10,14 @@ Its bias on training is measured, not tested (docs/results.md).
 """
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nmcompile import backend
 from nmcompile.capture import run_captured
 from nmcompile.kernels.absmax import absmax_math
 from nmcompile.passes.config import NMConfig
@@ -127,3 +131,12 @@ def test_inductor_computes_what_aot_eager_does():
     # by one step where the rounding itself moves it by step/√12 RMS, so the flips' share of the option's effect is
     # about √f·√12 ~ 0.02: a tenth bounds it with room on any CPU's rounding, and is far from the effect itself.
     assert rel(("inductor", True), ("aot_eager", True)) < effect / 10
+
+
+def test_the_partitioner_hook_survives_a_copy_of_inductors_config():
+    """torch 2.11 copies Inductor's config (``get_config_copy``) before compiling: a copy rebuilt from the state
+    that goes into the cache key (its uuid) could not partition, and failed to pickle into the cache key again."""
+    hook = backend._Partitioner(None, True, None)
+    assert copy.deepcopy(hook) is hook and copy.copy(hook) is hook and callable(copy.deepcopy({"p": hook})["p"])
+    assert pickle.loads(pickle.dumps(hook)).__dict__ == {"uuid": hook.uuid()}  # the cache key: what it depends on
+    assert backend._Partitioner(None, True, print).uuid() is None  # recording: never served from the caches
