@@ -66,14 +66,15 @@ RECIPES: tuple[Recipe, ...] = (
             sparsity="2:4", gemms=("wgrad", "dgrad"), quant="luq", fwd_quant="sawb"),
     # -- 8-bit: the int8 preset and the variants measured on the way to it (docs/results.md §6-§12) ---------------
     _recipe("int8", "SR8 gradients and absmax8 forward, per-row scales, every Linear GEMM on exact int8 where that "
-            "is faster here, fp32 GEMM outputs recomputed from their codes", preset=True,
-            **_INT8_ROW_SR8, fwd_scales="row", dense_if_faster=True, recompute=True),
+            "is faster here, attention's q·kᵀ and p·v unquantized, fp32 GEMM outputs recomputed from their codes",
+            preset=True, **_INT8_ROW_SR8, fwd_scales="row", fwd_act_gemms=False, dense_if_faster=True,
+            recompute=True),
     _recipe("int8, row sr8", "SR8 gradients with per-row scales, absmax8 forward with one scale per tensor",
             **_INT8_ROW_SR8),
     _recipe("int8, tensor sr8", "SR8 gradients and absmax8 forward, one scale per tensor each",
             **{**_INT8_ROW_SR8, "scales": "tensor"}),
     _recipe("int8, row + row, folded", "the int8 preset with every layer on int8 and nothing recomputed (the same "
-            "numbers)", **_INT8_ROW_SR8, fwd_scales="row"),
+            "numbers)", **_INT8_ROW_SR8, fwd_scales="row", fwd_act_gemms=False),
     _recipe("int8, row + row, folded, pow2", "the same with power-of-two scales (the int8 GEMMs rescale in fp32)",
             **_INT8_ROW_SR8, fwd_scales="row", pow2_scales=True),
     _recipe("int8, row + row, folded, saved8", "the same with an 8-bit copy of each other activation the backward "

@@ -78,9 +78,18 @@ def cast_source(node: fx.Node) -> fx.Node:
     return node
 
 
-def feature_position(operand: fx.Node) -> Optional[int]:
-    """Which dim of ``operand`` is the last (feature) dim of the tensor it was laid out from."""
+def layout_from(operand: fx.Node, start: Optional[fx.Node] = None) -> tuple[fx.Node, list[fx.Node]]:
+    """``layout_chain(operand)``, or from ``start`` on: a node of that chain, then the layout ops after it."""
     base, chain = layout_chain(operand)
+    if start is None or start is base:
+        return base, chain
+    return start, chain[chain.index(start) + 1:]
+
+
+def feature_position(operand: fx.Node, start: Optional[fx.Node] = None) -> Optional[int]:
+    """Which dim of ``operand`` is the last (feature) dim of the tensor it was laid out from (``start``: of that
+    node of its layout chain)."""
+    base, chain = layout_from(operand, start)
     base_val = val(base)
     if base_val is None:
         return None
@@ -106,12 +115,12 @@ def feature_position(operand: fx.Node) -> Optional[int]:
     return pos
 
 
-def last_dim_is_k(operand: fx.Node, k_dim: int) -> bool:
-    """Whether the last dim of the tensor ``operand`` is laid out from lands at the operand's dim ``k_dim``,
-    whole or split (into heads), never merged with other dims: then anything constant along that last
-    dim (per-row scales) is constant along ``k_dim``."""
-    source, out = val(layout_chain(operand)[0]), val(operand)
-    if source is None or out is None or feature_position(operand) != k_dim % out.dim():
+def last_dim_is_k(operand: fx.Node, k_dim: int, start: Optional[fx.Node] = None) -> bool:
+    """Whether the last dim of the tensor ``operand`` is laid out from (``start``: that node of its layout chain)
+    lands at the operand's dim ``k_dim``, whole or split (into heads), never merged with other dims: then anything
+    constant along that last dim (per-row scales) is constant along ``k_dim``."""
+    source, out = val(layout_from(operand, start)[0]), val(operand)
+    if source is None or out is None or feature_position(operand, start) != k_dim % out.dim():
         return False
     d, k = source.shape[-1], out.shape[k_dim]
     return isinstance(d, int) and isinstance(k, int) and d % k == 0

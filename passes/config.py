@@ -164,6 +164,7 @@ class NMConfig:
     fwd_quant: Optional[str] = _option(None, Part.FORWARD)
     fwd_bits: int = _option(4, Part.FORWARD)
     fwd_scales: str = _option("tensor", Part.FORWARD)
+    fwd_act_gemms: bool = _option(True, Part.FORWARD)  # also forward GEMMs of two activations (attention's)
     pow2_scales: bool = _option(False, Part.BOTH)
     hadamard: int = _option(0, Part.BACKWARD)
     include: Optional[str] = _option(None, Part.SCOPE)
@@ -196,7 +197,7 @@ class NMConfig:
         _int_in("fwd_bits", self.fwd_bits, OPS[self.fwd_quant or "sawb"].bits)
         _scales("scales", self.scales, "quant", self.quant)
         _scales("fwd_scales", self.fwd_scales, "fwd_quant", self.fwd_quant)
-        for key in ("pow2_scales", "keep_first_last", "dense_if_faster", "recompute", "saved_int8"):
+        for key in ("fwd_act_gemms", "pow2_scales", "keep_first_last", "dense_if_faster", "recompute", "saved_int8"):
             _flag(key, getattr(self, key))
         _pow2(self)
         _hadamard(self)

@@ -8,7 +8,7 @@ from typing import Mapping, Optional
 import torch.fx as fx
 
 from nmcompile.kernels.catalog import OPS
-from .analysis import cast_source, is_tangent, last_dim_is_k, layout_chain, module_path, val
+from .analysis import cast_source, is_tangent, last_dim_is_k, layout_chain, layout_from, module_path, val
 from .compress import apply_fn
 from .config import NMConfig
 from .context import RewriteContext, sizes
@@ -44,13 +44,17 @@ def quantize_forward(ctx: RewriteContext, gemms: Mapping[fx.Node, GemmFamily]) -
                 continue
             if not ctx.selected(rec):
                 continue
+            if not cfg.fwd_act_gemms and not any(ctx.roles.is_parameter(op) for op, _ in gemm.operands):
+                rec.skipped = ("a GEMM of two activations, such as attention's q·kᵀ and p·v, kept in high precision "
+                               "(fwd_act_gemms=False)")
+                continue
             if cfg.dense_if_faster and gemm.linear:
                 left = val(gemm.operands[0][0])
                 why = dense_is_faster(*gemm.shape, left.dtype, left.device, cfg)
                 if why is not None:
                     rec.skipped = ctx.dense_layers[node] = why
                     continue
-            new = [_quantize_source(ctx, operand, node, None if k is None else _source_dim(cfg, operand, k, rec))
+            new = [_quantize_source(ctx, operand, node, *((None, None) if k is None else _source(cfg, operand, k, rec)))
                    for operand, k in gemm.operands]  # insertions only
             for (operand, _), (quantized, _) in zip(gemm.operands, new):  # then the change
                 node.replace_input_with(operand, quantized)
@@ -65,9 +69,10 @@ def requantized(ctx: RewriteContext, operand: fx.Node, gemm: fx.Node, partner: O
     if partner is not None and partner not in ctx.quantized_gemms:
         return None
     base, chain = layout_chain(operand)
-    if base in ctx.quantized:
-        node, quantize = ctx.quantized[base]
-        return replay(ctx, chain, node, before=gemm), quantize
+    for i, source in reversed(list(enumerate((base, *chain)))):  # where along its layout the forward rounded it
+        if source in ctx.quantized:
+            node, quantize = ctx.quantized[source]
+            return replay(ctx, chain[i:], node, before=gemm), quantize
     return None
 
 
@@ -81,24 +86,30 @@ def replay(ctx: RewriteContext, chain: list, new_base: fx.Node, before: fx.Node)
     return node
 
 
-def _source_dim(cfg: NMConfig, operand: fx.Node, k_dim: int, rec: GemmRecord) -> Optional[int]:
-    """With ``fwd_scales="row"``: the dim of the tensor ``operand`` is laid out from that holds the
-    forward GEMM's K (its per-row scales are shared along it), None for one scale per tensor."""
+def _source(cfg: NMConfig, operand: fx.Node, k_dim: int, rec: GemmRecord) -> tuple:
+    """With ``fwd_scales="row"``: (the tensor along ``operand``'s layout to quantize, the dim of it that holds
+    the forward GEMM's K, along which its per-row scales are shared); (None, None) for one scale per tensor of
+    the tensor it is laid out from. The first tensor along the layout whose last dim lands whole at K: the
+    source itself, or a later copy, such as attention's output once its heads are merged back into features."""
     if cfg.fwd_scales != "row":
-        return None
-    if last_dim_is_k(operand, k_dim):
-        return val(layout_chain(operand)[0]).dim() - 1
-    note = (f"{operand.name}: its K is not its source's last dim (or merges it with others), so one scale "
-            "per tensor")
+        return None, None
+    base, chain = layout_chain(operand)
+    for start in (base, *chain):
+        if last_dim_is_k(operand, k_dim, start):
+            return start, val(start).dim() - 1
+    note = (f"{operand.name}: its K is not the last dim of any tensor along its layout (or merges it with others), "
+            "so one scale per tensor")
     if note not in rec.notes:
         rec.notes.append(note)
-    return None
+    return None, None
 
 
-def _quantize_source(ctx: RewriteContext, operand: fx.Node, gemm: fx.Node, dim: Optional[int]) -> tuple:
-    """Quantize the tensor ``operand`` is laid out from (``dim``: its per-row scales' dim); returns the
-    operand rebuilt on it and the Transform. A source is quantized once, for its first GEMM."""
-    base, chain = layout_chain(operand)
+def _quantize_source(ctx: RewriteContext, operand: fx.Node, gemm: fx.Node, source: Optional[fx.Node],
+                     dim: Optional[int]) -> tuple:
+    """Quantize ``source``, a tensor along ``operand``'s layout (None: the one it is laid out from), with per-row
+    scales along ``dim`` (None: one per tensor); returns the operand rebuilt on it and the Transform. A tensor is
+    quantized once, for its first GEMM."""
+    base, chain = layout_from(operand, source)
     if base not in ctx.quantized:
         anchor = base.next
         while anchor.op == "placeholder":  # keep placeholders first

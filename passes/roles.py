@@ -140,7 +140,7 @@ class GraphRoles:
         if any(self[s][0] == Role.WGRAD for s in siblings):
             return Role.DGRAD, (f"reduces over features ({how}); the other side of its forward GEMM is a parameter's "
                              "gradient")
-        if self._is_weight(other):
+        if self.is_parameter(other):
             return Role.DGRAD, (f"reduces over features ({how}); its other operand is a parameter (one that needs no "
                              "gradient)")
         return Role.ACT_LHS, (f"reduces over features ({how}), times an activation: both operands of its forward GEMM "
@@ -160,7 +160,8 @@ class GraphRoles:
                     frontier.append(user)
         return None
 
-    def _is_weight(self, operand) -> bool:
+    def is_parameter(self, operand) -> bool:
+        """``operand`` is a parameter of the model (through its layout, and its cast under autocast)."""
         operand = cast_source(operand)  # the same weight through the forward's cast under autocast and its layout
         return isinstance(operand, fx.Node) and operand in self._param_primals
 

@@ -58,7 +58,10 @@ RECIPES = dict(options_of(["dense", "mvue 2:4", "luq4", "luq4 smp2", "luq4 + saw
 # where the forward half's gap comes from: absmax8 per row on every forward GEMM but those named (docs/results.md §13)
 _FORWARD = RECIPES["absmax8, row"]
 RECIPES.update({"absmax8, row, attention's activation GEMMs dense": {**_FORWARD, "exclude": r"\.attn$"},
-                "absmax8, row, attn.proj dense": {**_FORWARD, "exclude": r"\.attn\.proj$"}})
+                "absmax8, row, attn.proj dense": {**_FORWARD, "exclude": r"\.attn\.proj$"},
+                "absmax8, row, fwd_act_gemms off": {**_FORWARD, "fwd_act_gemms": False},
+                "int8, row + row, folded, fwd_act_gemms off": {**RECIPES["int8, row + row, folded"],
+                                                               "fwd_act_gemms": False}})
 FNT_OF = "luq4 + sawb4"
 # runs under PrecisionSwitch: name -> (the recipe it starts with, what it switches to)
 SWITCHES = {"luq4 + sawb4, switch": ("luq4 + sawb4", "fnt"),  # to the FNT recipe: backward in high precision

@@ -35,7 +35,8 @@ def test_names_match_ignoring_whitespace_and_old_spellings_still_work():
 def test_the_presets_are_the_marked_rows():
     assert list(recipes.PRESETS) == [r.name for r in recipes.RECIPES if r.preset]
     assert recipes.PRESETS["int8"] == {"quant": "sr", "bits": 8, "scales": "row", "fwd_quant": "absmax",
-                                       "fwd_bits": 8, "fwd_scales": "row", "dense_if_faster": True, "recompute": True}
+                                       "fwd_bits": 8, "fwd_scales": "row", "fwd_act_gemms": False,
+                                       "dense_if_faster": True, "recompute": True}
     assert recipes.PRESETS["luq4 + sawb4"] == {"quant": "luq", "fwd_quant": "sawb"}
 
 
@@ -72,7 +73,7 @@ def test_every_option_says_what_it_shapes():
     parts = {f.name: f.metadata["part"] for f in dataclasses.fields(NMConfig)}
     assert set(parts.values()) <= set(Part)
     assert sum(len(NMConfig.keys_of(part)) for part in Part) == len(NMConfig.keys())  # each key in one part
-    assert NMConfig.keys_of(Part.FORWARD) == ("fwd_quant", "fwd_bits", "fwd_scales")
+    assert NMConfig.keys_of(Part.FORWARD) == ("fwd_quant", "fwd_bits", "fwd_scales", "fwd_act_gemms")
     assert {"sparsity", "quant", "saved_int8", "hadamard"} <= set(NMConfig.keys_of(Part.BACKWARD))
     assert f"{Part.BACKWARD}" == str(Part.BACKWARD) == "backward" == Part.BACKWARD  # a string where one is read
 
@@ -80,7 +81,7 @@ def test_every_option_says_what_it_shapes():
 def test_fnt_and_the_exact_reference_derive_their_keys_from_the_parts():
     every = {"sparsity": "2:4", "method": "greedy", "gemms": ["wgrad", "dgrad"], "quant": "sr", "bits": 8,
              "levels": "reference", "smp": 2, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8,
-             "fwd_scales": "row", "pow2_scales": True, "hadamard": 0, "include": "blocks", "exclude": "head",
+             "fwd_scales": "row", "fwd_act_gemms": False, "pow2_scales": True, "hadamard": 0, "include": "blocks", "exclude": "head",
              "keep_first_last": False, "dense_if_faster": False, "recompute": True, "saved_int8": True,
              "inner": "aot_eager", "lowering": "emulate", "max_autotune": False}
     assert set(every) - {"max_autotune"} == set(NMConfig.keys())  # this test names every option

@@ -276,22 +276,20 @@ def test_the_int8_preset_runs_every_linear_gemm_of_a_transformer_block_on_int8(a
 
 @needs_int8
 def test_per_row_forward_scales_run_every_linear_gemm_on_int8_folding_the_scales_that_vary_along_k():
-    """absmax8 per row of W and X along the forward GEMM's K: the forward GEMMs run on int8, except where the
-    operand's K merges its source's last dim with others (attention's heads into out_proj's input: per tensor,
-    with a note). The backward GEMMs that reuse W (dgrad, K = out) or X (wgrad, K = tokens) contract the dim the
-    scales vary along: those scales multiply the SR8 gradient before it is quantized, so these GEMMs take the
-    forward codes and run on int8 too, and their notes say so."""
+    """absmax8 per row of W and X along the forward GEMM's K: the forward GEMMs run on int8. out_proj's input is
+    attention's output with its heads merged back into features: its per-row scales are those of that merged copy
+    (the heads' own output has its features split across heads). The backward GEMMs that reuse W (dgrad, K = out)
+    or X (wgrad, K = tokens) contract the dim the scales vary along: those scales multiply the SR8 gradient before
+    it is quantized, so these GEMMs take the forward codes and run on int8 too, and their notes say so."""
     model, x = model_and_input("encoder")
     _, _, rep = run(model, x, INT8_ROWS, "auto", False)
     linear = [g for g in rep.gemms if g.op in ("mm", "addmm")]
     assert len(linear) == 12 and all(g.kernel.spec.codes == "int8" for g in linear), rep
     fwd = [g for g in linear if g.role == "fwd"]
-    assert sum("absmax8/row W,X" in g.transforms for g in fwd) == 3
-    merged = [g for g in fwd if "absmax8 W,X" in g.transforms]
-    assert len(merged) == 1 and "merges it with others" in merged[0].notes[0]
+    assert sum("absmax8/row W,X" in g.transforms for g in fwd) == 4 and not any(g.notes for g in fwd)
     folded = [g for g in linear if g.kernel_note and "multiply the gradient before it is quantized" in g.kernel_note]
-    # every dgrad reading a per-row W, every wgrad reading a per-row X: 4 + 3 (out_proj's X is per tensor)
-    assert sorted(g.role for g in folded) == ["dgrad"] * 4 + ["wgrad"] * 3, rep
+    # every dgrad reading a per-row W, every wgrad reading a per-row X
+    assert sorted(g.role for g in folded) == ["dgrad"] * 4 + ["wgrad"] * 4, rep
     # the gradient's codes op forms g·s itself (its times argument): no fp32 product of g is written first
     from nmcompile.capture import run_captured
 
@@ -301,9 +299,29 @@ def test_per_row_forward_scales_run_every_linear_gemm_on_int8_folding_the_scales
     own = len(OPS["sr"].args) + 1  # x and the op's own arguments; times follows them
     with_times = [n for n in quantizers
                   if n.kwargs.get("times", n.args[own] if len(n.args) > own else None) is not None]
-    assert len(with_times) == 7 and len(quantizers) == 8, backward.code  # one per backward GEMM
+    assert len(with_times) == 8 and len(quantizers) == 8, backward.code  # one per backward GEMM
     assert all(not (isinstance(n.args[0], torch.fx.Node) and n.args[0].target is torch.ops.aten.mul.Tensor)
                for n in with_times)
+
+
+def test_attentions_output_is_rounded_per_row_of_its_merged_heads():
+    """out_proj's input is attention's output with its heads merged back into features. The heads' own output has
+    each token's features split over heads, so per-row scales there would vary along out_proj's K: the forward
+    quantizer rounds the merged copy instead, one scale per token over all its features. Only kᵀ and v, whose K is
+    no tensor's last dim, keep one scale per tensor."""
+    from nmcompile.capture import run_captured
+    from nmcompile.passes.analysis import layout_chain
+
+    model, x = model_and_input("encoder")
+    forward = run_captured(model, (x,), {**INT8_ROWS, "lowering": "emulate", "inner": "aot_eager"}).graphs[0].forward
+    dim = {n: (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")) for n in forward.graph.nodes
+           if n.target is torch.ops.nm.absmax.default}
+    assert len(dim) == 12 and sum(d is None for d in dim.values()) == 2, forward.code  # kᵀ and v
+    # the one whose input is laid out from attention's p @ v
+    (merged,) = [n for n, d in dim.items() if d is not None
+                 and layout_chain(n.args[0])[0].target is torch.ops.aten.bmm.default]
+    source = merged.args[0].meta["val"]
+    assert source.shape[-1] == 32 and source.numel() == x.numel() and dim[merged] % source.dim() == source.dim() - 1
 
 
 def _dtypes_of_the_rest(options: dict) -> collections.Counter:

@@ -142,6 +142,29 @@ def test_no_default_recipe_compresses_attentions_activation_gradients(preset):
                 "quant" in options or (g.role == "wgrad" and "sparsity" in options)), (preset, g)
 
 
+def test_the_forward_gemms_of_two_activations_can_stay_in_high_precision():
+    x = torch.randn(2, 16, 32)
+    options = {"fwd_quant": "absmax", "fwd_bits": 8, "fwd_scales": "row", "keep_first_last": False, **AOT}
+    torch.manual_seed(0)
+    model = Attention()
+    every = nmcompile.explain(model, x, **options)
+    kept = nmcompile.explain(model, x, **options, fwd_act_gemms=False)
+    for r, act in ((every, True), (kept, False)):
+        forward = {(g.module, g.op): g for g in r.forward}
+        assert all(bool(g.transforms) == act for (_, op), g in forward.items() if op == "bmm"), r
+        assert all(g.transforms == ["absmax8/row W,X"] for (m, _), g in forward.items() if m in ("qkv", "proj"))
+        # the backward GEMMs reuse a forward operand's rounded source only where the forward GEMM rounded it
+        assert all(bool(g.transforms) == act for g in r.backward if g.op == "bmm"), r
+    assert all("fwd_act_gemms=False" in g.skipped for g in kept.forward if g.op == "bmm")
+    y = {}
+    for act in (True, False):  # and the numbers follow: rounding q, kᵀ, p and v changes the output
+        torch._dynamo.reset()
+        y[act] = torch.compile(model, backend="nm", options={**options, "fwd_act_gemms": act})(x)
+    assert not torch.equal(y[True], y[False])
+    with pytest.raises(ValueError, match="fwd_act_gemms=1 must be True or False"):
+        nmcompile.NMConfig(fwd_act_gemms=1)
+
+
 def test_roles_without_parameters_and_with_a_frozen_weight():
     """A compiled function handed its weights as tensors: every input's gradient counts as a parameter's. A frozen
     weight (no gradient) still makes its GEMM's input side a dgrad."""
