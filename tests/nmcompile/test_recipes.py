@@ -81,7 +81,8 @@ def test_every_option_says_what_it_shapes():
 def test_fnt_and_the_exact_reference_derive_their_keys_from_the_parts():
     every = {"sparsity": "2:4", "method": "greedy", "gemms": ["wgrad", "dgrad"], "quant": "sr", "bits": 8,
              "levels": "reference", "smp": 2, "scales": "row", "fwd_quant": "absmax", "fwd_bits": 8,
-             "fwd_scales": "row", "fwd_act_gemms": False, "pow2_scales": True, "hadamard": 0, "include": "blocks", "exclude": "head",
+             "fwd_scales": "row", "fwd_act_gemms": False, "pow2_scales": True, "hadamard": 0, "include": "blocks",
+             "exclude": "head",
              "keep_first_last": False, "dense_if_faster": False, "recompute": True, "saved_int8": True,
              "inner": "aot_eager", "lowering": "emulate", "max_autotune": False}
     assert set(every) - {"max_autotune"} == set(NMConfig.keys())  # this test names every option
