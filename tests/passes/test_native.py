@@ -312,11 +312,17 @@ def test_attentions_output_is_rounded_per_row_of_its_merged_heads():
     from nmcompile.capture import run_captured
     from nmcompile.passes.analysis import layout_chain
 
-    model, x = model_and_input("encoder")
-    forward = run_captured(model, (x,), {**INT8_ROWS, "lowering": "emulate", "inner": "aot_eager"}).graphs[0].forward
-    dim = {n: (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")) for n in forward.graph.nodes
-           if n.target is torch.ops.nm.absmax.default}
-    assert len(dim) == 12 and sum(d is None for d in dim.values()) == 2, forward.code  # kᵀ and v
+    def dims(act_gemms: bool):
+        model, x = model_and_input("encoder")
+        options = {**INT8_ROWS, "fwd_act_gemms": act_gemms, "lowering": "emulate", "inner": "aot_eager"}
+        forward = run_captured(model, (x,), options).graphs[0].forward
+        return x, {n: (n.args[2] if len(n.args) > 2 else n.kwargs.get("dim")) for n in forward.graph.nodes
+                   if n.target is torch.ops.nm.absmax.default}
+
+    x, dim = dims(act_gemms=True)
+    assert len(dim) == 12 and sum(d is None for d in dim.values()) == 2, dim  # 4 Linear × (W, X); q, kᵀ, p, v
+    preset = dims(act_gemms=PRESETS["int8"]["fwd_act_gemms"])[1]  # False: attention's own GEMMs unquantized
+    assert len(preset) == 8 and all(d is not None for d in preset.values()), preset
     # the one whose input is laid out from attention's p @ v
     (merged,) = [n for n, d in dim.items() if d is not None
                  and layout_chain(n.args[0])[0].target is torch.ops.aten.bmm.default]
