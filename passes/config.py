@@ -12,7 +12,7 @@ from typing import Any, Optional
 from nmcompile.kernels.catalog import OPS, Kind, OpSpec, Stage, ops_of
 from nmcompile.kernels.gemm import Lowering
 from nmcompile.kernels.hadamard import BLOCKS as HADAMARD_BLOCKS
-from nmcompile.kernels.luq import LEVEL_KINDS, Levels
+from nmcompile.kernels.luq import Levels
 from nmcompile.kernels.scales import GRANULARITIES
 from .roles import BACKWARD_ROLES, Role
 
@@ -24,8 +24,6 @@ def _names(kind: Kind, stage: Stage) -> tuple[str, ...]:
     return tuple(s.name for s in ops_of(kind=kind, stage=stage))
 
 
-
-
 class Inner(str, enum.Enum):
     """The compiler the rewritten graphs go to."""
 
@@ -35,7 +33,6 @@ class Inner(str, enum.Enum):
     __str__ = str.__str__
 
 
-INNERS, LOWERINGS = tuple(Inner), tuple(Lowering)
 LUQ_BITS = OPS["luq"].bits  # 1 sign bit + 1..7 exponent bits
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -62,6 +59,11 @@ def _choice(key: str, value: Any, allowed: tuple) -> Any:
         shown = ", ".join(repr(_plain(a)) for a in allowed)
         raise ValueError(f"{key}={_plain(value)!r} is not allowed; choose one of {shown}")
     return value
+
+
+def _member(key: str, value: Any, vocabulary: type) -> enum.Enum:
+    """``value`` as a member of the str enum ``vocabulary``, or the ValueError of ``_choice``."""
+    return vocabulary(_choice(key, value, tuple(vocabulary)))
 
 
 def _int_in(key: str, value: Any, allowed) -> int:
@@ -183,14 +185,11 @@ class NMConfig:
         gemms = (self.gemms,) if isinstance(self.gemms, str) else self.gemms
         if not isinstance(gemms, (list, tuple)) or not gemms:
             raise ValueError(f"gemms={self.gemms!r} must be a non-empty list drawn from {list(map(str, GEMM_ROLES))}")
-        for role in gemms:
-            _choice("gemms", role, GEMM_ROLES)
-        object.__setattr__(self, "gemms", tuple(dict.fromkeys(Role(r) for r in gemms)))
+        object.__setattr__(self, "gemms", tuple(dict.fromkeys(Role(_choice("gemms", r, GEMM_ROLES)) for r in gemms)))
         if self.quant is not None:
             _choice("quant", self.quant, _names(Kind.QUANTIZE, Stage.GRADIENT))
         _int_in("bits", self.bits, OPS[self.quant or "luq"].bits)  # unset: what the default quantizer allows
-        _choice("levels", self.levels, LEVEL_KINDS)
-        object.__setattr__(self, "levels", Levels(self.levels))
+        object.__setattr__(self, "levels", _member("levels", self.levels, Levels))
         _int_in("smp", self.smp, range(1, 65))
         if self.fwd_quant is not None:
             _choice("fwd_quant", self.fwd_quant, _names(Kind.QUANTIZE, Stage.FORWARD))
@@ -210,10 +209,8 @@ class NMConfig:
                 raise ValueError(f"dense_if_faster=True weighs int8 GEMMs against dense ones, and needs int8 codes on "
                                  f"both sides (quant and fwd_quant with int8 codes, e.g. the 'int8' preset); got "
                                  f"{', '.join(missing)}")
-        _choice("inner", self.inner, INNERS)
-        _choice("lowering", self.lowering, LOWERINGS)
-        object.__setattr__(self, "inner", Inner(self.inner))
-        object.__setattr__(self, "lowering", Lowering(self.lowering))
+        object.__setattr__(self, "inner", _member("inner", self.inner, Inner))
+        object.__setattr__(self, "lowering", _member("lowering", self.lowering, Lowering))
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:

@@ -54,7 +54,7 @@ def quantize_forward(ctx: RewriteContext, gemms: Mapping[fx.Node, GemmFamily]) -
                 if why is not None:
                     rec.skipped = ctx.dense_layers[node] = why
                     continue
-            new = [_quantize_source(ctx, operand, node, *((None, None) if k is None else _source(cfg, operand, k, rec)))
+            new = [_quantize_source(ctx, operand, node, *_source(cfg, operand, k, rec))
                    for operand, k in gemm.operands]  # insertions only
             for (operand, _), (quantized, _) in zip(gemm.operands, new):  # then the change
                 node.replace_input_with(operand, quantized)
@@ -86,12 +86,13 @@ def replay(ctx: RewriteContext, chain: list, new_base: fx.Node, before: fx.Node)
     return node
 
 
-def _source(cfg: NMConfig, operand: fx.Node, k_dim: int, rec: GemmRecord) -> tuple:
+def _source(cfg: NMConfig, operand: fx.Node, k_dim: Optional[int], rec: GemmRecord) -> tuple:
     """With ``fwd_scales="row"``: (the tensor along ``operand``'s layout to quantize, the dim of it that holds
     the forward GEMM's K, along which its per-row scales are shared); (None, None) for one scale per tensor of
-    the tensor it is laid out from. The first tensor along the layout whose last dim lands whole at K: the
-    source itself, or a later copy, such as attention's output once its heads are merged back into features."""
-    if cfg.fwd_scales != "row":
+    the tensor it is laid out from (also where the family gives no K, ``k_dim`` None). The first tensor along the
+    layout whose last dim lands whole at K: the source itself, or a later copy, such as attention's output once
+    its heads are merged back into features."""
+    if cfg.fwd_scales != "row" or k_dim is None:
         return None, None
     base, chain = layout_chain(operand)
     for start in (base, *chain):

@@ -133,18 +133,18 @@ class GraphRoles:
         target = self._parameter_gradient(node)
         if target is not None:
             return Role.WGRAD, f"reduces over tokens ({how}); its output is the gradient of parameter input {target}"
-        return Role.ACT_RHS, (f"reduces over tokens ({how}), but its output is an activation's gradient (it reaches "
-                           "no parameter's gradient): both operands of its forward GEMM are activations")
+        return Role.ACT_RHS, (f"reduces over tokens ({how}), but its output is an activation's gradient (it "
+                              "reaches no parameter's gradient): both operands of its forward GEMM are activations")
 
     def _role_of_dgrad_side(self, node: fx.Node, siblings: list, side: str, how: str, other) -> tuple:
         if any(self[s][0] == Role.WGRAD for s in siblings):
-            return Role.DGRAD, (f"reduces over features ({how}); the other side of its forward GEMM is a parameter's "
-                             "gradient")
+            return Role.DGRAD, (f"reduces over features ({how}); the other side of its forward GEMM is a "
+                                "parameter's gradient")
         if self.is_parameter(other):
-            return Role.DGRAD, (f"reduces over features ({how}); its other operand is a parameter (one that needs no "
-                             "gradient)")
-        return Role.ACT_LHS, (f"reduces over features ({how}), times an activation: both operands of its forward GEMM "
-                           "are activations")
+            return Role.DGRAD, (f"reduces over features ({how}); its other operand is a parameter (one that needs "
+                                "no gradient)")
+        return Role.ACT_LHS, (f"reduces over features ({how}), times an activation: both operands of its forward "
+                              "GEMM are activations")
 
     def _parameter_gradient(self, node: fx.Node) -> Optional[int]:
         """The input index whose (parameter) gradient ``node``'s output is, following it through ops that keep

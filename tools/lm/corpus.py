@@ -28,9 +28,14 @@ def stdlib_corpus(val_every: int = 10) -> tuple[torch.Tensor, torch.Tensor, dict
     return t.long(), v.long(), meta
 
 
+def chunks(data: torch.Tensor, starts: torch.Tensor, block: int) -> torch.Tensor:
+    """The ``block + 1`` tokens from each start (a 1-D ``starts``), one row each."""
+    return data[starts.unsqueeze(1) + torch.arange(block + 1)]
+
+
 def windows(data: torch.Tensor, starts: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``block`` bytes at each start, and the bytes after each (the targets)."""
-    chunk = data[starts.unsqueeze(1) + torch.arange(block + 1)]
+    chunk = chunks(data, starts, block)
     return chunk[:, :-1], chunk[:, 1:]
 
 
@@ -48,7 +53,7 @@ def validation(val: torch.Tensor, batches: int, batch: int, block: int, seed: in
 def fixed_batches(text: torch.Tensor, steps: int, batch: int, block: int, seed: int = 0) -> list:
     """``steps`` batches of ``block + 1`` tokens drawn once (the step benchmarks give every configuration these)."""
     starts = torch.randint(0, len(text) - block - 1, (steps, batch), generator=torch.Generator().manual_seed(seed))
-    return [text[s[:, None] + torch.arange(block + 1)] for s in starts]
+    return [chunks(text, s, block) for s in starts]
 
 
 def lm_data(batch: int, block: int, eval_batches: int) -> tuple[dict, dict]:
